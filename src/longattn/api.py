@@ -1,0 +1,160 @@
+"""``longattn.attention``: one call for every method and backend."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .registry import BACKENDS, AttnInputs, MethodSpec, get_method
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def validate_inputs(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None, return_lse: bool = False
+) -> AttnInputs:
+    """Check shapes, dtypes and devices of ``[B, H, T, D]`` inputs; raise a ``ValueError`` or
+    ``TypeError`` that names the argument and what is allowed."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [B, H, T, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32, float64"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}"
+        )
+    B, H, Tq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    Bk, Hkv, Tk, Dk = k.shape
+    if B == 0:
+        raise ValueError("q has batch size 0; the batch must hold at least one sequence")
+    if Bk != B:
+        raise ValueError(f"batch size differs: q has B={B}, k/v have B={Bk}")
+    if Dk != D:
+        raise ValueError(f"head dim differs: q has D={D}, k/v have D={Dk}")
+    if D == 0:
+        raise ValueError("head dim D must be >= 1")
+    if H == 0 or Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"query heads H={H} must be a positive multiple of key/value heads Hkv={Hkv} (GQA)"
+        )
+    if Tq == 0 or Tk == 0:
+        raise ValueError(f"sequence lengths must be >= 1, got q T={Tq}, k/v T={Tk}")
+    if Tq > Tk:
+        raise ValueError(
+            f"q has T={Tq} > k/v T={Tk}; queries must be the last positions of the key sequence"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
+    return AttnInputs(q=q, k=k, v=v, causal=causal, scale=float(scale), return_lse=return_lse)
+
+
+def check_finite(**tensors: Tensor) -> None:
+    """Raise ``ValueError`` naming the first tensor holding NaN or Inf."""
+    names = list(tensors)
+    flags = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    for name, bad in zip(names, flags):
+        if bad:
+            raise ValueError(
+                f"{name} contains NaN or Inf; this method selects keys from the input values "
+                "and cannot handle non-finite inputs"
+            )
+
+
+def _auto_order(spec: MethodSpec, inputs: AttnInputs) -> list[str]:
+    if inputs.q.device.type == "cuda":
+        order = ["sdpa", "flex", "reference"]
+    else:  # FlexAttention on CPU runs its dense eager path: no gain over the reference
+        order = ["sdpa", "reference"]
+    return [b for b in order if b in spec.all_backends()]
+
+
+def resolve_backend(spec: MethodSpec, inputs: AttnInputs, config: Any, backend: str) -> str:
+    """The backend that will run: ``backend`` itself, or the first in the fallback order that
+    can serve these inputs (warning when an explicitly requested one cannot)."""
+    available = spec.all_backends()
+    if backend == "auto":
+        candidates = _auto_order(spec, inputs)
+    else:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; allowed: 'auto', {', '.join(map(repr, BACKENDS))}")
+        if backend not in available:
+            raise ValueError(
+                f"method {spec.name!r} has no {backend!r} backend; allowed: {sorted(available)} or 'auto'"
+            )
+        candidates = [backend] + [b for b in _auto_order(spec, inputs) if b != backend]
+    for i, name in enumerate(candidates):
+        reason = available[name].can_serve(inputs, config)
+        if reason is None:
+            return name
+        if backend != "auto" and i == 0:
+            warnings.warn(
+                f"backend {backend!r} cannot serve this call ({reason}); falling back",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return "reference"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    method: str = "full",
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    **config: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of ``q`` over ``k``/``v`` with any registered method.
+
+    Args:
+        q: ``[B, H, Tq, D]`` queries (the last ``Tq`` positions of the sequence).
+        k, v: ``[B, Hkv, Tk, D]`` keys and values, ``H % Hkv == 0`` (GQA), ``Tk >= Tq``.
+        method: a name from :func:`longattn.list_methods`.
+        causal: causal (aligned to the end of ``k``) or bidirectional.
+        scale: score scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"reference"``, ``"sdpa"`` or ``"flex"``.
+        return_lse: also return the log-sum-exp ``float32 [B, H, Tq]``.
+        **config: fields of the method's Config dataclass (e.g. ``window=512``).
+
+    Returns:
+        ``out [B, H, Tq, D]`` in the input dtype, or ``(out, lse)``.
+    """
+    spec = get_method(method)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    cfg = spec.make_config(**config)
+    inputs = validate_inputs(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+    if not causal and not spec.bidirectional:
+        raise ValueError(f"method {method!r} is causal only; call it with causal=True")
+    if return_lse and not spec.has_lse:
+        raise ValueError(
+            f"method {method!r} has no single log-sum-exp (its output is not one softmax); "
+            "call it with return_lse=False"
+        )
+    if spec.needs_finite:
+        check_finite(q=q, k=k, v=v)
+    name = resolve_backend(spec, inputs, cfg, backend)
+    out, lse = spec.all_backends()[name].impl(inputs, cfg)
+    return (out, lse) if return_lse else out

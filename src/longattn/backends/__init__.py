@@ -1,0 +1,24 @@
+"""Backends that execute attention: ``reference`` (dense, fp32 accumulation), ``sdpa``
+(PyTorch's fused dense kernels) and ``flex`` (FlexAttention)."""
+
+from .dense import (
+    causal_token_mask,
+    dense_masked_attention,
+    expand_kv_heads,
+    full_reference,
+    sdpa_can_serve,
+    sdpa_full,
+)
+from .flex import flex_call, flex_can_serve, flex_selection_attention
+
+__all__ = [
+    "causal_token_mask",
+    "dense_masked_attention",
+    "expand_kv_heads",
+    "flex_call",
+    "flex_can_serve",
+    "flex_selection_attention",
+    "full_reference",
+    "sdpa_can_serve",
+    "sdpa_full",
+]

@@ -1,0 +1,81 @@
+"""Dense backends: the fp32-accumulating reference (the specification) and PyTorch SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import AttnInputs
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[B, Hkv, T, D] -> [B, H, T, D]``: each KV head serves ``H // Hkv`` consecutive
+    query heads (the GQA convention of SDPA, FlexAttention and transformers)."""
+    group = num_heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def causal_token_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """``bool [Tq, Tk]``: query ``i`` (absolute ``i + Tk - Tq``) sees keys up to itself."""
+    qpos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return torch.arange(kv_len, device=device)[None, :] <= qpos
+
+
+def dense_masked_attention(inputs: AttnInputs, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Softmax attention with an explicit boolean mask, accumulated in fp32 (fp64 for fp64
+    inputs). ``mask``: ``bool [B or 1, Hs, Tq, Tk]`` with ``Hs`` dividing ``H`` (a mask
+    shared by each group of ``H // Hs`` consecutive query heads), or ``None`` for no mask.
+
+    Returns ``out [B, H, Tq, D]`` in the input dtype and ``lse [B, H, Tq]`` (natural log,
+    ``-inf`` for a query with no visible key; its output row is 0).
+    """
+    acc = _accum_dtype(inputs.q.dtype)
+    H = inputs.num_heads
+    q = inputs.q.to(acc)
+    k = expand_kv_heads(inputs.k, H).to(acc)
+    v = expand_kv_heads(inputs.v, H).to(acc)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * inputs.scale  # [B, H, Tq, Tk]
+    if mask is not None:
+        mask = expand_kv_heads(mask, H) if mask.shape[1] != 1 else mask
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Tq]
+    finite = torch.isfinite(lse)[..., None]
+    probs = torch.where(finite, torch.exp(scores - torch.where(finite, lse[..., None], 0.0)), 0.0)
+    out = torch.matmul(probs, v)  # [B, H, Tq, D]
+    return out.to(inputs.q.dtype), lse
+
+
+def full_reference(inputs: AttnInputs, config=None) -> tuple[Tensor, Tensor]:
+    """Full (dense) attention, causal aligned to the end of the key sequence."""
+    mask = causal_token_mask(inputs.q_len, inputs.kv_len, inputs.q.device) if inputs.causal else None
+    return dense_masked_attention(inputs, None if mask is None else mask[None, None])
+
+
+def sdpa_full(inputs: AttnInputs, config=None) -> tuple[Tensor, Tensor]:
+    """Full attention through ``F.scaled_dot_product_attention`` (cuDNN / FlashAttention /
+    memory-efficient / math, as PyTorch chooses). Returns no LSE (``lse`` is None)."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    kwargs = dict(scale=inputs.scale, enable_gqa=inputs.group > 1)
+    if inputs.causal and inputs.q_len == inputs.kv_len:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    elif inputs.causal:
+        # queries at the end: bottom-right aligned causal mask
+        from torch.nn.attention.bias import causal_lower_right
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(inputs.q_len, inputs.kv_len), **kwargs
+        )
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return out, None  # type: ignore[return-value]
+
+
+def sdpa_can_serve(inputs: AttnInputs, config=None) -> str | None:
+    if inputs.return_lse:
+        return "SDPA does not return the log-sum-exp (return_lse=True)"
+    return None

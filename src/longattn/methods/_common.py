@@ -1,0 +1,187 @@
+"""Pieces shared by selectors: band-shaped selections (full / window / sink) and selections
+built from a per-absolute-block pattern (BigBird, block top-k, MoBA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..selection import BlockSelection, MaskMod, _ceil_div, causal_mod
+
+
+def check_positive_int(owner: str, **values: object) -> None:
+    """Raise ``ValueError`` naming ``owner.field`` unless each value is an int >= 1."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
+
+
+def check_tileable(owner: str, **values: int) -> None:
+    """Block sizes must divide or be a multiple of 128 (FlexAttention's tile)."""
+    for name, value in values.items():
+        if value % 128 != 0 and 128 % value != 0:
+            raise ValueError(
+                f"{owner}.{name}={value} must divide 128 or be a multiple of 128 "
+                "(e.g. 16, 32, 64, 128, 256, 512)"
+            )
+
+
+def band_mod(q_offset: int, causal: bool, window: int | None, sink: int = 0) -> MaskMod:
+    """Token predicate: causal and/or ``|p - kv| < window`` (``p`` = absolute query
+    position), or one of the first ``sink`` keys (still causal when causal)."""
+
+    def mod(b, h, q_idx, kv_idx):
+        p = q_idx + q_offset
+        keep = kv_idx <= p if causal else kv_idx >= 0
+        if window is not None:
+            near = (p - kv_idx < window) if causal else ((p - kv_idx < window) & (kv_idx - p < window))
+            if sink > 0:
+                near = near | (kv_idx < sink)
+            keep = keep & near
+        return keep
+
+    return mod
+
+
+def band_selection(
+    *,
+    batch: int,
+    num_heads: int,
+    q_len: int,
+    kv_len: int,
+    block: int,
+    device: torch.device,
+    causal: bool,
+    window: int | None,
+    sink: int = 0,
+) -> BlockSelection:
+    """Selection of every block that the band (optionally plus ``sink`` leading keys)
+    touches; exact at token level through :func:`band_mod`. Size ``O(nQB * nKB)`` bits."""
+    off = kv_len - q_len
+    nqb, nkb = _ceil_div(q_len, block), _ceil_div(kv_len, block)
+    qb = torch.arange(nqb, device=device)
+    q_lo = qb * block + off  # first absolute query position of each query block
+    q_hi = torch.clamp((qb + 1) * block, max=q_len) - 1 + off
+    kb = torch.arange(nkb, device=device)
+    k_lo = kb * block
+    k_hi = torch.clamp((kb + 1) * block, max=kv_len) - 1
+    touch = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    full = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    if causal:
+        touch &= k_lo[None, :] <= q_hi[:, None]
+        full &= k_hi[None, :] <= q_lo[:, None]
+    if window is not None:
+        near = k_hi[None, :] > q_lo[:, None] - window
+        near_full = k_lo[None, :] > q_hi[:, None] - window
+        if not causal:
+            near &= k_lo[None, :] < q_hi[:, None] + window
+            near_full &= k_hi[None, :] < q_lo[:, None] + window
+        if sink > 0:
+            is_sink = k_lo < sink
+            near |= is_sink[None, :]
+            near_full |= (k_hi < sink)[None, :]
+        touch &= near
+        full &= near_full
+    needs_mod = causal or window is not None
+    return BlockSelection.from_bitmap(
+        touch.expand(1, 1, nqb, nkb),
+        q_block=block,
+        kv_block=block,
+        q_len=q_len,
+        kv_len=kv_len,
+        num_heads=num_heads,
+        causal=causal,
+        mask_mod=band_mod(off, causal, window, sink) if needs_mod else None,
+        full_bitmap=(full & touch).expand(1, 1, nqb, nkb),
+        validate=False,
+    )
+
+
+def pattern_selection(
+    pattern: Tensor,
+    *,
+    gate_block: int,
+    kv_block: int,
+    q_len: int,
+    kv_len: int,
+    num_heads: int,
+    causal: bool,
+) -> BlockSelection:
+    """Selection from ``pattern: bool [Bp, Hp, nG, nKB]`` where row ``a`` describes the
+    queries at absolute positions ``[(first + a) * gate_block, (first + a + 1) * gate_block)``
+    (``first = (kv_len - q_len) // gate_block``) and column ``c`` key block ``c``.
+
+    When query blocks line up with gate blocks the rows are used as they are and only the
+    causal rule is checked per token; otherwise each query gets its own row (``q_block=1``)."""
+    off = kv_len - q_len
+    if off % gate_block == 0:
+        bitmap, q_block = pattern, gate_block
+    else:
+        first = off // gate_block
+        rows = (torch.arange(q_len, device=pattern.device) + off) // gate_block - first
+        bitmap, q_block = pattern[:, :, rows], 1  # [Bp, Hp, Tq, nKB]
+    mask_mod = causal_mod(off) if causal else None
+    full = None
+    if causal:
+        nqb = bitmap.shape[2]
+        q_lo = torch.arange(nqb, device=pattern.device) * q_block + off
+        k_hi = (torch.arange(bitmap.shape[3], device=pattern.device) + 1) * kv_block - 1
+        full = (k_hi[None, :] <= q_lo[:, None]).expand_as(bitmap) & bitmap
+    return BlockSelection.from_bitmap(
+        bitmap,
+        q_block=q_block,
+        kv_block=kv_block,
+        q_len=q_len,
+        kv_len=kv_len,
+        num_heads=num_heads,
+        causal=causal,
+        mask_mod=mask_mod,
+        full_bitmap=full if causal else bitmap,
+        validate=False,
+    )
+
+
+def gate_block_positions(q_len: int, kv_len: int, gate_block: int, device: torch.device) -> Tensor:
+    """Absolute index of every gate block that holds at least one query: ``int64 [nG]``."""
+    off = kv_len - q_len
+    return torch.arange(off // gate_block, (kv_len - 1) // gate_block + 1, device=device)
+
+
+def pooled_queries(q: Tensor, kv_len: int, gate_block: int) -> Tensor:
+    """Mean of the queries in each absolute gate block, fp32: ``[B, H, nG, D]``."""
+    B, H, Tq, D = q.shape
+    off = kv_len - Tq
+    first = off // gate_block
+    idx = (torch.arange(Tq, device=q.device) + off) // gate_block - first  # [Tq]
+    n_g = int(idx[-1].item()) + 1 if Tq > 0 else 0
+    sums = torch.zeros(B, H, n_g, D, dtype=torch.float32, device=q.device)
+    sums.index_add_(2, idx, q.float())
+    counts = torch.bincount(idx, minlength=n_g).clamp(min=1).to(torch.float32)
+    return sums / counts[:, None]
+
+
+def pooled_keys(k: Tensor, block: int) -> Tensor:
+    """Mean of the keys in each key block (the last one may be partial), fp32:
+    ``[B, Hkv, nKB, D]``."""
+    B, Hkv, Tk, D = k.shape
+    nkb = _ceil_div(Tk, block)
+    pad = nkb * block - Tk
+    kf = k.float()
+    if pad:
+        kf = torch.cat([kf, kf.new_zeros(B, Hkv, pad, D)], dim=2)
+    sums = kf.view(B, Hkv, nkb, block, D).sum(3)
+    counts = torch.full((nkb,), float(block), device=k.device)
+    counts[-1] = block - pad
+    return sums / counts[:, None]
+
+
+def topk_blocks(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> Tensor:
+    """``bool`` pattern keeping the ``forced`` blocks plus the best-scoring ``eligible``
+    ones, ``k`` blocks in all where enough are eligible. All tensors ``[..., nKB]``."""
+    n = scores.shape[-1]
+    k = min(k, n)
+    ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
+    top = ranked.topk(k, dim=-1).indices
+    keep = torch.zeros_like(eligible)
+    keep.scatter_(-1, top, True)
+    return keep & (eligible | forced)

@@ -1,0 +1,44 @@
+"""Full attention: dense causal or bidirectional softmax -- the reference every method is
+measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..backends import (
+    flex_call,
+    flex_can_serve,
+    full_reference,
+    sdpa_can_serve,
+    sdpa_full,
+)
+from ..registry import AttnInputs, Backend, MethodSpec, register
+from ..selection import full_selection
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """Full attention has no parameters."""
+
+
+def full_flex(inputs: AttnInputs, config: FullConfig):
+    sel = full_selection(
+        inputs.batch, inputs.num_heads, inputs.q_len, inputs.kv_len, 128, inputs.q.device, inputs.causal
+    )
+    return flex_call(inputs.q, inputs.k, inputs.v, sel.to_block_mask(), inputs.scale)
+
+
+register(
+    MethodSpec(
+        name="full",
+        family="dense",
+        paper="Attention Is All You Need (Vaswani et al., 2017)",
+        summary="dense softmax attention, causal or bidirectional",
+        config_cls=FullConfig,
+        reference=full_reference,
+        backends={
+            "sdpa": Backend(sdpa_full, sdpa_can_serve),
+            "flex": Backend(full_flex, flex_can_serve),
+        },
+    )
+)
