@@ -95,6 +95,8 @@ class MethodSpec:
     bidirectional: bool = True
     needs_finite: bool = False  # data-dependent selection: NaN/Inf inputs are rejected
     has_lse: bool = True  # False for outputs that are not one softmax (e.g. NSA's gated sum)
+    # fraction of full attention's (query, key) pairs the method reads: (q, k, causal, config)
+    density: Callable[[Tensor, Tensor, bool, Any], float] | None = None
 
     def all_backends(self) -> dict[str, Backend]:
         return {"reference": Backend(self.reference), **self.backends}
@@ -175,5 +177,6 @@ def register_selection_method(
             selector=selector,
             bidirectional=bidirectional,
             needs_finite=needs_finite,
+            density=lambda q, k, causal, config: selector(q, k, causal, config).density(),
         )
     )

@@ -6,6 +6,7 @@ from .dense import (
     dense_masked_attention,
     expand_kv_heads,
     full_reference,
+    plain_precision,
     sdpa_can_serve,
     sdpa_full,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "flex_can_serve",
     "flex_selection_attention",
     "full_reference",
+    "plain_precision",
     "sdpa_can_serve",
     "sdpa_full",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,7 +12,24 @@ from torch import Tensor
 from ..registry import AttnInputs
 
 
+_plain = threading.local()
+
+
+@contextlib.contextmanager
+def plain_precision():
+    """Within this block the reference accumulates in the input dtype instead of fp32: the
+    error of "plain PyTorch in the same dtype" that fast paths are held to (DESIGN.md)."""
+    prev = getattr(_plain, "on", False)
+    _plain.on = True
+    try:
+        yield
+    finally:
+        _plain.on = prev
+
+
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    if getattr(_plain, "on", False):
+        return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

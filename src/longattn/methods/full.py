@@ -36,6 +36,7 @@ register(
         summary="dense softmax attention, causal or bidirectional",
         config_cls=FullConfig,
         reference=full_reference,
+        density=lambda q, k, causal, config: 1.0,
         backends={
             "sdpa": Backend(sdpa_full, sdpa_can_serve),
             "flex": Backend(full_flex, flex_can_serve),

@@ -1,0 +1,244 @@
+"""Defining properties from METHODS.md, each checked against an independent computation
+written here (plain loops or explicit masks), not against the library's own helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import longattn
+
+from .conftest import rand_qkv
+
+BACKENDS = ["reference", "flex"]
+
+
+def masked_attention_fp64(q, k, v, mask):
+    """Plain fp64 attention with an explicit ``[.., Tq, Tk]`` boolean mask (heads expanded)."""
+    H = q.shape[1]
+    k = k.double().repeat_interleave(H // k.shape[1], 1)
+    v = v.double().repeat_interleave(H // v.shape[1], 1)
+    s = (q.double() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def causal_mask(Tq, Tk):
+    return torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + (Tk - Tq)
+
+
+def selection_mask(name, q, k, causal, **config):
+    spec = longattn.get_method(name)
+    m = spec.selector(q, k, causal, spec.make_config(**config)).to_dense_mask()
+    return m.repeat_interleave(q.shape[1] // m.shape[1], 1) if m.shape[1] not in (1, q.shape[1]) else m
+
+
+# ---------------------------------------------------------------------------- full
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (77, 77), (20, 77)])
+def test_full_equals_sdpa_fp64(causal, Tq, Tk):
+    q, k, v = rand_qkv(2, 4, 2, Tq, Tk, 32, dtype=torch.float64, seed=Tq)
+    mask = causal_mask(Tq, Tk) if causal else None
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask
+    )
+    for backend in ["reference", "sdpa"]:
+        out = longattn.attention(q, k, v, method="full", causal=causal, backend=backend)
+        assert (out - expected).abs().max().item() < 1e-12, backend
+
+
+# ---------------------------------------------------------------------------- window
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_at_least_t_equals_full(backend, causal):
+    q, k, v = rand_qkv(1, 4, 2, 300, 300, 64, seed=1)
+    full = longattn.attention(q, k, v, method="full", causal=causal, backend="reference")
+    for w in (300, 301, 10_000):
+        out = longattn.attention(q, k, v, method="window", window=w, causal=causal, backend=backend)
+        assert (out - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq,Tk", [(200, 200), (50, 200)])
+def test_window_mask_is_the_band(causal, Tq, Tk):
+    q, k, _ = rand_qkv(1, 2, 2, Tq, Tk, 16)
+    w = 37
+    mask = selection_mask("window", q, k, causal, window=w, block_size=32)[0, 0]
+    for i in range(Tq):
+        p = i + Tk - Tq
+        for j in range(Tk):
+            expected = (p - w < j <= p) if causal else abs(p - j) < w
+            assert bool(mask[i, j]) == expected, (i, j)
+
+
+# ---------------------------------------------------------------------------- sink
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sink_tokens_always_attended(backend):
+    Tq = Tk = 400
+    q, k, v = rand_qkv(1, 2, 2, Tq, Tk, 32, seed=2)
+    s, w = 4, 50
+    mask = selection_mask("sink", q, k, True, sink=s, window=w, block_size=64)[0, 0]
+    for i in range(Tq):
+        expected = [(j < s and j <= i) or (i - w < j <= i) for j in range(Tk)]
+        assert mask[i].tolist() == expected
+    # the last query is far past the window: changing a sink value must change its output,
+    # and changing a value between the sinks and the window must not
+    base = longattn.attention(q, k, v, method="sink", sink=s, window=w, backend=backend)
+    v_sink, v_mid = v.clone(), v.clone()
+    v_sink[:, :, 2] += 1.0
+    v_mid[:, :, 100] += 1.0
+    out_sink = longattn.attention(q, k, v_sink, method="sink", sink=s, window=w, backend=backend)
+    out_mid = longattn.attention(q, k, v_mid, method="sink", sink=s, window=w, backend=backend)
+    assert (out_sink[:, :, -1] - base[:, :, -1]).abs().max() > 1e-4
+    assert (out_mid[:, :, -1] - base[:, :, -1]).abs().max() == 0
+
+
+# ---------------------------------------------------------------------------- bigbird
+def test_bigbird_random_blocks_reproducible_from_seed():
+    q, k, _ = rand_qkv(1, 4, 4, 1024, 1024, 16)
+    a = selection_mask("bigbird", q, k, False, seed=7)
+    b = selection_mask("bigbird", q, k, False, seed=7)
+    c = selection_mask("bigbird", q, k, False, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # heads draw different random blocks
+    assert not torch.equal(a[0, 0], a[0, 1])
+    # causal: length-independent, so the first 512 queries see the same keys at T=512 and
+    # T=1024 (a decode step sees the blocks the prefill saw)
+    long = selection_mask("bigbird", q, k, True, seed=7)
+    short = selection_mask("bigbird", q[:, :, :512], k[:, :, :512], True, seed=7)
+    assert torch.equal(short[0], long[0, :, :512, :512])
+    # and a single decoding query at position 700 sees row 700 of the prefill mask
+    dec = selection_mask("bigbird", q[:, :, 700:701], k[:, :, :701], True, seed=7)
+    assert torch.equal(dec[0, :, 0], long[0, :, 700, :701])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_structure(causal):
+    T, bs, g, r, wb = 1024, 64, 2, 3, 3
+    q, k, _ = rand_qkv(1, 4, 4, T, T, 16)
+    mask = selection_mask(
+        "bigbird", q, k, causal, block_size=bs, num_global_blocks=g, num_random_blocks=r, num_window_blocks=wb
+    )[0]
+    nb = T // bs
+    cm = causal_mask(T, T) if causal else torch.ones(T, T, dtype=torch.bool)
+    glob = g * bs
+    # global tokens are attended by every query and attend to every key (causality permitting)
+    assert torch.equal(mask[:, :, :glob], cm[:, :glob].expand(4, T, glob))
+    assert torch.equal(mask[:, :glob, :], cm[:glob].expand(4, glob, T))
+    # block structure: per (head, query block) window + global + exactly r random blocks
+    blocks = mask.view(4, nb, bs, nb, bs).any(4).any(2)  # [H, nb, nb]
+    for h in range(4):
+        for a in range(g, nb):
+            cols = set(torch.nonzero(blocks[h, a]).flatten().tolist())
+            window = {c for c in range(a - 1, a + 2) if 0 <= c < nb and (not causal or c <= a)}
+            fixed = window | set(range(g))
+            assert fixed <= cols
+            eligible = [c for c in range(nb) if c not in fixed and (not causal or c < a)]
+            assert len(cols - fixed) == min(r, len(eligible)), (h, a)
+    if causal:
+        assert not (mask & ~cm).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bigbird_attention_matches_mask(backend):
+    q, k, v = rand_qkv(1, 4, 2, 640, 640, 32, seed=4)
+    mask = selection_mask("bigbird", q, k, False)
+    out = longattn.attention(q, k, v, method="bigbird", causal=False, backend=backend)
+    assert (out.double() - masked_attention_fp64(q, k, v, mask)).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------- topk
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_topk_budget_at_least_t_equals_full(backend, causal):
+    q, k, v = rand_qkv(1, 4, 2, 500, 500, 64, seed=6)
+    full = longattn.attention(q, k, v, method="full", causal=causal, backend="reference")
+    for top_k in (4, 5, 100):  # 4 * 128 = 512 >= 500
+        out = longattn.attention(q, k, v, method="topk", top_k=top_k, causal=causal, backend=backend)
+        assert (out - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_topk_selection_is_brute_force_top_k(shared):
+    T, bs, kk, H, Hkv = 256, 32, 3, 4, 2
+    q, k, v = rand_qkv(1, H, Hkv, T, T, 16, seed=8)
+    mask = selection_mask("topk", q, k, True, block_size=bs, top_k=kk, shared_kv_heads=shared)[0]
+    nb = T // bs
+    for h in range(H):
+        for a in range(nb):
+            qm = q[0, h, a * bs : (a + 1) * bs].double().mean(0)
+            heads = range((h // 2) * 2, (h // 2) * 2 + 2) if shared else [h]
+            scores = []
+            for c in range(a + 1):
+                km = k[0, h // 2, c * bs : (c + 1) * bs].double().mean(0)
+                if shared:
+                    scores.append(sum(q[0, hh, a * bs : (a + 1) * bs].double().mean(0) @ km for hh in heads))
+                else:
+                    scores.append(qm @ km)
+            others = sorted(range(a), key=lambda c: -scores[c])[: kk - 1]
+            expected = set(others) | {a}
+            got = set(torch.nonzero(mask[h, a * bs].view(nb, bs).any(1)).flatten().tolist())
+            assert got == expected, (h, a)
+
+
+# ---------------------------------------------------------------------------- moba
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate_block", [1, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_moba_all_blocks_equals_full(backend, gate_block, causal):
+    q, k, v = rand_qkv(1, 4, 2, 600, 600, 64, seed=9)
+    full = longattn.attention(q, k, v, method="full", causal=causal, backend="reference")
+    out = longattn.attention(
+        q, k, v, method="moba", block_size=128, top_k=5, gate_block=gate_block, causal=causal, backend=backend
+    )
+    assert (out - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("Tq,Tk", [(192, 192), (70, 192)])
+def test_moba_selection_follows_the_paper_per_token(Tq, Tk):
+    """Per token: own block always, future blocks never, the k-1 best past blocks by
+    q . mean(K_block)."""
+    bs, kk, H, Hkv = 32, 3, 2, 1
+    q, k, _ = rand_qkv(1, H, Hkv, Tq, Tk, 16, seed=10)
+    mask = selection_mask("moba", q, k, True, block_size=bs, top_k=kk, gate_block=1)[0]
+    nb = Tk // bs
+    means = [k[0, 0, c * bs : (c + 1) * bs].double().mean(0) for c in range(nb)]
+    for h in range(H):
+        for i in range(Tq):
+            p = i + Tk - Tq
+            own = p // bs
+            gates = {c: float(q[0, h, i].double() @ means[c]) for c in range(own)}
+            best = sorted(gates, key=lambda c: -gates[c])[: kk - 1]
+            expected = torch.zeros(Tk, dtype=torch.bool)
+            for c in best:
+                expected[c * bs : (c + 1) * bs] = True
+            expected[own * bs : p + 1] = True
+            assert torch.equal(mask[h, i], expected), (h, i)
+
+
+# ---------------------------------------------------------------------------- density
+@pytest.mark.parametrize("name,config", [
+    ("window", {"window": 50, "block_size": 32}),
+    ("sink", {"sink": 4, "window": 40, "block_size": 64}),
+    ("bigbird", {"block_size": 32}),
+    ("topk", {"block_size": 32, "top_k": 2}),
+    ("moba", {"block_size": 64, "top_k": 2}),
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_density_counts_kept_pairs(name, config, causal):
+    q, k, _ = rand_qkv(2, 4, 2, 150, 300, 16, seed=11)
+    if not causal:
+        q = torch.randn(2, 4, 300, 16)
+    spec = longattn.get_method(name)
+    sel = spec.selector(q, k, causal, spec.make_config(**config))
+    mask = sel.to_dense_mask()
+    Tq, Tk = q.shape[2], k.shape[2]
+    full = causal_mask(Tq, Tk).sum().item() if causal else Tq * Tk
+    expected = mask.sum(dim=(-1, -2)).double() / full
+    assert torch.allclose(sel.kept_pairs().double() / full, expected)
+    assert abs(sel.density() - expected.mean().item()) < 1e-12
+    assert 0 < sel.density() < 1
