@@ -147,32 +147,32 @@ def gate_block_positions(q_len: int, kv_len: int, gate_block: int, device: torch
     return torch.arange(off // gate_block, (kv_len - 1) // gate_block + 1, device=device)
 
 
+def _block_means(x: Tensor, front: int, block: int) -> Tensor:
+    """Mean over consecutive blocks of ``block`` positions along dim 2 of ``[B, H, T, D]``,
+    where the first block starts ``front`` positions before ``x`` does (it and the last block
+    may be partial). Accumulates in fp32 without an fp32 copy of ``x``: ``[B, H, nBlocks, D]``."""
+    B, H, T, D = x.shape
+    n = _ceil_div(front + T, block)
+    back = n * block - front - T
+    if front or back:
+        x = torch.cat([x.new_zeros(B, H, front, D), x, x.new_zeros(B, H, back, D)], dim=2)
+    sums = x.view(B, H, n, block, D).sum(3, dtype=torch.float32)
+    counts = torch.full((n,), float(block), device=x.device)
+    counts[0] -= front
+    counts[-1] -= back
+    return sums / counts[:, None]
+
+
 def pooled_queries(q: Tensor, kv_len: int, gate_block: int) -> Tensor:
     """Mean of the queries in each absolute gate block, fp32: ``[B, H, nG, D]``."""
-    B, H, Tq, D = q.shape
-    off = kv_len - Tq
-    first = off // gate_block
-    idx = (torch.arange(Tq, device=q.device) + off) // gate_block - first  # [Tq]
-    n_g = int(idx[-1].item()) + 1 if Tq > 0 else 0
-    sums = torch.zeros(B, H, n_g, D, dtype=torch.float32, device=q.device)
-    sums.index_add_(2, idx, q.float())
-    counts = torch.bincount(idx, minlength=n_g).clamp(min=1).to(torch.float32)
-    return sums / counts[:, None]
+    off = kv_len - q.shape[2]
+    return _block_means(q, off % gate_block, gate_block)
 
 
 def pooled_keys(k: Tensor, block: int) -> Tensor:
     """Mean of the keys in each key block (the last one may be partial), fp32:
     ``[B, Hkv, nKB, D]``."""
-    B, Hkv, Tk, D = k.shape
-    nkb = _ceil_div(Tk, block)
-    pad = nkb * block - Tk
-    kf = k.float()
-    if pad:
-        kf = torch.cat([kf, kf.new_zeros(B, Hkv, pad, D)], dim=2)
-    sums = kf.view(B, Hkv, nkb, block, D).sum(3)
-    counts = torch.full((nkb,), float(block), device=k.device)
-    counts[-1] = block - pad
-    return sums / counts[:, None]
+    return _block_means(k, 0, block)
 
 
 def topk_blocks(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> Tensor:
