@@ -394,74 +394,9 @@ def causal_mod(q_offset: int) -> MaskMod:
     return mod
 
 
-def band_full_blocks(
-    kv_indices: Tensor,
-    q_block: int,
-    kv_block: int,
-    q_len: int,
-    q_offset: int,
-    causal: bool,
-    window: int | None = None,
-) -> Tensor:
-    """For each selected block, whether a band mask (causal and/or ``|q - kv| < window``)
-    holds on all of its in-range token pairs. Conservative: False means "check tokens"."""
-    nqb = kv_indices.shape[2]
-    dev = kv_indices.device
-    q_lo = torch.arange(nqb, device=dev).view(1, 1, nqb, 1) * q_block + q_offset
-    q_hi = torch.clamp(q_lo - q_offset + q_block, max=q_len) - 1 + q_offset
-    k_lo = kv_indices.long() * kv_block
-    k_hi = k_lo + kv_block - 1
-    ok = torch.ones_like(kv_indices, dtype=torch.bool)
-    if causal:
-        ok &= k_hi <= q_lo
-        if window is not None:
-            ok &= k_lo > q_hi - window
-    elif window is not None:
-        ok &= (k_lo > q_hi - window) & (k_hi < q_lo + window)
-    return ok
-
-
-def full_selection(
-    batch: int,
-    num_heads: int,
-    q_len: int,
-    kv_len: int,
-    block: int,
-    device: torch.device,
-    causal: bool,
-) -> BlockSelection:
-    """Every block that full attention (causal or not) touches; the token predicate is
-    ``causal_mod`` when causal."""
-    nqb, nkb = _ceil_div(q_len, block), _ceil_div(kv_len, block)
-    off = kv_len - q_len
-    bitmap = torch.ones(batch, 1, nqb, nkb, dtype=torch.bool, device=device)
-    full = bitmap.clone()
-    if causal:
-        qb = torch.arange(nqb, device=device)
-        first_q = qb * block + off
-        last_q = torch.clamp((qb + 1) * block, max=q_len) - 1 + off
-        kb = torch.arange(nkb, device=device)
-        bitmap = (kb[None, :] * block <= last_q[:, None]).expand(batch, 1, nqb, nkb)
-        full = ((kb[None, :] + 1) * block - 1 <= first_q[:, None]).expand(batch, 1, nqb, nkb)
-    return BlockSelection.from_bitmap(
-        bitmap,
-        q_block=block,
-        kv_block=block,
-        q_len=q_len,
-        kv_len=kv_len,
-        num_heads=num_heads,
-        causal=causal,
-        mask_mod=causal_mod(off) if causal else None,
-        full_bitmap=full,
-        validate=False,
-    )
-
-
 __all__ = [
     "BlockSelection",
     "MaskMod",
     "FLEX_TILE",
     "causal_mod",
-    "band_full_blocks",
-    "full_selection",
 ]

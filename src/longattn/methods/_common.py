@@ -44,19 +44,13 @@ def band_mod(q_offset: int, causal: bool, window: int | None, sink: int = 0) -> 
 
 
 def band_selection(
-    *,
-    batch: int,
-    num_heads: int,
-    q_len: int,
-    kv_len: int,
-    block: int,
-    device: torch.device,
-    causal: bool,
-    window: int | None,
-    sink: int = 0,
+    q: Tensor, k: Tensor, causal: bool, *, block: int, window: int | None, sink: int = 0
 ) -> BlockSelection:
-    """Selection of every block that the band (optionally plus ``sink`` leading keys)
-    touches; exact at token level through :func:`band_mod`. Size ``O(nQB * nKB)`` bits."""
+    """Selection of every block that the band (causal and/or ``window``, optionally plus
+    ``sink`` leading keys) touches, for queries ``q [B, H, Tq, D]`` over keys
+    ``k [B, Hkv, Tk, D]``; exact at token level through :func:`band_mod`. Size
+    ``O(nQB * nKB)`` bits, shared by every batch element and head."""
+    num_heads, q_len, kv_len, device = q.shape[1], q.shape[2], k.shape[2], q.device
     off = kv_len - q_len
     nqb, nkb = _ceil_div(q_len, block), _ceil_div(kv_len, block)
     qb = torch.arange(nqb, device=device)
@@ -173,6 +167,17 @@ def pooled_keys(k: Tensor, block: int) -> Tensor:
     """Mean of the keys in each key block (the last one may be partial), fp32:
     ``[B, Hkv, nKB, D]``."""
     return _block_means(k, 0, block)
+
+
+def pooled_block_scores(q: Tensor, k: Tensor, gate_block: int, kv_block: int) -> Tensor:
+    """``mean(q over a gate block) . mean(k over a key block)`` in fp32, per query head:
+    ``[B, H, nG, nKB]`` (the gate of MoBA and of block top-k; linear in ``q``, so it is also
+    the mean of the per-token gates of the block)."""
+    from ..backends import expand_kv_heads
+
+    qm = pooled_queries(q, k.shape[2], gate_block)  # [B, H, nG, D]
+    km = pooled_keys(k, kv_block)  # [B, Hkv, nKB, D]
+    return torch.matmul(qm, expand_kv_heads(km, q.shape[1]).transpose(-1, -2))
 
 
 def topk_blocks(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> Tensor:

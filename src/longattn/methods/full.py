@@ -13,7 +13,8 @@ from ..backends import (
     sdpa_full,
 )
 from ..registry import AttnInputs, Backend, MethodSpec, register
-from ..selection import full_selection
+from ..selection import FLEX_TILE
+from ._common import band_selection
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,7 @@ class FullConfig:
 
 
 def full_flex(inputs: AttnInputs, config: FullConfig):
-    sel = full_selection(
-        inputs.batch, inputs.num_heads, inputs.q_len, inputs.kv_len, 128, inputs.q.device, inputs.causal
-    )
+    sel = band_selection(inputs.q, inputs.k, inputs.causal, block=FLEX_TILE, window=None)
     return flex_call(inputs.q, inputs.k, inputs.v, sel.to_block_mask(), inputs.scale)
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..backends import expand_kv_heads
 from ..registry import register_selection_method
 from ..selection import BlockSelection
 from ._common import (
@@ -28,8 +27,7 @@ from ._common import (
     check_tileable,
     gate_block_positions,
     pattern_selection,
-    pooled_keys,
-    pooled_queries,
+    pooled_block_scores,
     topk_blocks,
 )
 
@@ -51,9 +49,7 @@ class MoBAConfig:
 
 def moba_gates(q: Tensor, k: Tensor, config: MoBAConfig) -> Tensor:
     """Gate scores ``q . mean(K_j)`` per gate group and key block, fp32 ``[B, H, nG, nKB]``."""
-    qm = pooled_queries(q, k.shape[2], config.gate_block)  # [B, H, nG, D]
-    km = pooled_keys(k, config.block_size)  # [B, Hkv, nKB, D]
-    return torch.matmul(qm, expand_kv_heads(km, q.shape[1]).transpose(-1, -2))
+    return pooled_block_scores(q, k, config.gate_block, config.block_size)
 
 
 def select_moba(q: Tensor, k: Tensor, causal: bool, config: MoBAConfig) -> BlockSelection:

@@ -30,17 +30,7 @@ class SinkConfig:
 
 def select_sink(q: Tensor, k: Tensor, causal: bool, config: SinkConfig) -> BlockSelection:
     """Blocks of the sink tokens and of the window band; exact through the mask_mod."""
-    return band_selection(
-        batch=q.shape[0],
-        num_heads=q.shape[1],
-        q_len=q.shape[2],
-        kv_len=k.shape[2],
-        block=config.block_size,
-        device=q.device,
-        causal=causal,
-        window=config.window,
-        sink=config.sink,
-    )
+    return band_selection(q, k, causal, block=config.block_size, window=config.window, sink=config.sink)
 
 
 register_selection_method(

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..backends import expand_kv_heads
 from ..registry import register_selection_method
 from ..selection import BlockSelection
 from ._common import (
@@ -25,8 +24,7 @@ from ._common import (
     check_tileable,
     gate_block_positions,
     pattern_selection,
-    pooled_keys,
-    pooled_queries,
+    pooled_block_scores,
     topk_blocks,
 )
 
@@ -51,12 +49,10 @@ def select_topk(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> Block
     Hkv, Tk = k.shape[1], k.shape[2]
     bs = config.block_size
     rows = gate_block_positions(Tq, Tk, bs, q.device)  # [nG] absolute query blocks
-    qm = pooled_queries(q, Tk, bs)  # [B, H, nG, D]
-    km = pooled_keys(k, bs)  # [B, Hkv, nKB, D]
-    scores = torch.matmul(qm, expand_kv_heads(km, H).transpose(-1, -2))  # [B, H, nG, nKB]
+    scores = pooled_block_scores(q, k, bs, bs)  # [B, H, nG, nKB]
     if config.shared_kv_heads:
         scores = scores.view(B, Hkv, H // Hkv, *scores.shape[2:]).sum(2)  # [B, Hkv, nG, nKB]
-    c = torch.arange(km.shape[2], device=q.device)
+    c = torch.arange(scores.shape[-1], device=q.device)
     own = c[None, :] == rows[:, None]  # [nG, nKB]
     eligible = c[None, :] <= rows[:, None] if causal else torch.ones_like(own)
     pattern = topk_blocks(scores, eligible.expand_as(scores), own.expand_as(scores), config.top_k)

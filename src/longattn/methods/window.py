@@ -32,16 +32,7 @@ class WindowConfig:
 
 def select_window(q: Tensor, k: Tensor, causal: bool, config: WindowConfig) -> BlockSelection:
     """Blocks touched by the window band; exact at token level through the mask_mod."""
-    return band_selection(
-        batch=q.shape[0],
-        num_heads=q.shape[1],
-        q_len=q.shape[2],
-        kv_len=k.shape[2],
-        block=config.block_size,
-        device=q.device,
-        causal=causal,
-        window=config.window,
-    )
+    return band_selection(q, k, causal, block=config.block_size, window=config.window)
 
 
 register_selection_method(
