@@ -1,0 +1,521 @@
+"""NSA: Native Sparse Attention (Hardware-Aligned and Natively Trainable Sparse Attention,
+Yuan et al., 2025).
+
+Every query at absolute position ``p`` reads the keys through three branches and mixes their
+outputs with gates (order: compressed, selected, window)::
+
+    o = g_c * o_cmp + g_s * o_slc + g_w * o_win
+
+1. **Compressed** (``nsa_compress`` + ``nsa_compressed_branch``): keys and values are cut into
+   overlapping blocks of ``l = compress_block`` tokens with stride ``d = compress_stride``;
+   compressed token ``i`` summarises keys ``[i*d, i*d + l)`` through ``phi`` (``i = 0 ..
+   nC-1``, ``nC = floor((Tk - l) / d) + 1`` when ``Tk >= l``, else 0; a tail shorter than a
+   block is not compressed). The functional form here uses ``phi = mean`` (parameter free);
+   :class:`longattn.nn.NativeSparseAttention` learns ``phi`` as the paper's MLP with an
+   intra-block position embedding. Query ``p`` attends compressed token ``i`` iff the whole
+   block lies in its past, ``i*d + l - 1 <= p``. A query that sees no compressed token gets 0
+   from this branch.
+2. **Selected** (``nsa_selection`` + ``nsa_selected_branch``): the compressed attention
+   probabilities ``p_cmp`` (softmax over the visible compressed tokens, per query head) score
+   selection blocks of ``l' = select_block`` keys: ``p_slc[j]`` is the sum of ``p_cmp[i]`` over
+   the compressed tokens ``i`` whose range ``[i*d, i*d + l)`` overlaps ``[j*l', (j+1)*l')``,
+   summed over the query heads of a GQA group (paper eq. 10: one selection per KV head and
+   query token, so a group reads each selected block once). Eligible blocks start at or before
+   ``p``. Forced blocks: the first ``num_init_blocks`` blocks and the ``num_local_blocks``
+   blocks ending at the query's own block ``p // l'`` (when eligible). The query keeps
+   ``num_selected`` blocks in all: the forced ones, then the best-scoring eligible ones
+   (fewer when fewer are eligible), and attends their keys causally (``kv <= p``).
+3. **Window** (``nsa_window_branch``): keys ``p - window < kv <= p``.
+
+Readings of points the paper leaves open (or prints differently):
+
+* Eq. 9 writes ``p_slc`` as a double sum over shifted indices, which for ``l = 2d``,
+  ``l' = 4d`` counts some compressed tokens twice and is offset by ``l'/d - 1`` tokens from the
+  overlap it describes in words. We use the words: each compressed token that overlaps the
+  selection block counts once (``p_slc = p_cmp @ overlap``, ``overlap`` a 0/1 ``[nC, nKB]``
+  matrix).
+* ``num_selected`` counts the forced blocks (the paper's ``n = 16`` "including 1 initial block
+  and 2 local blocks"); hence ``num_init_blocks + num_local_blocks <= num_selected``.
+* Ties between block scores (e.g. all scores 0 when no compressed token is visible yet) are
+  broken toward the lower block index, through a stable sort: the selection is deterministic.
+* The selection is discrete and carries no gradient (as in the paper); gradients reach the
+  compressed keys/values through the compressed branch only.
+* Gates: the paper computes ``g = sigmoid(MLP(x))`` from the layer input. The functional
+  method takes constant gates (``gates``, default ``1/3`` each); the ``nn`` module learns them.
+  A branch that sees nothing contributes 0; the gates are not renormalised.
+* The paper gives each branch its own key/value projections ("to prevent shortcut learning").
+  Here the branch functions take ``k``/``v`` explicitly, so a model that wants independent K/V
+  per branch projects three times and calls the branch functions; the registered method and
+  the ``nn`` module share one ``k``/``v`` across the selected and window branches.
+* Queries may be the last ``Tq`` of ``Tk`` positions (``p = i + Tk - Tq``); compressed tokens
+  and selection blocks are always indexed from key 0.
+
+Backends: ``reference`` (dense boolean masks, fp32 accumulation: the specification) and
+``flex`` (never a ``Tq x Tk`` tensor: the compressed branch and the selection scores are
+computed in query chunks of memory ``O(chunk * nC)``, the selected branch runs FlexAttention
+with the per-token :class:`~longattn.selection.BlockSelection`, the window branch
+FlexAttention with :func:`~longattn.methods.window.select_window`). Both call the same
+:func:`nsa_selection` code on fp32 scores, so they select the same blocks; the chunking only
+bounds memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..backends import dense_masked_attention, flex_call, flex_can_serve
+from ..registry import AttnInputs, Backend, MethodSpec, register
+from ..selection import BlockSelection, _ceil_div, causal_mod
+from ._common import check_positive_int, check_tileable
+from .window import WindowConfig, select_window
+
+Phi = Callable[[Tensor], Tensor]
+
+# Elements of one fp32 score chunk [B, H, chunk, max(nC, nKB)] in the chunked scan (64 MiB).
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class NSAConfig:
+    """Paper defaults (Yuan et al., 2025, section 4.1): compression blocks ``l = 32`` with
+    stride ``d = 16``, selection blocks ``l' = 64``, ``n = 16`` selected blocks (1 initial + 2
+    local among them), a 512-token window. ``gates``: constant branch gates (compressed,
+    selected, window) of the parameter-free functional form."""
+
+    compress_block: int = 32
+    compress_stride: int = 16
+    select_block: int = 64
+    num_selected: int = 16
+    window: int = 512
+    num_init_blocks: int = 1
+    num_local_blocks: int = 2
+    gates: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+
+    def __post_init__(self) -> None:
+        check_positive_int(
+            "NSAConfig",
+            compress_block=self.compress_block,
+            compress_stride=self.compress_stride,
+            select_block=self.select_block,
+            num_selected=self.num_selected,
+            window=self.window,
+        )
+        for name in ("num_init_blocks", "num_local_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"NSAConfig.{name} must be an int >= 0, got {value!r}")
+        l, d, ls = self.compress_block, self.compress_stride, self.select_block
+        if l % d != 0:
+            raise ValueError(
+                f"NSAConfig.compress_block={l} must be a multiple of NSAConfig.compress_stride={d} "
+                "(e.g. compress_block=32, compress_stride=16)"
+            )
+        if ls < 16:
+            raise ValueError(f"NSAConfig.select_block={ls} must be >= 16 (16, 32, 64, 128, 256, ...)")
+        check_tileable("NSAConfig", select_block=ls)
+        if ls % d != 0:
+            raise ValueError(
+                f"NSAConfig.select_block={ls} must be a multiple of NSAConfig.compress_stride={d} "
+                "(e.g. select_block=64, compress_stride=16)"
+            )
+        if self.num_init_blocks + self.num_local_blocks > self.num_selected:
+            raise ValueError(
+                f"NSAConfig.num_selected={self.num_selected} must be >= num_init_blocks + "
+                f"num_local_blocks = {self.num_init_blocks + self.num_local_blocks} (it counts them)"
+            )
+        gates = self.gates
+        if isinstance(gates, (str, bytes)) or not isinstance(gates, Sequence) or len(gates) != 3:
+            raise ValueError(
+                f"NSAConfig.gates must be 3 numbers (compressed, selected, window), got {gates!r}"
+            )
+        for g in gates:
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+                raise ValueError(f"NSAConfig.gates must hold finite numbers >= 0, got {gates!r}")
+        object.__setattr__(self, "gates", tuple(float(g) for g in gates))
+
+    def num_compressed(self, kv_len: int) -> int:
+        """``nC``: compressed tokens over ``kv_len`` keys."""
+        l, d = self.compress_block, self.compress_stride
+        return (kv_len - l) // d + 1 if kv_len >= l else 0
+
+
+# ---------------------------------------------------------------------- compression
+def compression_blocks(x: Tensor, config: NSAConfig) -> Tensor:
+    """``[B, Hkv, Tk, D] -> [B, Hkv, nC, l, D]``: block ``i`` holds tokens ``[i*d, i*d + l)``
+    (a strided view, no copy)."""
+    l, d = config.compress_block, config.compress_stride
+    B, Hkv, T, D = x.shape
+    if T < l:
+        return x.new_zeros(B, Hkv, 0, l, D)
+    return x.unfold(2, l, d).transpose(-1, -2)  # [B, Hkv, nC, D, l] -> [B, Hkv, nC, l, D]
+
+
+def _mean_phi(blocks: Tensor) -> Tensor:
+    # fp32 (fp64 for fp64) mean over the block; the upcast happens before the sum so the
+    # same values give the same bits whatever the input dtype was
+    acc = torch.float64 if blocks.dtype == torch.float64 else torch.float32
+    return blocks.to(acc).mean(dim=-2)
+
+
+def nsa_compress(
+    k: Tensor, v: Tensor, config: NSAConfig, phi: Phi | tuple[Phi, Phi] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Compressed keys and values ``[B, Hkv, nC, D]``.
+
+    ``phi`` maps blocks ``[B, Hkv, nC, l, D]`` to ``[B, Hkv, nC, D]``: one callable for both,
+    a pair ``(phi_k, phi_v)``, or ``None`` for the mean (kept in fp32, fp64 for fp64 inputs).
+    """
+    if phi is None:
+        phi_k = phi_v = _mean_phi
+    elif isinstance(phi, tuple):
+        phi_k, phi_v = phi
+    else:
+        phi_k = phi_v = phi
+    k_cmp = phi_k(compression_blocks(k, config))  # [B, Hkv, nC, D]
+    v_cmp = phi_v(compression_blocks(v, config))  # [B, Hkv, nC, D]
+    return k_cmp, v_cmp
+
+
+def compressed_visibility(q_positions: Tensor, num_compressed: int, config: NSAConfig) -> Tensor:
+    """``bool [len(q_positions), nC]``: compressed token ``i`` lies wholly at or before the
+    query, ``i*d + l - 1 <= p``."""
+    i = torch.arange(num_compressed, device=q_positions.device)
+    last_key = i * config.compress_stride + config.compress_block - 1
+    return last_key[None, :] <= q_positions[:, None]
+
+
+def block_overlap(num_compressed: int, num_blocks: int, config: NSAConfig, device) -> Tensor:
+    """``float32 [nC, nKB]``: 1 where compressed token ``i`` (keys ``[i*d, i*d + l)``) overlaps
+    selection block ``j`` (keys ``[j*l', (j+1)*l')``)."""
+    l, d, ls = config.compress_block, config.compress_stride, config.select_block
+    start = torch.arange(num_compressed, device=device)[:, None] * d
+    j = torch.arange(num_blocks, device=device)[None, :]
+    return ((start < (j + 1) * ls) & (start + l > j * ls)).float()
+
+
+# ---------------------------------------------------------------------- chunked scan
+def _masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
+    """Softmax over the visible entries of the last dim; rows without one are 0 (and have
+    finite gradients)."""
+    if logits.shape[-1] == 0:
+        return logits
+    logits = logits.masked_fill(~visible, float("-inf"))
+    m = logits.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m)  # 0 where masked
+    den = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _chunk_size(batch: int, heads: int, width: int, q_len: int) -> int:
+    return max(1, min(q_len, CHUNK_ELEMENTS // max(1, batch * heads * max(1, width))))
+
+
+def _scan_chunk(
+    qc: Tensor, kc: Tensor, vc: Tensor | None, visible: Tensor, scale: float, acc: torch.dtype, group_sum: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """One query chunk: compressed-branch output ``[B, Hkv, G, c, D]`` (when ``vc`` is given)
+    and the probabilities summed over each GQA group ``[B, Hkv, c, nC]`` (no gradient)."""
+    logits = torch.matmul(qc.to(acc), kc.transpose(-1, -2)) * scale  # [B, Hkv, G, c, nC]
+    probs = _masked_softmax(logits, visible)  # [B, Hkv, G, c, nC]
+    o = torch.matmul(probs, vc) if vc is not None else None  # [B, Hkv, G, c, D]
+    p_grp = probs.detach().sum(dim=2) if group_sum else None  # one selection per GQA group
+    return o, p_grp
+
+
+def _compressed_scan(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor | None,
+    config: NSAConfig,
+    *,
+    kv_len: int,
+    scale: float,
+    want_selection: bool,
+    chunk: int | None = None,
+) -> tuple[Tensor | None, BlockSelection | None]:
+    """One pass over query chunks computing the compressed-attention probabilities in fp32
+    (fp64 for fp64) and, from them, the compressed branch output (when ``v_cmp`` is given)
+    and/or the per-token block selection. Memory ``O(B * H * chunk * max(nC, nKB))``."""
+    B, H, Tq, D = q.shape
+    Hkv = k_cmp.shape[1]
+    G = H // Hkv
+    nC = k_cmp.shape[2]
+    ls = config.select_block
+    nKB = _ceil_div(kv_len, ls)
+    off = kv_len - Tq
+    dev = q.device
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if chunk is None:
+        chunk = _chunk_size(B, H, max(nC, nKB), Tq)
+
+    kc = k_cmp.to(acc)[:, :, None]  # [B, Hkv, 1, nC, D]
+    vc = v_cmp.to(acc)[:, :, None] if v_cmp is not None else None  # [B, Hkv, 1, nC, D]
+    q5 = q.reshape(B, Hkv, G, Tq, D)  # [B, Hkv, G, Tq, D]: query heads of one KV head together
+    overlap = block_overlap(nC, nKB, config, dev).to(acc) if want_selection else None
+    K = min(config.num_selected, nKB)
+    j = torch.arange(nKB, device=dev)
+
+    # with autograd, each chunk's probabilities are recomputed in backward instead of kept:
+    # training memory stays O(chunk * nC), not O(Tq * nC)
+    recompute = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cmp, v_cmp)
+    )
+    outs, idx_chunks, cnt_chunks, full_chunks = [], [], [], []
+    for c0 in range(0, Tq, chunk):
+        c1 = min(Tq, c0 + chunk)
+        pos = torch.arange(c0, c1, device=dev) + off  # absolute query positions [c]
+        visible = compressed_visibility(pos, nC, config)  # [c, nC]
+        qc = q5[:, :, :, c0:c1]  # [B, Hkv, G, c, D]
+        if recompute:
+            o, p_grp = checkpoint(
+                _scan_chunk, qc, kc, vc, visible, scale, acc, want_selection,
+                use_reentrant=False, preserve_rng_state=False,
+            )
+        else:
+            o, p_grp = _scan_chunk(qc, kc, vc, visible, scale, acc, want_selection)
+        if o is not None:
+            outs.append(o.reshape(B, H, c1 - c0, D))
+        if not want_selection:
+            continue
+        with torch.no_grad():
+            p_slc = torch.matmul(p_grp, overlap)  # [B, Hkv, c, nKB]
+            eligible = j[None, :] * ls <= pos[:, None]  # [c, nKB]
+            own = (pos // ls)[:, None]  # [c, 1]
+            forced = eligible & (
+                (j[None, :] < config.num_init_blocks)
+                | ((j[None, :] <= own) & (j[None, :] > own - config.num_local_blocks))
+            )
+            ranked = torch.where(forced, float("inf"), torch.where(eligible, p_slc, float("-inf")))
+            top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :K]  # [B, Hkv, c, K]
+            count = eligible.sum(-1).clamp(max=K)  # [c]
+            valid = torch.arange(K, device=dev) < count[:, None]  # [c, K]
+            top = torch.where(valid, top, nKB).sort(dim=-1).values  # ascending, invalid last
+            top = torch.where(valid, top, 0)
+            full = valid & ((top + 1) * ls - 1 <= pos[:, None])  # block wholly in the past
+            idx_chunks.append(top.to(torch.int32))
+            cnt_chunks.append(count.to(torch.int32).expand(B, Hkv, c1 - c0))
+            full_chunks.append(full)
+
+    out = torch.cat(outs, dim=2) if vc is not None else None  # [B, H, Tq, D]
+    sel = None
+    if want_selection:
+        sel = BlockSelection(
+            kv_num_blocks=torch.cat(cnt_chunks, dim=2).contiguous(),  # [B, Hkv, Tq]
+            kv_indices=torch.cat(idx_chunks, dim=2),  # [B, Hkv, Tq, K]
+            q_block=1,
+            kv_block=ls,
+            q_len=Tq,
+            kv_len=kv_len,
+            num_heads=H,
+            causal=True,
+            mask_mod=causal_mod(off),
+            block_full=torch.cat(full_chunks, dim=2),  # [B, Hkv, Tq, K]
+            validate=False,
+        )
+    return out, sel
+
+
+# ---------------------------------------------------------------------- branches
+def _scale(q: Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("reference", "flex"):
+        raise ValueError(f"backend must be 'reference' or 'flex', got {backend!r}")
+
+
+def nsa_compressed_branch(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    config: NSAConfig,
+    *,
+    kv_len: int,
+    scale: float | None = None,
+    backend: str = "reference",
+) -> Tensor:
+    """Attention of ``q [B, H, Tq, D]`` over the compressed tokens ``[B, Hkv, nC, D]`` of a
+    ``kv_len``-long key sequence; query ``p`` sees token ``i`` iff ``i*d + l - 1 <= p``.
+    ``reference``: dense masked softmax; ``flex``: the chunked scan (plain PyTorch, fp32).
+    Returns ``[B, H, Tq, D]`` in ``q``'s dtype (0 for a query that sees no token)."""
+    _check_backend(backend)
+    scale = _scale(q, scale)
+    Tq = q.shape[2]
+    nC = k_cmp.shape[2]
+    if nC == 0:
+        return q.new_zeros(q.shape)
+    if backend == "reference":
+        pos = torch.arange(Tq, device=q.device) + (kv_len - Tq)
+        mask = compressed_visibility(pos, nC, config)[None, None]  # [1, 1, Tq, nC]
+        inputs = AttnInputs(q=q, k=k_cmp, v=v_cmp, causal=True, scale=scale)
+        return dense_masked_attention(inputs, mask)[0]
+    out, _ = _compressed_scan(q, k_cmp, v_cmp, config, kv_len=kv_len, scale=scale, want_selection=False)
+    return out.to(q.dtype)
+
+
+def nsa_selection(
+    q: Tensor,
+    k_cmp: Tensor,
+    config: NSAConfig,
+    *,
+    kv_len: int,
+    scale: float | None = None,
+    chunk: int | None = None,
+) -> BlockSelection:
+    """Per-token block selection (``q_block=1``, ``kv_block=select_block``, one selection per
+    KV head, causal ``mask_mod``) from the compressed keys ``k_cmp [B, Hkv, nC, D]``. Scores,
+    softmax and top-k in fp32 (fp64 for fp64 inputs), computed in query chunks; no gradient."""
+    with torch.no_grad():
+        _, sel = _compressed_scan(
+            q.detach(), k_cmp.detach(), None, config, kv_len=kv_len, scale=_scale(q, scale),
+            want_selection=True, chunk=chunk,
+        )
+    return sel
+
+
+def nsa_selected_branch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: BlockSelection,
+    *,
+    scale: float | None = None,
+    backend: str = "reference",
+) -> Tensor:
+    """Softmax attention over the tokens of the selected blocks (causal). ``reference``:
+    dense mask from ``selection.to_dense_mask()``; ``flex``: FlexAttention with
+    ``selection.to_block_mask()``. Returns ``[B, H, Tq, D]`` in ``q``'s dtype."""
+    _check_backend(backend)
+    scale = _scale(q, scale)
+    if backend == "reference":
+        inputs = AttnInputs(q=q, k=k, v=v, causal=True, scale=scale)
+        return dense_masked_attention(inputs, selection.to_dense_mask())[0]
+    return flex_call(q, k, v, selection.to_block_mask(), scale)[0]
+
+
+def nsa_window_branch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: NSAConfig,
+    *,
+    scale: float | None = None,
+    backend: str = "reference",
+) -> Tensor:
+    """Sliding window: query ``p`` sees keys ``p - window < kv <= p``. Returns
+    ``[B, H, Tq, D]`` in ``q``'s dtype."""
+    _check_backend(backend)
+    scale = _scale(q, scale)
+    if backend == "reference":
+        Tq, Tk = q.shape[2], k.shape[2]
+        p = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+        kv = torch.arange(Tk, device=q.device)[None, :]
+        mask = (kv <= p) & (kv > p - config.window)  # [Tq, Tk]
+        inputs = AttnInputs(q=q, k=k, v=v, causal=True, scale=scale)
+        return dense_masked_attention(inputs, mask[None, None])[0]
+    sel = select_window(q, k, True, WindowConfig(window=config.window))
+    return flex_call(q, k, v, sel.to_block_mask(), scale)[0]
+
+
+def nsa_combine(
+    o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor | Sequence[float]
+) -> Tensor:
+    """``g_c * o_cmp + g_s * o_slc + g_w * o_win`` accumulated in fp32 (fp64 for fp64).
+    ``gates``: three constants, or a tensor ``[B, H, Tq, 3]`` (last dim: compressed, selected,
+    window). Returns ``[B, H, Tq, D]`` in ``o_slc``'s dtype."""
+    dtype = o_slc.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if isinstance(gates, Tensor):
+        g = gates.to(acc).unbind(-1)
+        g = [x[..., None] for x in g]  # each [B, H, Tq, 1]
+    else:
+        g = list(gates)
+    out = g[0] * o_cmp.to(acc) + g[1] * o_slc.to(acc) + g[2] * o_win.to(acc)
+    return out.to(dtype)
+
+
+# ---------------------------------------------------------------------- whole method
+def nsa_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: NSAConfig,
+    *,
+    scale: float | None = None,
+    backend: str = "reference",
+    phi: Phi | tuple[Phi, Phi] | None = None,
+    gates: Tensor | Sequence[float] | None = None,
+) -> Tensor:
+    """All three branches and the gated sum for causal ``q [B, H, Tq, D]`` over
+    ``k, v [B, Hkv, Tk, D]`` (inputs are not validated here; see ``longattn.attention``).
+
+    ``phi``: compression function(s) (default: mean); ``gates``: constants or a
+    ``[B, H, Tq, 3]`` tensor (default: ``config.gates``). Returns ``[B, H, Tq, D]``."""
+    _check_backend(backend)
+    scale = _scale(q, scale)
+    Tk = k.shape[2]
+    gates = config.gates if gates is None else gates
+    k_cmp, v_cmp = nsa_compress(k, v, config, phi)
+    if backend == "reference":
+        o_cmp = nsa_compressed_branch(q, k_cmp, v_cmp, config, kv_len=Tk, scale=scale, backend="reference")
+        sel = nsa_selection(q, k_cmp, config, kv_len=Tk, scale=scale)
+    else:
+        # one chunked pass: compressed output (with gradient) and selection (without)
+        o_cmp, sel = _compressed_scan(
+            q, k_cmp, v_cmp if k_cmp.shape[2] > 0 else None, config, kv_len=Tk, scale=scale, want_selection=True
+        )
+        o_cmp = q.new_zeros(q.shape) if o_cmp is None else o_cmp
+    o_slc = nsa_selected_branch(q, k, v, sel, scale=scale, backend=backend)
+    o_win = nsa_window_branch(q, k, v, config, scale=scale, backend=backend)
+    return nsa_combine(o_cmp, o_slc, o_win, gates)
+
+
+def nsa_reference(inputs: AttnInputs, config: NSAConfig) -> tuple[Tensor, None]:
+    """Dense-mask reference (the specification); returns ``(out, None)`` (no single LSE)."""
+    return nsa_forward(inputs.q, inputs.k, inputs.v, config, scale=inputs.scale, backend="reference"), None
+
+
+def nsa_flex(inputs: AttnInputs, config: NSAConfig) -> tuple[Tensor, None]:
+    """Chunked compressed branch + FlexAttention for the selected and window branches."""
+    return nsa_forward(inputs.q, inputs.k, inputs.v, config, scale=inputs.scale, backend="flex"), None
+
+
+register(
+    MethodSpec(
+        name="nsa",
+        family="sparse/trainable",
+        paper="Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention (Yuan et al., 2025)",
+        summary="gated sum of compressed-token, selected-block (shared per GQA group) and sliding-window attention",
+        config_cls=NSAConfig,
+        reference=nsa_reference,  # type: ignore[arg-type]
+        backends={"flex": Backend(nsa_flex, flex_can_serve)},  # type: ignore[arg-type]
+        bidirectional=False,
+        needs_finite=True,
+        has_lse=False,
+    )
+)
+
+
+__all__ = [
+    "NSAConfig",
+    "compression_blocks",
+    "compressed_visibility",
+    "block_overlap",
+    "nsa_compress",
+    "nsa_compressed_branch",
+    "nsa_selection",
+    "nsa_selected_branch",
+    "nsa_window_branch",
+    "nsa_combine",
+    "nsa_forward",
+    "nsa_reference",
+    "nsa_flex",
+]
