@@ -427,3 +427,25 @@ def test_bidirectional_and_lse_rejected():
         longattn.attention(q, k, v, method="nsa", causal=False)
     with pytest.raises(ValueError, match="no single log-sum-exp"):
         longattn.attention(q, k, v, method="nsa", return_lse=True)
+
+
+def test_density_counts_every_branch():
+    """Density = (compressed tokens seen + selected keys + window keys) / causal pairs,
+    counted here by loops over tokens."""
+    from longattn.methods.nsa import nsa_density
+
+    cfg = NSAConfig(**SMALL)
+    Tq, Tk = 70, 150
+    q, k, v = rand_qkv(1, 4, 2, Tq, Tk, 16, seed=21)
+    k_cmp, _ = nsa_compress(k, v, cfg)
+    sel = nsa_selection(q, k_cmp, cfg, kv_len=Tk)
+    mask = sel.to_dense_mask()  # [1, 2, Tq, Tk]
+    total = 0
+    nC = cfg.num_compressed(Tk)
+    for t in range(Tq):
+        p = t + Tk - Tq
+        total += sum(1 for i in range(nC) if i * cfg.compress_stride + cfg.compress_block - 1 <= p)
+        total += sum(1 for j in range(Tk) if p - cfg.window < j <= p)
+    total += mask.sum().item() / 2  # mean over the two KV heads
+    full = sum(t + Tk - Tq + 1 for t in range(Tq))
+    assert abs(nsa_density(q, k, True, cfg) - total / full) < 1e-12

@@ -478,6 +478,21 @@ def nsa_forward(
     return nsa_combine(o_cmp, o_slc, o_win, gates)
 
 
+def nsa_density(q: Tensor, k: Tensor, causal: bool, config: NSAConfig) -> float:
+    """Score pairs NSA computes, over the pairs of full causal attention: compressed tokens
+    seen, selected-block keys (parameter-free selection, averaged over batch and KV heads) and
+    window keys, each branch counted (a key read by two branches counts twice)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    pos = torch.arange(Tq, device=q.device, dtype=torch.float64) + (Tk - Tq)
+    l, d = config.compress_block, config.compress_stride
+    n_cmp = torch.clamp(torch.floor((pos - l + 1) / d) + 1, min=0, max=config.num_compressed(Tk))
+    n_win = torch.clamp(pos + 1, max=config.window)
+    k_cmp, _ = nsa_compress(k, k, config)
+    selected = nsa_selection(q, k_cmp, config, kv_len=Tk).kept_pairs().double().mean()
+    full = (pos + 1).sum()
+    return float((n_cmp.sum() + n_win.sum() + selected) / full)
+
+
 def nsa_reference(inputs: AttnInputs, config: NSAConfig) -> tuple[Tensor, None]:
     """Dense-mask reference (the specification); returns ``(out, None)`` (no single LSE)."""
     return nsa_forward(inputs.q, inputs.k, inputs.v, config, scale=inputs.scale, backend="reference"), None
@@ -500,6 +515,7 @@ register(
         bidirectional=False,
         needs_finite=True,
         has_lse=False,
+        density=nsa_density,
     )
 )
 
@@ -516,6 +532,7 @@ __all__ = [
     "nsa_window_branch",
     "nsa_combine",
     "nsa_forward",
+    "nsa_density",
     "nsa_reference",
     "nsa_flex",
 ]
