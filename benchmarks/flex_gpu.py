@@ -57,8 +57,8 @@ def env_info() -> dict:
 
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        commit = "unknown"
+    except Exception:  # the device copy of the tree may lack git objects: pass it in
+        commit = os.environ.get("LONGATTN_COMMIT", "unknown")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
