@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/longattn demo
 
 test: $(STAMP)
-	$(VPY) -m pytest tests -q -p no:cacheprovider --timeout=600
+	$(VPY) -m pytest tests -p no:cacheprovider --timeout=600
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -76,8 +76,10 @@ def test_t_equals_one_is_valid():
     q, k, v = rand_qkv(1, 4, 2, 1, 1, 8)
     for name in longattn.list_methods():
         out = longattn.attention(q, k, v, method=name)
-        # one key: the output is its value
-        assert torch.allclose(out, v.repeat_interleave(2, 1), atol=1e-6) or name == "nsa", name
+        # one key: every softmax returns its value; NSA's compressed branch sees no complete
+        # block, so its output is (g_selected + g_window) * v
+        weight = 2 / 3 if name == "nsa" else 1.0
+        assert torch.allclose(out, weight * v.repeat_interleave(2, 1), atol=1e-6), name
 
 
 def test_integer_dtype():

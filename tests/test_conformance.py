@@ -150,6 +150,17 @@ def test_return_lse_matches_reference(device, name):
 
 
 @pytest.mark.parametrize("name", longattn.list_methods())
+def test_odd_head_dim(device, name):
+    """A head dim that is not a power of two (D = 40), GQA, queries shorter than keys."""
+    q, k, v = rand_qkv(2, 4, 2, 100, 257, 40, device=device, seed=13)
+    config = SMALL_CONFIGS[name]
+    ref = longattn.attention(q, k, v, method=name, backend="reference", **config)
+    for backend in longattn.get_method(name).all_backends():
+        out = longattn.attention(q, k, v, method=name, backend=backend, **config)
+        assert _error(out, ref) < 1e-5, backend
+
+
+@pytest.mark.parametrize("name", longattn.list_methods())
 def test_defaults_run_at_small_t(device, name):
     """Paper defaults (blocks/windows larger than T) still give the reference's answer."""
     q, k, v = rand_qkv(1, 4, 2, 300, 300, 64, device=device, seed=5)

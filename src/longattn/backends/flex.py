@@ -92,6 +92,12 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tupl
             return _split(
                 _flex_fn()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, **aux)
             )
+    return compiled_flex_call(q, k, v, block_mask, scale, enable_gqa, aux)
+
+
+def compiled_flex_call(q, k, v, block_mask, scale: float, enable_gqa: bool, aux: dict):
+    """The guarded compiled call: a recompile-limit hit (which torch.compile would answer by
+    running the dense eager path) rebuilds the entry once with a fresh cache, then raises."""
     global _entry
     with _lock:
         if _entry is None:
