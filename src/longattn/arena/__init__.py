@@ -1,0 +1,1 @@
+"""The arena: methods side by side against full attention on one model and data."""

@@ -1,0 +1,110 @@
+"""The arena store and runner: idempotent keys, and a SIGKILL half-way through a grid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+from longattn.arena.runner import run_grid
+from longattn.arena.store import Cell, ResultStore
+
+
+def grid(n_samples=5):
+    return [
+        Cell(model="m", method=method, task=task, length=length, sample=s, config=config)
+        for method, config in (("full", {}), ("moba", {"top_k": 3, "block_size": 64}))
+        for task in ("passkey", "niah")
+        for length in (1024, 2048)
+        for s in range(n_samples)
+    ]
+
+
+def test_keys_depend_on_every_field_and_config_order_does_not_matter():
+    a = Cell("m", "moba", "passkey", 1024, 0, 0, {"top_k": 3, "block_size": 64})
+    b = Cell("m", "moba", "passkey", 1024, 0, 0, {"block_size": 64, "top_k": 3})
+    assert a.key == b.key
+    for other in (
+        Cell("m2", "moba", "passkey", 1024, 0, 0, a.config), Cell("m", "topk", "passkey", 1024, 0, 0, a.config),
+        Cell("m", "moba", "niah", 1024, 0, 0, a.config), Cell("m", "moba", "passkey", 2048, 0, 0, a.config),
+        Cell("m", "moba", "passkey", 1024, 1, 0, a.config), Cell("m", "moba", "passkey", 1024, 0, 1, a.config),
+        Cell("m", "moba", "passkey", 1024, 0, 0, {"top_k": 4, "block_size": 64}),
+    ):
+        assert other.key != a.key
+
+
+def test_rerun_skips_finished_cells(tmp_path):
+    calls = Counter()
+
+    def compute(cell):
+        calls[cell.key] += 1
+        return {"score": cell.sample / 10}
+
+    cells = grid(2)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        first = run_grid(cells + cells[:3], compute, store, progress=False)
+        second = run_grid(cells, compute, store, progress=False)
+        assert first == {"total": len(cells), "skipped": 0, "computed": len(cells)}
+        assert second == {"total": len(cells), "skipped": len(cells), "computed": 0}
+        assert store.count() == len(cells) and set(calls.values()) == {1}
+        assert not store.add(cells[0], {"score": 9}, 0.0)  # a duplicate is refused
+        row = next(r for r in store.rows() if r["key"] == cells[0].key)
+        assert row["metrics"] == {"score": 0.0}
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from test_arena_store import grid
+    from longattn.arena.runner import run_grid
+    from longattn.arena.store import ResultStore
+
+    log = open({log!r}, "a")
+
+    def compute(cell):
+        log.write(cell.key + "\\n"); log.flush()
+        time.sleep(0.05)
+        return {{"score": 1.0, "sample": cell.sample}}
+
+    with ResultStore({db!r}) as store:
+        run_grid(grid(), compute, store, progress=False)
+    """
+)
+
+
+def test_sigkill_half_way_then_rerun_finishes_without_duplicates_or_recomputation(tmp_path):
+    db, log = tmp_path / "arena.sqlite", tmp_path / "computed.log"
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), log=str(log), db=str(db)))
+    total = len(grid())
+    proc = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until about half the grid is stored
+        if db.exists():
+            with ResultStore(db) as s:
+                if s.count() >= total // 2:
+                    break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with ResultStore(db) as s:
+        stored_at_kill = s.done_keys()
+    assert 0 < len(stored_at_kill) < total, "the kill must land half-way"
+
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+
+    with ResultStore(db) as s:
+        rows = list(s.rows())
+    keys = [r["key"] for r in rows]
+    assert len(keys) == total == len(set(keys)) == len({c.key for c in grid()})
+    computed = Counter(log.read_text().split())
+    twice = [k for k, n in computed.items() if n > 1]
+    # finished cells are never recomputed; only the cell in flight at the kill may run again
+    assert all(k not in stored_at_kill for k in twice)
+    assert len(twice) <= 1 and max(computed.values()) <= 2
+    assert set(computed) == set(keys)
