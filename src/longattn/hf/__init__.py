@@ -18,8 +18,10 @@ refused with an error for the sparse methods -- it is never silently dropped.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -35,6 +37,23 @@ class HeadPlan:
     config: dict[str, Any] = field(default_factory=dict)
     heads: tuple[int, ...] | None = None
     backend: str = "auto"
+
+
+# (layer_idx, query, key, value, output, causal, scale, plan) -> None, called per layer
+Probe = Callable[[int, Tensor, Tensor, Tensor, Tensor, bool, "float | None", "list[HeadPlan]"], None]
+_probe: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("longattn_probe", default=None)
+
+
+@contextlib.contextmanager
+def attention_probe(callback: Probe) -> Iterator[None]:
+    """Within this block every longattn attention layer calls ``callback`` with its inputs
+    (``query [B, H, Tq, D]``, ``key/value [B, Hkv, Tk, D]`` after RoPE and the cache) and its
+    output ``[B, H, Tq, D]`` -- what the arena's fidelity metrics are computed from."""
+    token = _probe.set(callback)
+    try:
+        yield
+    finally:
+        _probe.reset(token)
 
 
 def register() -> None:
@@ -200,7 +219,10 @@ def longattn_attention_forward(
                 f"method {p.method!r} cannot combine yet; use unpadded batches, or 'full' on this layer"
             )
         out[:, heads] = o
+    probe = _probe.get()
+    if probe is not None:
+        probe(int(getattr(module, "layer_idx", -1)), query, key, value, out, causal, scaling, plan)
     return out.transpose(1, 2).contiguous(), None
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "HeadPlan", "apply", "attention_modules", "longattn_attention_forward", "plan_of", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "HeadPlan", "apply", "attention_probe", "attention_modules", "longattn_attention_forward", "plan_of", "register"]
