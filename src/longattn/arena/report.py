@@ -1,0 +1,231 @@
+"""Render an arena store as markdown + one self-contained HTML page with PNG plots.
+
+Metrics read from each row (missing ones are left blank): ``score`` (task accuracy, 0..1),
+``density``, ``kl`` (last-position logit KL against full attention), ``prefill_ms``,
+``decode_ms_per_token``, ``peak_bytes``, ``layer_rel_error`` and ``layer_mass_recall``
+(lists, one value per layer), and ``depth`` (needle depth) for depth-swept tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from .store import ResultStore, canonical_json
+
+SUMMARY_COLUMNS = (
+    ("method", "method"),
+    ("config", "config"),
+    ("task", "task"),
+    ("length", "length"),
+    ("n", "samples"),
+    ("accuracy", "accuracy"),
+    ("density", "density"),
+    ("rel_error", "mean layer rel. error"),
+    ("mass_recall", "mean layer mass recall"),
+    ("kl", "logit KL"),
+    ("prefill_ms", "prefill ms"),
+    ("speedup", "prefill speed-up vs full"),
+    ("decode_ms_per_token", "decode ms/token"),
+    ("peak_gib", "peak GiB"),
+)
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(values) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def method_label(row: dict[str, Any]) -> str:
+    config = row["config"]
+    return row["method"] if not config else f"{row['method']}({', '.join(f'{k}={v}' for k, v in sorted(config.items()))})"
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (method, config, task, length): means of the per-sample metrics, the
+    prefill speed-up against ``full`` on the same task and length, and peak memory."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], canonical_json(row["config"]), row["task"], row["length"])].append(row)
+    out = []
+    for (method, config, task, length), members in sorted(groups.items()):
+        m = [r["metrics"] for r in members]
+        line = {
+            "method": method,
+            "config": config if config != "{}" else "",
+            "label": method_label(members[0]),
+            "task": task,
+            "length": length,
+            "n": len(members),
+            "accuracy": _mean([x.get("score") for x in m]),
+            "density": _mean([x.get("density") for x in m]),
+            "rel_error": _mean([_mean(x["layer_rel_error"]) for x in m if x.get("layer_rel_error")]),
+            "mass_recall": _mean([_mean(x["layer_mass_recall"]) for x in m if x.get("layer_mass_recall")]),
+            "kl": _mean([x.get("kl") for x in m]),
+            "prefill_ms": _median([x.get("prefill_ms") for x in m]),
+            "decode_ms_per_token": _median([x.get("decode_ms_per_token") for x in m]),
+            "peak_gib": (lambda p: None if p is None else p / 2**30)(_median([x.get("peak_bytes") for x in m])),
+        }
+        out.append(line)
+    full = {(l["task"], l["length"]): l["prefill_ms"] for l in out if l["method"] == "full"}
+    for line in out:
+        base = full.get((line["task"], line["length"]))
+        line["speedup"] = base / line["prefill_ms"] if base and line["prefill_ms"] else None
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |"
+    rule = "|" + "---|" * len(SUMMARY_COLUMNS)
+    lines = [head, rule]
+    for line in summary:
+        lines.append("| " + " | ".join(_fmt(line[key]) for key, _ in SUMMARY_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- plots
+def _figures(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, bytes] = {}
+
+    def save(name: str, fig) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        figs[name] = buf.getvalue()
+
+    tasks = sorted({l["task"] for l in summary})
+    # accuracy by length, one panel per task
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for label in sorted({l["label"] for l in summary if l["task"] == task}):
+            pts = sorted((l["length"], l["accuracy"]) for l in summary if l["task"] == task and l["label"] == label and l["accuracy"] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{task}: accuracy by length")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    save("accuracy_by_length.png", fig)
+
+    # depth x length heatmaps per method, for rows that carry a needle depth
+    depth_rows = [r for r in rows if r["metrics"].get("depth") is not None and r["metrics"].get("score") is not None]
+    if depth_rows:
+        labels = sorted({method_label(r) for r in depth_rows})
+        lengths = sorted({r["length"] for r in depth_rows})
+        depths = sorted({round(r["metrics"]["depth"], 3) for r in depth_rows})
+        fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.2), squeeze=False)
+        for ax, label in zip(axes[0], labels):
+            grid = [[_mean([r["metrics"]["score"] for r in depth_rows if method_label(r) == label and r["length"] == L and round(r["metrics"]["depth"], 3) == d]) for L in lengths] for d in depths]
+            img = [[float("nan") if v is None else v for v in row] for row in grid]
+            ax.imshow(img, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45, fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+            ax.set_title(label, fontsize=8)
+        axes[0][0].set_ylabel("needle depth")
+        save("accuracy_by_depth.png", fig)
+
+    # fidelity per layer
+    layer_rows = [r for r in rows if r["metrics"].get("layer_rel_error")]
+    if layer_rows:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        for label in sorted({method_label(r) for r in layer_rows}):
+            mine = [r["metrics"] for r in layer_rows if method_label(r) == label]
+            n = len(mine[0]["layer_rel_error"])
+            axes[0].plot(range(n), [_mean([m["layer_rel_error"][i] for m in mine]) for i in range(n)], label=label)
+            if mine[0].get("layer_mass_recall"):
+                axes[1].plot(range(n), [_mean([m["layer_mass_recall"][i] for m in mine]) for i in range(n)], label=label)
+        axes[0].set_title("attention-output relative error per layer")
+        axes[1].set_title("attention-mass recall per layer")
+        for ax in axes:
+            ax.set_xlabel("layer")
+        axes[0].legend(fontsize=7)
+        save("fidelity_per_layer.png", fig)
+
+    # Pareto views at each method's longest length: accuracy vs speed-up and vs memory
+    longest = max(l["length"] for l in summary)
+    at = [l for l in summary if l["length"] == longest and l["accuracy"] is not None]
+    if at:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for label in sorted({l["label"] for l in at}):
+            pts = [l for l in at if l["label"] == label]
+            acc = _mean([p["accuracy"] for p in pts])
+            sp = _mean([p["speedup"] for p in pts])
+            mem = _mean([p["peak_gib"] for p in pts])
+            if sp is not None:
+                axes[0].scatter([sp], [acc], label=label)
+            if mem is not None:
+                axes[1].scatter([mem], [acc], label=label)
+        axes[0].set_xlabel("prefill speed-up vs full")
+        axes[1].set_xlabel("peak memory (GiB)")
+        for ax in axes:
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"T = {longest}")
+        axes[0].legend(fontsize=7)
+        save("pareto.png", fig)
+    return figs
+
+
+def render(store_path: str | Path, out_dir: str | Path, title: str = "longattn arena") -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` (PNG plots embedded) and the PNG files to
+    ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ResultStore(store_path) as store:
+        rows = list(store.rows())
+    if not rows:
+        raise ValueError(f"the arena store {store_path} holds no results yet; run `longattn arena` first")
+    summary = summarize(rows)
+    figs = _figures(rows, summary)
+    paths: dict[str, Path] = {}
+    for name, data in figs.items():
+        paths[name] = out_dir / name
+        paths[name].write_bytes(data)
+    table = markdown_table(summary)
+    md = [f"# {title}", "", f"{len(rows)} results from `{store_path}`.", "", table, ""]
+    md += [f"![{name}]({name})" for name in figs]
+    paths["report.md"] = out_dir / "report.md"
+    paths["report.md"].write_text("\n".join(md) + "\n")
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(line[key]))}</td>" for key, _ in SUMMARY_COLUMNS) + "</tr>"
+        for line in summary
+    )
+    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in SUMMARY_COLUMNS)
+    imgs = "".join(
+        f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}"><figcaption>{n}</figcaption></figure>'
+        for n, d in figs.items()
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{len(rows)} results.</p><table><tr>{head}</tr>{cells}</table>{imgs}</body></html>"
+    )
+    paths["report.html"] = out_dir / "report.html"
+    paths["report.html"].write_text(page)
+    return paths
