@@ -79,10 +79,15 @@ def check_finite(**tensors: Tensor) -> None:
             )
 
 
+# Up to this many queries (decoding, small chunks) the dense reference costs O(Tq * Tk) and
+# needs no compilation, while compiled FlexAttention would recompile for every new key length.
+SMALL_QUERY = 16
+
+
 def _auto_order(spec: MethodSpec, inputs: AttnInputs) -> list[str]:
-    if inputs.q.device.type == "cuda":
+    if inputs.q.device.type == "cuda" and inputs.q_len > SMALL_QUERY:
         order = ["sdpa", "flex", "reference"]
-    else:  # FlexAttention on CPU runs its dense eager path: no gain over the reference
+    else:  # CPU (FlexAttention runs its dense eager path there) or a few queries
         order = ["sdpa", "reference"]
     return [b for b in order if b in spec.all_backends()]
 
