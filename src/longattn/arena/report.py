@@ -186,7 +186,9 @@ def _figures(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> dict[
         for ax in axes:
             ax.set_ylabel("accuracy")
             ax.set_title(f"T = {longest}")
-        axes[0].legend(fontsize=7)
+        for ax in axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         save("pareto.png", fig)
     return figs
 
