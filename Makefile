@@ -26,7 +26,7 @@ install: $(STAMP)
 
 # Jane Austen's novels for real-text haystacks; on failure the arena uses synthetic text.
 data: $(STAMP)
-	$(VPY) -m longattn.arena.data || echo "make data: Austen's novels not fetched; the arena will use synthetic text"
+	timeout 300 $(VPY) -m longattn.arena.data || echo "make data: Austen's novels not fetched; the arena will use synthetic text"
 
 DEMO_DIR ?= demo-output
 demo: $(STAMP) data
