@@ -140,16 +140,42 @@ def test_plan_errors():
         lh.apply(model, "window", size=3)
 
 
-def test_sliding_window_layers_keep_their_mask():
+@pytest.mark.parametrize("method,covering,small", [
+    ("topk", {"block_size": 16, "top_k": 64}, {"block_size": 16, "top_k": 2}),
+    ("moba", {"block_size": 16, "top_k": 64}, {"block_size": 16, "top_k": 2}),
+    ("sink", {"sink": 4, "window": 4096}, {"sink": 4, "window": 8}),
+])
+def test_sliding_window_layers_keep_their_mask(method, covering, small):
     """Mistral with a 16-token sliding window: 'full' applies the model's window mask
-    exactly; a sparse method refuses instead of dropping it."""
+    exactly; a selection method intersects it with its own keys (a covering budget gives the
+    windowed model exactly, a small one changes it and decodes); NSA refuses."""
     model = tiny("mistral", sliding_window=16)
     x = ids(100, seed=4)
     with torch.no_grad():
         ref = model(x).logits
         lh.apply(model, "full", backend="reference")
-        out = model(x).logits
-        assert (out - ref).abs().max().item() < 1e-4
-        lh.apply(model, "topk", block_size=16, top_k=2)
+        assert (model(x).logits - ref).abs().max().item() < 1e-4
+        lh.apply(model, method, **covering)
+        assert (model(x).logits - ref).abs().max().item() < 1e-4
+        lh.apply(model, method, **small)
+        assert (model(x).logits - ref).abs().max().item() > 1e-3
+        assert model.generate(x, max_new_tokens=4, do_sample=False).shape == (1, 104)
+        lh.apply(model, "nsa", num_selected=3, window=16)
         with pytest.raises(NotImplementedError, match="not the plain causal mask"):
             model(x)
+
+
+def test_padded_batch_with_a_selection_method_matches_unpadded_rows():
+    """Left padding: each row of a padded batch equals that sequence run alone (a covering
+    budget, so the selection of the padded row cannot differ)."""
+    model = tiny("llama")
+    lh.apply(model, "moba", block_size=32, top_k=64)
+    a, b = ids(60, seed=6), ids(45, seed=7)
+    pad = torch.zeros(1, 15, dtype=torch.long)
+    batch = torch.cat([a, torch.cat([pad, b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :15] = 0
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask).logits
+        alone = model(b).logits
+    assert (out[1, 15:] - alone[0]).abs().max().item() < 1e-4

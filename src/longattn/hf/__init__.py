@@ -11,9 +11,10 @@ Prefill and decoding both call the method: a decoding step is a query block of o
 the end of the cached keys, which every method defines (``q`` shorter than ``k``).
 
 Masks: longattn methods define their own causal pattern. The mask the model passes is
-checked: ``None`` or exactly the end-aligned causal mask is accepted; any other mask (padding,
-a sliding window, a prefix-LM pattern) is applied exactly through SDPA for ``full`` and
-refused with an error for the sparse methods -- it is never silently dropped.
+checked: ``None`` or exactly the end-aligned causal mask runs the method as it is; any other
+mask (padding, a sliding window) is applied exactly -- through SDPA for ``full``, and for
+selection methods by intersecting it with the method's keys in the dense reference -- and NSA
+refuses it with an error. A mask is never silently dropped.
 """
 
 from __future__ import annotations
@@ -170,6 +171,30 @@ def _is_plain_causal(mask: Tensor, q_len: int, kv_len: int) -> bool:
     return bool((allowed == expected).all())
 
 
+def _masked_selection_attention(module, q, k, v, attention_mask, causal, scaling, p: HeadPlan) -> Tensor:
+    """A selection method under a model mask that is not plain causal (padding, a sliding
+    window): the dense reference over the intersection of the method's keys and the model's
+    mask (``O(Tq * Tk)``, like the mask transformers already built). Methods without a
+    selector (NSA) refuse."""
+    from .. import get_method
+    from ..api import validate_inputs
+    from ..backends import dense_masked_attention
+
+    spec = get_method(p.method)
+    if spec.selector is None:
+        raise NotImplementedError(
+            f"layer {getattr(module, 'layer_idx', '?')}: the model passed an attention mask that is "
+            f"not the plain causal mask (padding, a sliding window or another pattern), which "
+            f"method {p.method!r} cannot combine; use unpadded batches, or another method on this layer"
+        )
+    inputs = validate_inputs(q, k, v, causal=causal, scale=scaling)
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    selected = spec.selector(q, k, causal, spec.make_config(**p.config)).to_dense_mask()  # [B|1, Hs, Tq, Tk]
+    if allowed.shape[1] != 1:
+        raise NotImplementedError("per-head model masks are not supported with sparse methods")
+    return dense_masked_attention(inputs, selected & allowed)[0]
+
+
 def longattn_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -213,11 +238,7 @@ def longattn_attention_forward(
                 q, k, v, attn_mask=mask, scale=scaling, enable_gqa=len(kv_heads) != len(heads)
             )
         else:
-            raise NotImplementedError(
-                f"layer {getattr(module, 'layer_idx', '?')}: the model passed an attention mask that is "
-                f"not the plain causal mask (padding, a sliding window or another pattern), which "
-                f"method {p.method!r} cannot combine yet; use unpadded batches, or 'full' on this layer"
-            )
+            o = _masked_selection_attention(module, q, k, v, attention_mask, causal, scaling, p)
         out[:, heads] = o
     probe = _probe.get()
     if probe is not None:
