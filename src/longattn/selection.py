@@ -195,8 +195,7 @@ class BlockSelection:
         validate: bool = True,
     ) -> "BlockSelection":
         """Build a selection from a ``bool [B, Hs, nQB, nKB]`` block bitmap (full width)."""
-        counts = bitmap.sum(-1, dtype=torch.int32)
-        order = torch.argsort((~bitmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        counts, order = _counts_and_order(bitmap)
         block_full = None
         if full_bitmap is not None:
             block_full = torch.gather(full_bitmap & bitmap, -1, order.long())
@@ -308,13 +307,8 @@ class BlockSelection:
         full_t = full_t & sel_t
         partial_t = sel_t & ~full_t
 
-        def counts_and_order(m: Tensor) -> tuple[Tensor, Tensor]:
-            counts = m.sum(-1, dtype=torch.int32)
-            order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-            return counts, order
-
-        kv_num, kv_idx = counts_and_order(partial_t)
-        full_num, full_idx = counts_and_order(full_t)
+        kv_num, kv_idx = _counts_and_order(partial_t)
+        full_num, full_idx = _counts_and_order(full_t)
         mask_mod = _flex_mask_mod(
             self.mask_mod,
             bitmap if needs_lookup else None,
@@ -331,6 +325,15 @@ class BlockSelection:
             mask_mod=mask_mod,
             seq_lengths=(self.q_len, self.kv_len),
         )
+
+
+def _counts_and_order(bitmap: Tensor) -> tuple[Tensor, Tensor]:
+    """``bool [..., n]`` -> (``int32 [...]`` count of True, ``int32 [..., n]`` full-width
+    indices with the True positions first, ascending): the layout of ``kv_num_blocks`` /
+    ``kv_indices`` that FlexAttention's ``from_kv_blocks`` wants."""
+    counts = bitmap.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~bitmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts, order
 
 
 def _retile(m: Tensor, qb: int, kb: int, tile: int, n_qt: int, n_kt: int, reduce: str) -> Tensor:
