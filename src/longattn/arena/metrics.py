@@ -34,12 +34,11 @@ def kept_key_mask(q: Tensor, k: Tensor, causal: bool, method: str, config: dict[
         return spec.selector(q, k, causal, cfg).to_dense_mask()
     if method == "nsa":
         from ..methods.nsa import nsa_compress, nsa_selection
+        from ..methods.window import WindowConfig, select_window
 
         k_cmp, _ = nsa_compress(k, k, cfg)
-        sel = nsa_selection(q, k_cmp, cfg, kv_len=Tk).to_dense_mask()
-        band = causal_token_mask(Tq, Tk, q.device)
-        p = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
-        window = band & (torch.arange(Tk, device=q.device)[None, :] > p - cfg.window)
+        sel = nsa_selection(q, k_cmp, cfg, kv_len=Tk).to_dense_mask()  # [B, Hkv, Tq, Tk]
+        window = select_window(q, k, True, WindowConfig(window=cfg.window)).to_dense_mask()  # [1, 1, Tq, Tk]
         return sel | window
     mask = causal_token_mask(Tq, Tk, q.device) if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     return mask[None, None]
