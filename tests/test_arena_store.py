@@ -10,6 +10,9 @@ import textwrap
 import time
 from collections import Counter
 
+import pytest
+import torch
+
 from longattn.arena.runner import run_grid
 from longattn.arena.store import Cell, ResultStore
 
@@ -48,12 +51,48 @@ def test_rerun_skips_finished_cells(tmp_path):
     with ResultStore(tmp_path / "r.sqlite") as store:
         first = run_grid(cells + cells[:3], compute, store, progress=False)
         second = run_grid(cells, compute, store, progress=False)
-        assert first == {"total": len(cells), "skipped": 0, "computed": len(cells)}
-        assert second == {"total": len(cells), "skipped": len(cells), "computed": 0}
+        assert first == {"total": len(cells), "skipped": 0, "computed": len(cells), "failed": 0}
+        assert second == {"total": len(cells), "skipped": len(cells), "computed": 0, "failed": 0}
         assert store.count() == len(cells) and set(calls.values()) == {1}
         assert not store.add(cells[0], {"score": 9}, 0.0)  # a duplicate is refused
         row = next(r for r in store.rows() if r["key"] == cells[0].key)
         assert row["metrics"] == {"score": 0.0}
+
+
+def test_a_failing_cell_is_reported_not_stored_and_retried(tmp_path, capsys):
+    cells = grid(2)
+    bad = cells[1].key
+    calls = Counter()
+
+    def compute(cell):
+        calls[cell.key] += 1
+        if cell.key == bad and calls[cell.key] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"score": 1.0}
+
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        first = run_grid(cells, compute, store, progress=False)
+        assert first == {"total": len(cells), "skipped": 0, "computed": len(cells) - 1, "failed": 1}
+        assert bad not in store.done_keys() and store.count() == len(cells) - 1
+        assert "out of memory (simulated)" in capsys.readouterr().err
+        second = run_grid(cells, compute, store, progress=False)
+        assert second == {"total": len(cells), "skipped": len(cells) - 1, "computed": 1, "failed": 0}
+        assert store.count() == len(cells) and calls[bad] == 2
+        assert all(calls[c.key] == 1 for c in cells if c.key != bad)
+
+
+def test_keyboard_interrupt_stops_the_grid(tmp_path):
+    cells = grid(2)
+
+    def compute(cell):
+        if cell.key == cells[2].key:
+            raise KeyboardInterrupt
+        return {"score": 1.0}
+
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(cells, compute, store, progress=False)
+        assert store.count() == 2
 
 
 SCRIPT = textwrap.dedent(

@@ -104,6 +104,9 @@ def _parse_configs(items: list[str]) -> dict[str, dict]:
 @app.command()
 def arena(
     model: str = typer.Option("smollm2-135m", help="a known model name, a local directory or a hub id"),
+    model_name: Optional[str] = typer.Option(
+        None, help="name recorded in the store and report (default: --model); e.g. smollm2-135m "
+                   "when --model is a path to its GGUF"),
     methods: str = typer.Option("full,window,sink,bigbird,topk,moba,nsa", help="comma-separated methods"),
     tasks: str = typer.Option("passkey,niah", help="comma-separated tasks"),
     lengths: str = typer.Option("1k,2k,4k,8k", help="comma-separated context lengths in tokens (2k = 2048)"),
@@ -150,18 +153,23 @@ def arena(
             get_method(m).make_config(**cfg)
             for t in task_list:
                 for s in range(samples):
-                    cells.append(Cell(model, m, t, length, s, seed, cfg))
+                    cells.append(Cell(model_name or model, m, t, length, s, seed, cfg))
     with ResultStore(store) as db:
         todo = len({c.key for c in cells} - db.done_keys())
         console.print(f"{len(cells)} cells, {len(cells) - todo} already in {store}, {todo} to run")
         if todo:
             lm, tok = model_zoo.load(model, dtype=dt, device=dev)
-            job = ArenaJob(lm, tok, model_name=model, fidelity=fidelity, timing=timing)
+            job = ArenaJob(lm, tok, model_name=model_name or model, fidelity=fidelity, timing=timing)
             env = {"device": dev, "dtype": dtype, "torch": torch.__version__}
-            run_grid(cells, job, db, env=env)
+            if dev.startswith("cuda"):
+                env["gpu"] = torch.cuda.get_device_name(dev)
+            stats = run_grid(cells, job, db, env=env)
         keys = {c.key for c in cells}
         rows = [r for r in db.rows() if r["key"] in keys]
     console.print(markdown_table(summarize(rows)))
+    if todo and stats["failed"]:
+        console.print(f"[red]{stats['failed']} cells failed (errors above); rerun to retry them[/red]")
+        raise typer.Exit(1)
 
 
 @app.command()
