@@ -11,6 +11,7 @@ from typer.testing import CliRunner  # noqa: E402
 from longattn import models  # noqa: E402
 from longattn.arena.job import ArenaJob, parse_length  # noqa: E402
 from longattn.arena.store import Cell, ResultStore  # noqa: E402
+from longattn.arena.tasks import build_prompt  # noqa: E402
 from longattn.cli import app  # noqa: E402
 
 try:
@@ -55,3 +56,24 @@ def test_cli_arena_runs_and_resumes(tmp_path):
     rep = runner.invoke(app, ["report", "--store", str(tmp_path / "a.sqlite"), "--out", str(tmp_path / "r")])
     assert rep.exit_code == 0, rep.output
     assert (tmp_path / "r" / "report.html").exists()
+
+
+def test_generation_never_masks_prompt_tokens(monkeypatch):
+    """The prompt is one unpadded sequence: generate() must see an all-ones mask even when the
+    pad id it is given occurs in the prompt (the chat template's ``<|im_start|>``, which
+    transformers 5.17 reported as a GGUF tokenizer's eos). A masked prompt token would send
+    NSA (which takes no model mask) to an error and every other method to a masked path."""
+    import longattn.hf as lhf
+
+    model, tok = models.load("smollm2-135m")
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    monkeypatch.setattr(model.generation_config, "pad_token_id", im_start)
+    tok.eos_token = "<|im_start|>"  # as transformers 5.17 reads the GGUF (models.load fixes it)
+    masked = []
+    real = lhf._masked_selection_attention
+    monkeypatch.setattr(lhf, "_masked_selection_attention", lambda *a: masked.append(1) or real(*a))
+    job = ArenaJob(model, tok, model_name="smollm2-135m", timing=False, fidelity=False)
+    out = job(Cell("smollm2-135m", "nsa", "passkey", 300, 0, 0, {"num_selected": 4, "window": 32}))
+    assert out["prompt_tokens"] > 250 and not masked
+    sample = job.sample_of(Cell("smollm2-135m", "nsa", "passkey", 300, 0, 0, {}))
+    assert im_start in job._ids(build_prompt(sample, tok))[0]  # the case the test is about

@@ -293,3 +293,12 @@ def test_cache_dir_honours_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("LONGATTN_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert models.cache_dir() == tmp_path / ".cache" / "longattn"
+
+
+@needs_smollm2
+def test_gguf_file_loads_with_the_models_end_of_sequence_token():
+    """Loaded straight from the GGUF, the tokenizer ends turns where the model does (transformers
+    5.17 reads this GGUF's tokenizer with ``<|im_start|>`` as eos; models.load corrects it)."""
+    model, tokenizer = models.load(models.gguf_path(NAME))
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.eos_token_id == model.generation_config.eos_token_id == 2

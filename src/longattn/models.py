@@ -237,7 +237,21 @@ def _load_gguf(directory: Path, file: str, *, dtype: torch.dtype | None, attn_im
         directory, dtype=dtype, attn_implementation=attn_implementation or "sdpa", **kwargs
     )
     _strip_quantization(model)
+    _align_eos(model, tokenizer)
     return model, tokenizer
+
+
+def _align_eos(model, tokenizer) -> None:
+    """Some transformers versions (5.17) read a GGUF's tokenizer with the wrong end-of-sequence
+    token (``<|im_start|>`` for SmolLM2, whose turns end with ``<|im_end|>``), while the model's
+    generation config has the right one. Code that passes ``tokenizer.eos_token_id`` to
+    ``generate`` as the pad token would then mask every ``<|im_start|>`` of the prompt as
+    padding. Take the generation config's id (the first, when it lists several)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is not None and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos))
 
 
 def _strip_quantization(model) -> None:

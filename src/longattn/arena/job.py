@@ -63,6 +63,16 @@ class ArenaJob:
         enc = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         return enc.input_ids.to(self.device)
 
+    def _pad_id(self) -> int | None:
+        """The model's pad token, else its end-of-sequence token, else the tokenizer's."""
+        gen = self.model.generation_config
+        for tid in (gen.pad_token_id, gen.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(tid, (list, tuple)):
+                tid = tid[0] if tid else None
+            if tid is not None:
+                return int(tid)
+        return None
+
     def _last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(ids, use_cache=False).logits[:, -1].float().cpu()
@@ -78,9 +88,12 @@ class ArenaJob:
         metrics: dict[str, Any] = {"prompt_tokens": int(ids.shape[1]), "depth": sample.depth}
 
         with torch.no_grad():
+            # the explicit all-ones mask: without one, generate() infers padding from the pad
+            # token id, and a pad id that also occurs in the prompt (a chat template's special
+            # tokens) would mask those prompt tokens
             out = self.model.generate(
-                ids, max_new_tokens=max_new_tokens(sample), do_sample=False,
-                pad_token_id=self.tokenizer.eos_token_id,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens(sample),
+                do_sample=False, pad_token_id=self._pad_id(),
             )
         reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         metrics["score"] = score(sample, reply)
