@@ -6,6 +6,9 @@ import torch
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 if os.environ.get("LONGATTN_TEST_DEVICE"):
     DEVICES = [os.environ["LONGATTN_TEST_DEVICE"]]
+if "cuda" not in DEVICES:
+    # CPU runs test the Triton kernels through the interpreter (must be set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def rand_qkv(B, H, Hkv, Tq, Tk, D, *, dtype=torch.float32, device="cpu", seed=0, requires_grad=False):

@@ -139,7 +139,8 @@ def attention(
         method: a name from :func:`longattn.list_methods`.
         causal: causal (aligned to the end of ``k``) or bidirectional.
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"``, ``"reference"``, ``"sdpa"`` or ``"flex"``.
+        backend: ``"auto"``, ``"reference"``, ``"sdpa"``, ``"flex"`` or ``"triton"`` (own
+            kernels; chosen explicitly until GPU measurements put it in ``auto``'s order).
         return_lse: also return the log-sum-exp ``float32 [B, H, Tq]``.
         **config: fields of the method's Config dataclass (e.g. ``window=512``).
 

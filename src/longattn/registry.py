@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .selection import BlockSelection
 
-BACKENDS = ("reference", "sdpa", "flex")
+BACKENDS = ("reference", "sdpa", "flex", "triton")
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,10 @@ def register_selection_method(
     needs_finite: bool = False,
 ) -> MethodSpec:
     """Register a method defined by a selector: reference = dense softmax under the
-    selection's token mask; ``flex`` = FlexAttention with the selection's BlockMask."""
-    from .backends import dense_masked_attention, flex_selection_attention, flex_can_serve
+    selection's token mask; ``flex`` = FlexAttention with the selection's BlockMask;
+    ``triton`` = longattn's block-sparse kernels over the selection."""
+    from .backends import dense_masked_attention, flex_can_serve, flex_selection_attention
+    from .backends.triton import triton_can_serve, triton_selection_attention
 
     def reference(inputs: AttnInputs, config) -> tuple[Tensor, Tensor]:
         sel = selector(inputs.q, inputs.k, inputs.causal, config)
@@ -165,6 +167,10 @@ def register_selection_method(
         sel = selector(inputs.q, inputs.k, inputs.causal, config)
         return flex_selection_attention(inputs, sel)
 
+    def triton(inputs: AttnInputs, config) -> tuple[Tensor, Tensor]:
+        sel = selector(inputs.q, inputs.k, inputs.causal, config)
+        return triton_selection_attention(inputs, sel, fallback=lambda: dense_masked_attention(inputs, sel.to_dense_mask()))
+
     return register(
         MethodSpec(
             name=name,
@@ -173,7 +179,7 @@ def register_selection_method(
             summary=summary,
             config_cls=config_cls,
             reference=reference,
-            backends={"flex": Backend(flex, flex_can_serve)},
+            backends={"flex": Backend(flex, flex_can_serve), "triton": Backend(triton, triton_can_serve)},
             selector=selector,
             bidirectional=bidirectional,
             needs_finite=needs_finite,

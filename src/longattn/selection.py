@@ -388,18 +388,55 @@ def _flex_mask_mod(
 
 
 # ---------------------------------------------------------------------- token predicates
-def causal_mod(q_offset: int) -> MaskMod:
-    """Key at absolute position ``kv_idx`` is visible to local query ``q_idx``."""
+@dataclass(frozen=True)
+class TokenRule:
+    """The token predicate of a band-shaped pattern, as data: local query ``i`` (absolute
+    position ``p = i + q_offset``) may read key ``j`` when ``j <= p`` (if ``causal``) and, with a
+    ``window``, ``p - j < window`` (and ``j - p < window`` when not causal) or ``j < sink``.
+    Own kernels read these fields instead of calling the Python predicate built from them."""
+
+    q_offset: int
+    causal: bool
+    window: int | None = None
+    sink: int = 0
+
+
+def band_mod(q_offset: int, causal: bool, window: int | None = None, sink: int = 0) -> MaskMod:
+    """Token predicate of :class:`TokenRule` ``(q_offset, causal, window, sink)``; the returned
+    function carries the rule as its ``rule`` attribute."""
+    rule = TokenRule(q_offset, causal, window, sink)
 
     def mod(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + q_offset
+        p = q_idx + q_offset
+        keep = kv_idx <= p if causal else kv_idx >= 0
+        if window is not None:
+            near = (p - kv_idx < window) if causal else ((p - kv_idx < window) & (kv_idx - p < window))
+            if sink > 0:
+                near = near | (kv_idx < sink)
+            keep = keep & near
+        return keep
 
+    mod.rule = rule
     return mod
+
+
+def causal_mod(q_offset: int) -> MaskMod:
+    """Key at absolute position ``kv_idx`` is visible to local query ``q_idx``."""
+    return band_mod(q_offset, True)
+
+
+def token_rule_of(mask_mod: MaskMod | None) -> TokenRule | None:
+    """The :class:`TokenRule` behind a predicate made by :func:`band_mod` / :func:`causal_mod`
+    (``None`` for no predicate or one without a rule)."""
+    return None if mask_mod is None else getattr(mask_mod, "rule", None)
 
 
 __all__ = [
     "BlockSelection",
     "MaskMod",
     "FLEX_TILE",
+    "TokenRule",
+    "band_mod",
     "causal_mod",
+    "token_rule_of",
 ]

@@ -107,8 +107,10 @@ def apply(
 
     spec = get_method(method)
     spec.make_config(**config)  # validates names and values now, not at the first forward
-    if backend not in ("auto", "reference", "sdpa", "flex"):
-        raise ValueError(f"backend must be 'auto', 'reference', 'sdpa' or 'flex', got {backend!r}")
+    from ..registry import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     modules = attention_modules(model)
     chosen = sorted(modules) if layers is None else sorted(set(int(i) for i in layers))
     unknown = [i for i in chosen if i not in modules]

@@ -26,6 +26,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_interpreter_fixed = False
+
+
+def _fix_interpreter_index() -> None:
+    """Triton's interpreter (3.6) turns a scalar into a Python int with ``int(array)`` on a
+    one-element array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted"): every loop bounded by a loaded value fails. Use ``.item()`` instead (same
+    value). Only touches the interpreter, only when it is in use."""
+    global _interpreter_fixed
+    if _interpreter_fixed:
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0].item()))
+
+    interpreter._patch_lang_tensor = patched
+    _interpreter_fixed = True
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """``None`` when Triton kernels can run on tensors of ``device``, else why not."""
     if not triton_importable():
@@ -33,6 +56,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreting():
+        _fix_interpreter_index()
         return None
     return (f"Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
             f"got device type {device.type!r}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..selection import BlockSelection, MaskMod, _ceil_div, causal_mod
+from ..selection import BlockSelection, _ceil_div, band_mod, causal_mod
 
 
 def check_positive_int(owner: str, **values: object) -> None:
@@ -24,23 +24,6 @@ def check_tileable(owner: str, **values: int) -> None:
                 f"{owner}.{name}={value} must divide 128 or be a multiple of 128 "
                 "(e.g. 16, 32, 64, 128, 256, 512)"
             )
-
-
-def band_mod(q_offset: int, causal: bool, window: int | None, sink: int = 0) -> MaskMod:
-    """Token predicate: causal and/or ``|p - kv| < window`` (``p`` = absolute query
-    position), or one of the first ``sink`` keys (still causal when causal)."""
-
-    def mod(b, h, q_idx, kv_idx):
-        p = q_idx + q_offset
-        keep = kv_idx <= p if causal else kv_idx >= 0
-        if window is not None:
-            near = (p - kv_idx < window) if causal else ((p - kv_idx < window) & (kv_idx - p < window))
-            if sink > 0:
-                near = near | (kv_idx < sink)
-            keep = keep & near
-        return keep
-
-    return mod
 
 
 def band_selection(

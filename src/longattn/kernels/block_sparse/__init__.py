@@ -1,0 +1,250 @@
+"""Block-sparse attention with longattn's own Triton kernels (forward and backward).
+
+:func:`block_sparse_attention` runs attention over exactly the (query, key) pairs a
+:class:`~longattn.selection.BlockSelection` keeps: its selected key blocks, refined inside the
+blocks by the selection's :class:`~longattn.selection.TokenRule` (causality, window, sinks).
+The dense reference (``BlockSelection.to_dense_mask`` + softmax) is its specification.
+
+Work and memory are ``O(selected pairs)``: no ``Tq x Tk`` tensor is ever formed. Query heads
+that share a KV head and a selection row (GQA with a group-shared selection, as in NSA) are
+processed by one program, so each selected K/V chunk is loaded once for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...selection import BlockSelection, token_rule_of
+from .. import interpreting, triton_unavailable_reason
+
+MAX_ROWS = 128  # query rows (heads x tokens) per program
+MAX_BLOCK_N = 64  # keys per inner step
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _largest_pow2_divisor_at_most(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Static launch parameters for one (inputs, selection) shape."""
+
+    P: int  # query heads per program (share a KV head and a selection head)
+    BLOCK_M: int  # query tokens per program (divides q_block)
+    ROWS: int  # P * BLOCK_M padded to a power of two >= 16
+    BLOCK_N: int  # keys per inner step (divides kv_block)
+    HEAD_DIM: int  # D padded to a power of two
+    heads_per_kv: int
+    heads_per_sel: int
+    causal: bool
+    window: int | None
+    sink: int
+    two_sided: bool
+    ieee: bool
+    upcast: bool  # interpreter only: 16-bit operands go to fp32 before tl.dot
+    num_warps: int
+    num_stages: int
+
+
+def selection_unsupported_reason(q: Tensor, k: Tensor, sel: BlockSelection) -> str | None:
+    """``None`` when the kernels can run this selection on these inputs, else why not."""
+    reason = triton_unavailable_reason(q.device)
+    if reason:
+        return reason
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
+    D = q.shape[-1]
+    if D < 16 or D > 256:
+        return f"the Triton kernels take head dims 16..256, got {D}"
+    if sel.kv_block % 16 != 0:
+        return f"the Triton kernels need kv_block to be a multiple of 16, got {sel.kv_block}"
+    if sel.mask_mod is not None and token_rule_of(sel.mask_mod) is None:
+        return "the selection's mask_mod is a Python predicate without a TokenRule"
+    rule = token_rule_of(sel.mask_mod)
+    if rule is not None and rule.q_offset != sel.q_offset:
+        return f"the TokenRule's q_offset {rule.q_offset} differs from the selection's {sel.q_offset}"
+    H, Hkv = q.shape[1], k.shape[1]
+    Bs, Hs = sel.kv_num_blocks.shape[:2]
+    if Bs not in (1, q.shape[0]):
+        return f"the selection's batch axis has {Bs} entries for a batch of {q.shape[0]}"
+    if H % Hs != 0:
+        return f"{Hs} selection heads do not divide {H} query heads"
+    return None
+
+
+def _plan(q: Tensor, k: Tensor, sel: BlockSelection) -> _Plan:
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    G = H // Hkv
+    hps = H // sel.kv_num_blocks.shape[1]
+    if hps % G == 0:
+        P = G
+    elif G % hps == 0:
+        P = hps
+    else:
+        P = 1
+    P = min(P, MAX_ROWS)
+    block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, MAX_ROWS // P))
+    rows = max(16, 1 << (P * block_m - 1).bit_length())
+    block_n = _largest_pow2_divisor_at_most(sel.kv_block, MAX_BLOCK_N)
+    rule = token_rule_of(sel.mask_mod)
+    head_dim = max(16, 1 << (D - 1).bit_length())
+    big = rows * head_dim >= 128 * 128
+    return _Plan(
+        P=P,
+        BLOCK_M=block_m,
+        ROWS=rows,
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        heads_per_kv=G,
+        heads_per_sel=hps,
+        causal=bool(rule and rule.causal),
+        window=rule.window if rule else None,
+        sink=rule.sink if rule else 0,
+        two_sided=bool(rule and rule.window is not None and not rule.causal),
+        ieee=q.dtype == torch.float32,
+        upcast=interpreting() and q.dtype != torch.float32,
+        num_warps=8 if big else 4,
+        num_stages=2,
+    )
+
+
+def _rule_args(plan: _Plan) -> dict:
+    return dict(
+        CAUSAL=plan.causal,
+        HAS_WINDOW=plan.window is not None,
+        TWO_SIDED=plan.two_sided,
+        IEEE=plan.ieee,
+        UPCAST=plan.upcast,
+    )
+
+
+def _sel_strides(t: Tensor) -> tuple[int, int, int]:
+    """Strides of the leading (batch, head, query-block) axes; a batch of one broadcasts."""
+    return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float):
+    from .kernel import _fwd
+
+    B, H, Tq, D = q.shape
+    q_block, kv_block, kv_len, q_offset = sel_meta
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    grid = (triton_cdiv(Tq, plan.BLOCK_M), B * (H // plan.P))
+    _fwd[grid](
+        q, k, v, out, lse, kvn, kvi,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        *_sel_strides(kvn), *_sel_strides(kvi),
+        Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
+        scale * math.log2(math.e), plan.window or 0, plan.sink,
+        D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
+        KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    return out, lse
+
+
+def transposed_selection(kvn: Tensor, kvi: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    """CSR transpose of a selection: for every (selection batch, selection head, key block)
+    the query blocks that selected it, ascending. Returns ``offsets int32 [Bs * Hs * nKB + 1]``
+    and ``query_blocks int32 [total]``; size O(selected blocks)."""
+    Bs, Hs, nqb, K = kvi.shape
+    valid = torch.arange(K, device=kvi.device) < kvn[..., None].long()  # [Bs, Hs, nQB, K]
+    bs, hs, qb, slot = valid.nonzero(as_tuple=True)
+    kb = kvi[bs, hs, qb, slot].long()
+    key = (bs * Hs + hs) * num_kv_blocks + kb
+    order = torch.argsort(key * nqb + qb)  # by key, then query block
+    counts = torch.bincount(key, minlength=Bs * Hs * num_kv_blocks)
+    offsets = torch.zeros(Bs * Hs * num_kv_blocks + 1, dtype=torch.int64, device=kvi.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets.to(torch.int32), qb[order].to(torch.int32).contiguous()
+
+
+def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
+    from .kernel import _bwd_dkdv, _bwd_dq
+
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    q_block, kv_block, kv_len, q_offset = sel_meta
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # [B, H, Tq]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = dict(
+        D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
+        KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    _bwd_dq[(triton_cdiv(Tq, plan.BLOCK_M), B * (H // plan.P))](
+        q, k, v, dout, dq, lse, delta, kvn, kvi,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+        *lse.stride()[:2], *_sel_strides(kvn), *_sel_strides(kvi),
+        Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
+        scale, plan.window or 0, plan.sink, **common,
+    )
+    t_off, t_qb = transposed_selection(kvn, kvi, num_kv_blocks)
+    chunks = kv_block // plan.BLOCK_N
+    _bwd_dkdv[(num_kv_blocks * chunks, B * Hkv)](
+        q, k, v, dout, dk, dv, lse, delta, t_off, t_qb,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
+        kvn.shape[0], kvn.shape[1], num_kv_blocks,
+        Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
+        scale, plan.window or 0, plan.sink, **common,
+    )
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kvn, kvi, sel_meta, num_kv_blocks, plan, scale):
+        out, lse = _forward(q, k, v, kvn, kvi, sel_meta, plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse, kvn, kvi)
+        ctx.meta = (sel_meta, plan, scale, num_kv_blocks)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, kvn, kvi = ctx.saved_tensors
+        sel_meta, plan, scale, num_kv_blocks = ctx.meta
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan, scale, num_kv_blocks)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of ``q [B, H, Tq, D]`` over ``k, v [B, Hkv, Tk, D]`` restricted to ``sel``.
+
+    Returns ``(out [B, H, Tq, D] in q's dtype, lse float32 [B, H, Tq])`` (natural log;
+    ``-inf`` and output 0 for a query with no key). Differentiable in ``q``, ``k``, ``v``.
+    Raises ``ValueError`` when :func:`selection_unsupported_reason` gives a reason."""
+    reason = selection_unsupported_reason(q, k, sel)
+    if reason:
+        raise ValueError(f"block_sparse_attention cannot run: {reason}")
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kvn = sel.kv_num_blocks.to(torch.int32)
+    kvi = sel.kv_indices.to(torch.int32).contiguous()
+    plan = _plan(q, k, sel)
+    sel_meta = (sel.q_block, sel.kv_block, sel.kv_len, sel.q_offset)
+    return _BlockSparseAttention.apply(q, k, v, kvn, kvi, sel_meta, sel.num_kv_blocks, plan, float(scale))
+
+
+__all__ = ["block_sparse_attention", "selection_unsupported_reason", "transposed_selection"]

@@ -1,0 +1,259 @@
+"""Triton kernels of block-sparse attention over a :class:`~longattn.selection.BlockSelection`.
+
+Three kernels, FlashAttention-2 style (online softmax in fp32, scores never stored):
+
+* ``_fwd`` -- query-major. One program owns ``BLOCK_M`` consecutive queries of one selection
+  row for ``P`` query heads that share both that selection row and one KV head (a GQA group
+  with a group-shared selection: each selected K/V chunk is loaded once for all ``P`` heads,
+  as in NSA's kernel). Its ``ROWS = P * BLOCK_M`` rows (padded to at least 16 for ``tl.dot``)
+  walk the row's selected key blocks in ``BLOCK_N``-token chunks. Writes ``O`` and the
+  log-sum-exp.
+* ``_bwd_dq`` -- query-major like the forward: recomputes the probabilities from the saved
+  log-sum-exp and accumulates ``dQ``.
+* ``_bwd_dkdv`` -- key-major. One program owns ``BLOCK_N`` keys of one key block and one KV head
+  and visits every query block that selected that key block (a transposed, CSR copy of the
+  selection built in plain PyTorch), for every query head of the KV head: ``dK`` and ``dV``
+  are summed in registers, no atomics.
+
+Token-level rules inside selected blocks (the selection's :class:`TokenRule`): end-aligned
+causality, a window (one- or two-sided) with sink tokens; out-of-range queries and keys are
+masked. A query that reads no key gets output 0 and log-sum-exp ``-inf``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. ``IEEE``: exact fp32 products for fp32 inputs (not
+    TF32). ``UPCAST``: the interpreter's dot mishandles 16-bit floats, so there the operands
+    go to fp32 first -- the same arithmetic, since products of 16-bit floats are exact in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _token_mask(q_abs, k_pos, kv_len, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                TWO_SIDED: tl.constexpr, window, sink):
+    """``[ROWS, BLOCK_N]`` keep-mask from absolute query positions ``q_abs [ROWS]`` and key
+    positions ``k_pos [BLOCK_N]``."""
+    keep = k_pos[None, :] < kv_len
+    if CAUSAL:
+        keep = keep & (k_pos[None, :] <= q_abs[:, None])
+    if HAS_WINDOW:
+        near = (q_abs[:, None] - k_pos[None, :]) < window
+        if TWO_SIDED:
+            near = near & ((k_pos[None, :] - q_abs[:, None]) < window)
+        near = near | (k_pos[None, :] < sink)
+        keep = keep & near
+    return keep
+
+
+@triton.jit
+def _fwd(
+    Q, K, V, O, LSE, KVN, KVI,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
+    snb, snh, snq, sib, sih, siq,
+    q_len, kv_len, q_offset, q_block, num_heads, heads_per_kv, heads_per_sel,
+    sm_scale_log2, window, sink,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    groups = num_heads // P
+    b = pid_bh // groups
+    h0 = (pid_bh % groups) * P
+    kvh = h0 // heads_per_kv
+    hs = h0 // heads_per_sel
+    q_start = pid_m * BLOCK_M
+    row_sel = q_start // q_block  # the whole tile lies in one selection row
+
+    rows = tl.arange(0, ROWS)
+    r_head = rows // BLOCK_M
+    r_tok = q_start + rows % BLOCK_M  # local query index
+    row_ok = (r_head < P) & (r_tok < q_len)
+    q_abs = r_tok + q_offset
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+
+    q_ptr = Q + b * sqb + (h0 + r_head)[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    n_sel = tl.load(KVN + b * snb + hs * snh + row_sel * snq)
+    idx_base = KVI + b * sib + hs * sih + row_sel * siq
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    for t in range(0, n_sel * CHUNKS):
+        kb = tl.load(idx_base + t // CHUNKS)
+        k_pos = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N + cols
+        k_ok = k_pos < kv_len
+        kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _mm(q, kt, IEEE, UPCAST)
+        s = s * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
+        keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
+        keep = keep & row_ok[:, None]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptr = O + b * sob + (h0 + r_head)[:, None] * soh + r_tok[:, None] * sot + dims[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * slb + (h0 + r_head) * slh + r_tok, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, KVN, KVI,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, slb, slh,
+    snb, snh, snq, sib, sih, siq,
+    q_len, kv_len, q_offset, q_block, num_heads, heads_per_kv, heads_per_sel,
+    sm_scale, window, sink,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    groups = num_heads // P
+    b = pid_bh // groups
+    h0 = (pid_bh % groups) * P
+    kvh = h0 // heads_per_kv
+    hs = h0 // heads_per_sel
+    q_start = pid_m * BLOCK_M
+    row_sel = q_start // q_block
+
+    rows = tl.arange(0, ROWS)
+    r_head = rows // BLOCK_M
+    r_tok = q_start + rows % BLOCK_M
+    row_ok = (r_head < P) & (r_tok < q_len)
+    q_abs = r_tok + q_offset
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * sqb + (h0 + r_head)[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
+    do = tl.load(DO + b * sdob + (h0 + r_head)[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
+    lse = tl.load(LSE + b * slb + (h0 + r_head) * slh + r_tok, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
+    delta = tl.load(DELTA + b * slb + (h0 + r_head) * slh + r_tok, mask=row_ok, other=0.0)
+    sm_scale_log2 = sm_scale * 1.4426950408889634
+
+    n_sel = tl.load(KVN + b * snb + hs * snh + row_sel * snq)
+    idx_base = KVI + b * sib + hs * sih + row_sel * siq
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+
+    dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    for t in range(0, n_sel * CHUNKS):
+        kb = tl.load(idx_base + t // CHUNKS)
+        k_pos = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N + cols
+        k_ok = k_pos < kv_len
+        kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + k_pos[None, :] * svt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _mm(q, kt, IEEE, UPCAST)
+        dp = _mm(do, vt, IEEE, UPCAST)
+        keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink) & row_ok[:, None]
+        p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(kt.dtype), tl.trans(kt), IEEE, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + (h0 + r_head)[:, None] * sdqh + r_tok[:, None] * sdqt + dims[None, :],
+             dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, T_OFF, T_QB,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
+    sel_batch, sel_heads, num_kv_blocks,
+    q_len, kv_len, q_offset, q_block, num_heads, heads_per_kv, heads_per_sel,
+    sm_scale, window, sink,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Program ``(n, b * Hkv + kvh)``: keys ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of KV head
+    ``kvh``. ``T_OFF [sel_batch * sel_heads * num_kv_blocks + 1]`` / ``T_QB``: for each
+    (selection batch, selection head, key block), the query blocks that selected it."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    num_kv_heads = num_heads // heads_per_kv
+    b = pid_bk // num_kv_heads
+    kvh = pid_bk % num_kv_heads
+    CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
+    kb = pid_n // CHUNKS
+    k_pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k_pos < kv_len
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+    kv_tile_ok = k_ok[:, None] & d_ok[None, :]
+
+    k = tl.load(K + b * skb + kvh * skh + k_pos[:, None] * skt + dims[None, :], mask=kv_tile_ok, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + k_pos[:, None] * svt + dims[None, :], mask=kv_tile_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    sm_scale_log2 = sm_scale * 1.4426950408889634
+    sel_b = b if sel_batch > 1 else 0
+
+    rows = tl.arange(0, ROWS)
+    r_head = rows // BLOCK_M
+    r_in = rows % BLOCK_M
+    tiles_per_qblock = (q_block + BLOCK_M - 1) // BLOCK_M
+    # the query heads of this KV head, P at a time (P heads share a selection head)
+    for g in range(0, heads_per_kv // P):
+        h0 = kvh * heads_per_kv + g * P
+        hs = h0 // heads_per_sel
+        key = (sel_b * sel_heads + hs) * num_kv_blocks + kb
+        start = tl.load(T_OFF + key)
+        stop = tl.load(T_OFF + key + 1)
+        for e in range((stop - start) * tiles_per_qblock):
+            qb = tl.load(T_QB + start + e // tiles_per_qblock)
+            r_tok = qb * q_block + (e % tiles_per_qblock) * BLOCK_M + r_in
+            row_ok = (r_head < P) & (r_tok < q_len) & (r_tok < (qb + 1) * q_block)
+            tile_ok = row_ok[:, None] & d_ok[None, :]
+            heads = h0 + r_head
+            q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
+            do = tl.load(DO + b * sdob + heads[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
+            lse = tl.load(LSE + b * slb + heads * slh + r_tok, mask=row_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + b * slb + heads * slh + r_tok, mask=row_ok, other=0.0)
+            s = _mm(q, tl.trans(k), IEEE, UPCAST)
+            dp = _mm(do, tl.trans(v), IEEE, UPCAST)
+            keep = _token_mask(r_tok + q_offset, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
+            keep = keep & row_ok[:, None]
+            p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)  # [ROWS, BLOCK_N]
+            ds = p * (dp - delta[:, None])
+            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_tile_ok)
+    tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_tile_ok)

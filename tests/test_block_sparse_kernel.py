@@ -1,0 +1,211 @@
+"""longattn's Triton block-sparse kernels against the dense reference, through the Triton
+interpreter on CPU (TRITON_INTERPRET=1, set in conftest.py) at small sizes; on a GPU run
+(LONGATTN_TEST_DEVICE=cuda) the same tests run compiled, and tests/test_conformance.py adds
+its full grid.
+
+Every selection method, forward (output and log-sum-exp) and backward (dq, dk, dv), MHA and
+GQA, fp32 and bf16, causal and bidirectional, queries equal to or shorter than keys, with the
+DESIGN.md tolerance: error against the fp32 reference at most twice that of plain PyTorch in
+the same dtype, plus a floor."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import longattn
+from longattn.api import validate_inputs
+from longattn.backends import dense_masked_attention, plain_precision
+from longattn.kernels import triton_unavailable_reason
+from longattn.selection import BlockSelection
+
+from .conftest import rand_qkv
+
+pytestmark = pytest.mark.skipif(
+    triton_unavailable_reason(torch.device("cpu")) is not None and not torch.cuda.is_available(),
+    reason=f"Triton kernels cannot run here: {triton_unavailable_reason(torch.device('cpu'))}",
+)
+
+from longattn.kernels.block_sparse import (  # noqa: E402
+    _plan,
+    block_sparse_attention,
+    selection_unsupported_reason,
+    transposed_selection,
+)
+
+FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2e-3}
+
+# small configs: several blocks at T <= 100, every selection layout the kernels take
+CASES = {
+    "window": {"window": 24, "block_size": 16},  # band, selection shared by all heads
+    "sink": {"sink": 3, "window": 20, "block_size": 16},
+    "bigbird": {"block_size": 16, "num_window_blocks": 3, "num_global_blocks": 1, "num_random_blocks": 1},
+    "topk": {"block_size": 16, "top_k": 2},  # per query head
+    "topk-shared": {"block_size": 16, "top_k": 2, "shared_kv_heads": True},  # per GQA group
+    "moba": {"block_size": 32, "top_k": 2, "gate_block": 16},
+    "moba-per-token": {"block_size": 32, "top_k": 2},  # the paper's per-token gate: q_block 1
+}
+SHAPES = [(1, 1), (50, 50), (20, 90), (1, 90)]
+
+
+def _method(case: str) -> str:
+    return case.split("-")[0]
+
+
+def _error(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _selection(case, q, k, causal):
+    spec = longattn.get_method(_method(case))
+    return spec.selector(q, k, causal, spec.make_config(**CASES[case]))
+
+
+def _reference(q, k, v, sel, causal):
+    inputs = validate_inputs(q, k, v, causal=causal, scale=None)
+    return dense_masked_attention(inputs, sel.to_dense_mask())
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("Tq,Tk", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
+def test_forward_and_backward_match_reference(case, dtype, H, Hkv, Tq, Tk):
+    if case == "moba-per-token" and Tq == 50:
+        Tq, Tk = 16, 40  # one program per query token: the interpreter is slow, keep it short
+    dev = _device()
+    spec = longattn.get_method(_method(case))
+    causal_modes = [True, False] if spec.bidirectional and Tq == Tk and Tq > 1 else [True]
+    for i, causal in enumerate(causal_modes):
+        q, k, v = rand_qkv(1, H, Hkv, Tq, Tk, 64, dtype=dtype, device=dev, seed=hash((case, Tq, i)) % 997,
+                           requires_grad=True)
+        g = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dev, dtype)
+        sel = _selection(case, q.detach(), k.detach(), causal)
+        assert selection_unsupported_reason(q, k, sel) is None
+
+        q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref, ref_lse = _reference(q32, k32, v32, sel, causal)
+        ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
+        with plain_precision():
+            plain, _ = _reference(q, k, v, sel, causal)
+            plain_grads = torch.autograd.grad(plain, (q, k, v), g)
+
+        out, lse = block_sparse_attention(q, k, v, sel, q.shape[-1] ** -0.5)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+
+        assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+        bound = 2 * _error(plain, ref) + FLOOR[dtype]
+        assert _error(out, ref) <= bound, (case, causal, "out", _error(out, ref), bound)
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert _error(lse[finite], ref_lse[finite]) <= 1e-5 + (2e-2 if dtype == torch.bfloat16 else 0)
+        for which, f, p, r in zip("qkv", grads, plain_grads, ref_grads):
+            assert torch.isfinite(f).all(), f"d{which} has non-finite elements"
+            bound = 2 * _error(p, r) + FLOOR[dtype] * max(1.0, r.abs().max().item())
+            assert _error(f, r) <= bound, (case, causal, "d" + which, _error(f, r), bound)
+
+
+@pytest.mark.parametrize("D", [40, 128])
+def test_other_head_dims(D):
+    """D = 40 (padded to 64 inside the kernel) and D = 128, GQA, queries shorter than keys."""
+    dev = _device()
+    q, k, v = rand_qkv(1, 4, 2, 30, 70, D, device=dev, seed=D, requires_grad=True)
+    sel = _selection("topk-shared", q.detach(), k.detach(), True)
+    ref, _ = _reference(q, k, v, sel, True)
+    out, _ = block_sparse_attention(q, k, v, sel, D ** -0.5)
+    assert _error(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for f, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _error(f, r) < 1e-5
+
+
+def test_each_program_layout_is_exercised():
+    """The cases above cover: GQA-shared selections (P = group), selections shared by every
+    head (P = group), per-head selections (P = 1), and per-token rows (q_block = 1)."""
+    q, k, _ = rand_qkv(1, 8, 2, 50, 50, 64)
+    plans = {case: _plan(q, k, _selection(case, q, k, True)) for case in CASES}
+    assert plans["topk-shared"].P == 4 and plans["window"].P == 4
+    assert plans["topk"].P == 1
+    assert plans["moba-per-token"].BLOCK_M == 1 and plans["moba-per-token"].ROWS == 16
+    assert plans["moba"].BLOCK_M == 16
+
+
+def test_unselected_key_blocks_are_never_read():
+    """NaN in every key/value block that no query selects leaves the output unchanged: the
+    kernel does not load what the selection excludes (a load would spread NaN through the
+    softmax even where the probability is 0)."""
+    dev = _device()
+    q, k, v = rand_qkv(1, 4, 2, 16, 96, 64, device=dev, seed=7)  # one query block of 16
+    sel = _selection("topk-shared", q, k, True)
+    used = sel.block_bitmap().any(dim=2).any(dim=0)  # [Hs, nKB]: selected by some query block
+    assert not used.all(), "the test needs some unselected blocks"
+    out, _ = block_sparse_attention(q, k, v, sel, 0.125)
+    kp, vp = k.clone(), v.clone()
+    for h in range(used.shape[0]):
+        for blk in (~used[h]).nonzero().flatten().tolist():
+            kp[:, h, blk * 16:(blk + 1) * 16] = float("nan")
+            vp[:, h, blk * 16:(blk + 1) * 16] = float("nan")
+    out2, _ = block_sparse_attention(q, kp, vp, sel, 0.125)
+    assert torch.equal(out, out2)
+
+
+def test_a_query_with_no_key_gets_zero_and_minus_inf():
+    q, k, v = rand_qkv(1, 2, 2, 32, 32, 64)
+    counts = torch.tensor([[[1, 0]]], dtype=torch.int32).expand(1, 2, 2)
+    idx = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32).expand(1, 2, 2, 2)
+    sel = BlockSelection(counts.contiguous(), idx.contiguous(), q_block=16, kv_block=16, q_len=32, kv_len=32,
+                         num_heads=2, causal=False)
+    out, lse = block_sparse_attention(q, k, v, sel, 0.125)
+    assert torch.equal(out[:, :, 16:], torch.zeros_like(out[:, :, 16:]))
+    assert torch.isinf(lse[:, :, 16:]).all() and (lse[:, :, 16:] < 0).all()
+    ref, ref_lse = _reference(q, k, v, sel, False)
+    assert _error(out, ref) < 1e-5 and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+def test_transposed_selection_lists_the_query_blocks_of_every_key_block():
+    gen = torch.Generator().manual_seed(0)
+    Bs, Hs, nqb, nkb, K = 2, 3, 5, 7, 4
+    kvi = torch.stack([torch.randperm(nkb, generator=gen)[:K] for _ in range(Bs * Hs * nqb)]).view(Bs, Hs, nqb, K)
+    kvn = torch.randint(0, K + 1, (Bs, Hs, nqb), generator=gen)
+    offsets, qbs = transposed_selection(kvn.int(), kvi.int(), nkb)
+    for b in range(Bs):
+        for h in range(Hs):
+            for kb in range(nkb):
+                key = (b * Hs + h) * nkb + kb
+                want = [qb for qb in range(nqb) if kb in kvi[b, h, qb, : kvn[b, h, qb]].tolist()]
+                assert qbs[offsets[key]:offsets[key + 1]].tolist() == want
+
+
+def test_backend_triton_through_the_api_and_its_fallbacks():
+    q, k, v = rand_qkv(1, 4, 2, 40, 40, 64)
+    cfg = CASES["topk"]
+    ref = longattn.attention(q, k, v, method="topk", backend="reference", **cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback may happen here
+        out = longattn.attention(q, k, v, method="topk", backend="triton", **cfg)
+    assert _error(out, ref) < 1e-5
+    # a key block that is not a multiple of 16 cannot be served: warn and give the reference
+    with pytest.warns(RuntimeWarning, match="kv_block to be a multiple of 16"):
+        out = longattn.attention(q, k, v, method="topk", backend="triton", block_size=8, top_k=2)
+    assert _error(out, longattn.attention(q, k, v, method="topk", backend="reference", block_size=8, top_k=2)) < 1e-6
+
+
+def test_unservable_selections_raise_with_the_reason():
+    q, k, v = rand_qkv(1, 2, 2, 32, 32, 64)
+    counts = torch.ones(1, 2, 2, dtype=torch.int32)
+    idx = torch.zeros(1, 2, 2, 2, dtype=torch.int32)
+    idx[..., 1] = 1
+    python_mod = BlockSelection(counts, idx, q_block=16, kv_block=16, q_len=32, kv_len=32, num_heads=2,
+                                mask_mod=lambda b, h, qi, ki: ki <= qi)
+    with pytest.raises(ValueError, match="without a TokenRule"):
+        block_sparse_attention(q, k, v, python_mod, 0.125)
+    with pytest.raises(ValueError, match="head dims 16..256"):
+        block_sparse_attention(*(t[..., :8] for t in (q, k, v)), _selection("window", q, k, True), 0.125)
+    empty = block_sparse_attention(q[:0], k[:0], v[:0], _selection("window", q, k, True), 0.125)
+    assert empty[0].shape == (0, 2, 32, 64) and empty[1].shape == (0, 2, 32)
