@@ -149,12 +149,13 @@ def test_reference_query_before_every_selected_key_reads_nothing():
 # ---------------------------------------------------------------------------- triton vs reference
 TRITON_CASES = [  # dtype, H, Hkv, Tq, D, block_size
     (torch.float32, 4, 4, 1, 64, 16),
-    (torch.float32, 8, 2, 3, 128, 64),  # 24 rows: two row tiles of 16 in fp32
+    (torch.float32, 8, 2, 5, 128, 64),  # G * Tq = 20 rows: two row tiles of 16 in fp32
     (torch.float32, 8, 2, 1, 32, 32),
     (torch.bfloat16, 4, 4, 3, 128, 32),
     (torch.bfloat16, 8, 2, 1, 64, 16),
     (torch.bfloat16, 8, 2, 3, 128, 64),
     (torch.float16, 4, 4, 1, 64, 32),
+    (torch.bfloat16, 8, 2, 16, 64, 32),  # 64 rows in one tile, 16 causal queries
 ]
 
 
@@ -184,7 +185,21 @@ def test_triton_matches_reference(dtype, H, Hkv, Tq, D, block_size):
 
 
 @needs_triton
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_triton_reads_strided_caches():
+    """Caches stored as [B, Tmax, Hkv, D] (the flash-attention layout) seen through a transpose,
+    int64 indices and lengths: the kernel follows the strides."""
+    q, k, v = make_inputs(3, 8, 2, 3, 120, 64, seed=17)
+    k_t, v_t = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not k_t.is_contiguous() and not q_t.is_contiguous()
+    lens = lengths(120, 50, 3).long()
+    idx, cnt = random_selection(lens, 2, 16, 4, seed=3)
+    ref = sparse_decode(q, k, v, lens, idx, cnt, block_size=16, backend="reference")
+    out = sparse_decode(q_t, k_t, v_t, lens, idx.long(), cnt.long(), block_size=16, backend="triton", num_splits=2)
+    assert err(out, ref) < 2e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("H,Hkv,Tq", [(4, 4, 1), (8, 2, 3)], ids=["mha-q1", "gqa-q3"])
 def test_all_blocks_equal_dense_causal_attention(backend, H, Hkv, Tq):
     """The defining property: selecting every block of each sequence is full causal attention

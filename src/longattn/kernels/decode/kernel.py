@@ -131,9 +131,9 @@ def _dot_mode(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _dot(a, b, MODE: tl.constexpr):
-    if MODE == 2:
+    if MODE == 2:  # DOT_UPCAST
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif MODE == 1:
+    elif MODE == 1:  # DOT_IEEE
         r = tl.dot(a, b, input_precision="ieee")
     else:
         r = tl.dot(a, b)
@@ -251,8 +251,19 @@ def _merge_kernel(
     tl.store(L + rows, lse, mask=ok)
 
 
+def _ready(device: torch.device) -> None:
+    """Raise unless Triton can run on ``device``; on CPU this also prepares the interpreter
+    (:func:`longattn.kernels.triton_unavailable_reason` patches its scalar conversion)."""
+    from .. import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(reason)
+
+
 def _launch_split(q, k_cache, v_cache, cache_seqlens, block_indices, block_counts, o, lse,
                   *, block_size: int, scale: float, num_splits: int, cfg: dict, direct: bool) -> None:
+    _ready(q.device)
     B, H, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     grid = (B * Hkv, num_splits, cfg["row_tiles"])
@@ -310,6 +321,7 @@ def merge_partials(o_part: Tensor, lse_part: Tensor, out_dtype: torch.dtype) -> 
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=o_part.device)
     rows = B * H * Tq
     if rows:
+        _ready(o_part.device)
         _merge_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
             o_part, lse_part, out, lse, rows, S, o_part.stride(0), lse_part.stride(0),
             HEAD_DIM=D, BLOCK_R=MERGE_ROWS, num_warps=4,
