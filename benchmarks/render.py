@@ -192,7 +192,8 @@ OP_TITLES = {
 def render_markdown(rows: list[dict]) -> str:
     """The generated section (without markers) for all records of ``rows``."""
     records = sorted(final_records(rows), key=sort_key)
-    runs = runs_of(rows)
+    used = {r.get("run_id") for r in records}
+    runs = {k: v for k, v in runs_of(rows).items() if k in used}
     dense = dense_times(records)
     out = [
         "## Benchmark suite",
@@ -325,9 +326,10 @@ def build_json(rows: list[dict], existing: dict | list | None = None) -> dict:
         earlier = list(existing.get("earlier", []))
     elif existing:
         earlier = [existing]
+    used = {r.get("run_id") for r in records}
     return {
         "generated_by": "benchmarks/render.py from benchmarks/suite.py JSON lines",
-        "runs": runs_of(rows),
+        "runs": {k: v for k, v in runs_of(rows).items() if k in used},
         "records": out_records,
         "earlier": earlier,
     }

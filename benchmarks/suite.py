@@ -151,8 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gate-len", type=int, default=None, help="T of the correctness gate (default 4096; cpu: smallest size)")
     ap.add_argument("--decode-budget", type=int, default=4096, help="tokens a sparse decoder reads per (sequence, KV head)")
     ap.add_argument("--decode-batch", default="1,4", help="decode batch sizes (B>1: lengths T, ..., T/B)")
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=None, help="query heads H (default 32; cpu: 4)")
+    ap.add_argument("--head-dim", type=int, default=None, help="head dim D (default 128; cpu: 64)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--redo", default="", help="re-run recorded cases of these statuses: failed,skipped")
     ap.add_argument("--no-graphs", action="store_true", help="do not time decode cases as CUDA-graph replays")
@@ -166,9 +166,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--device must be cuda or cpu, got {o.device!r}")
     if o.device == "cuda" and not torch.cuda.is_available() and not o.plan:
         ap.error("--device cuda: no CUDA device here (use --device cpu for the smoke run, or --plan)")
+    cpu = o.device == "cpu"  # the CPU smoke run: tiny shapes that exercise every code path in seconds
+    o.heads = o.heads or (4 if cpu else 32)
+    o.head_dim = o.head_dim or (64 if cpu else 128)
     try:
         o.sizes = [parse_size(s) for s in _csv(o.sizes)] or list(QUICK_SIZES if o.quick else DEFAULT_SIZES)
-        o.hkv = [int(h) for h in _csv(o.hkv)] or ([8] if o.quick else [8, 32])
+        default_hkv = ([2] if cpu else [8]) if o.quick else ([2, 8] if cpu else [8, 32])
+        o.hkv = [int(h) for h in _csv(o.hkv)] or default_hkv
         o.decode_batch = [int(b) for b in _csv(o.decode_batch)] or [1]
     except (ValueError, argparse.ArgumentTypeError) as exc:
         ap.error(str(exc))
@@ -240,11 +244,21 @@ def method_config(label: str, op: str, budget: int = 4096) -> tuple[str, dict]:
     return name, dict(cfg)
 
 
+PRIMARY = ("topk", "moba-g128", "moba", "nsa")  # flex NSA last among them: its runs take seconds
+SECONDARY = ("topk-shared", "window")
+
+
 def build_plan(o) -> list[Case]:
-    """Every case of the options, most important first: the 64k prefill of every path at the
-    first Hkv, then decoding at the longest cache, decoding at the other lengths, ours and dense
-    at the other lengths, the other Hkv at 64k, FlexAttention at the other lengths (each new shape
-    costs compilations), then the rest."""
+    """Every case of the options, most important first:
+
+    1. the 64k prefill (fwd, bwd) at the first Hkv: dense SDPA, then ours for topk, moba, nsa;
+    2. decoding at the longest cache (B=1, then B=4);
+    3. FlexAttention at 64k for topk, moba, nsa (each new shape and mask costs compilations);
+    4. topk-shared and window at 64k (ours, then flex);
+    5. decoding at the other lengths; 6. dense and ours at the other lengths;
+    7. the other Hkv at 64k (dense, ours) and its longest-cache decoding;
+    8. FlexAttention at the other lengths; 9. the rest of the other Hkv.
+    """
     sizes = sorted(o.sizes)
     head = HEADLINE_T if HEADLINE_T in sizes else sizes[-1]
     others = [t for t in sorted(sizes, reverse=True) if t != head]
@@ -252,17 +266,17 @@ def build_plan(o) -> list[Case]:
     dec_others = [t for t in sorted(sizes, reverse=True) if t != dec_head]
     h0, hrest = o.hkv[0], o.hkv[1:]
     ops = [op for op in ("fwd", "bwd") if op in o.ops]
-    sparse = [m for m in PREFILL_METHODS if m in o.methods]
     mk = lambda op, m, T, B, hkv, be, part="": Case(op, m, T, B, o.heads, hkv, o.head_dim, o.dtype, be, part)
+    no_flex = ("ours", "sdpa-cudnn", "sdpa-flash", "reference")
 
-    def prefill(T: int, hkv: int, backends) -> list[Case]:
+    def prefill(T: int, hkv: int, backends, methods=("full", *PRIMARY, *SECONDARY)) -> list[Case]:
         out = []
-        if "full" in o.methods:
-            out += [mk(op, "full", T, 1, hkv, be) for be in DENSE_BACKENDS if be in backends and be in o.backends
-                    for op in ops]
-        for m in sparse:
-            out += [mk(op, m, T, 1, hkv, be) for be in SPARSE_BACKENDS if be in backends and be in o.backends
-                    for op in ops]
+        for m in methods:
+            if m not in o.methods:
+                continue
+            for be in (DENSE_BACKENDS if m == "full" else SPARSE_BACKENDS):
+                if be in backends and be in o.backends:
+                    out += [mk(op, m, T, 1, hkv, be) for op in ops]
         return out
 
     def decode(T: int, hkv: int) -> list[Case]:
@@ -278,8 +292,10 @@ def build_plan(o) -> list[Case]:
                             if be in o.backends for part in DECODE_PARTS]
         return out
 
-    no_flex = ("ours", "sdpa-cudnn", "sdpa-flash", "reference")
-    plan = prefill(head, h0, ALL_BACKENDS) + decode(dec_head, h0)
+    plan = prefill(head, h0, no_flex, ("full", *PRIMARY))
+    plan += decode(dec_head, h0)
+    plan += prefill(head, h0, ("flex",), PRIMARY)
+    plan += prefill(head, h0, no_flex, SECONDARY) + prefill(head, h0, ("flex",), SECONDARY)
     for T in dec_others:
         plan += decode(T, h0)
     for T in others:
@@ -392,6 +408,9 @@ class CostModel:
         self.o = o
         self.seen: set = set()
         self.measured: dict[tuple, list[tuple[int, float]]] = {}
+        # seconds of one compilation: FlexAttention per new (mask family, shape, grad mode),
+        # ours once per (method, part, grad mode); updated from the first calls this run sees
+        self.compile_s = {("flex", "fwd"): 8.0, ("flex", "grad"): 20.0, ("ours", "fwd"): 3.0, ("ours", "grad"): 3.0}
 
     def path_key(self, c: Case) -> tuple:
         return (c.op, c.method, c.backend, c.part, c.Hkv, c.B)
@@ -440,11 +459,23 @@ class CostModel:
         if c.backend == "flex":
             fam = {"topk": "causal", "moba-g128": "causal", "topk-shared": "causal-group", "moba": "lookup",
                    "window": "band", "nsa": "nsa"}.get(c.method, c.method)
-            cost = (20.0 if mode == "grad" else 8.0) * (2 if fam == "nsa" else 1)
+            cost = self.compile_s[("flex", mode)] * (2 if fam == "nsa" else 1)
             return [(("flex", fam, c.T, c.Hkv, mode), cost)]
         if c.backend == "ours":
-            return [(("ours", c.method, c.part, mode), 3.0), (("ours", c.method, c.part, mode, c.T, c.Hkv, c.B), 0.5)]
+            return [(("ours", c.method, c.part, mode), self.compile_s[("ours", mode)]),
+                    (("ours", c.method, c.part, mode, c.T, c.Hkv, c.B), 0.5)]
         return []
+
+    def calibrate(self, c: Case, new_keys: list[tuple], first_call_s: float | None, median_ms: float | None) -> None:
+        """Move the compile estimate halfway to what a first call that compiled actually took."""
+        if not new_keys or first_call_s is None or c.backend not in ("flex", "ours") or c.op not in ("fwd", "bwd"):
+            return
+        key = (c.backend, "grad" if c.op == "bwd" else "fwd")
+        runs = (median_ms or 0) / 1e3 * (2.4 if c.op == "bwd" else 1.0)
+        observed = max(0.2, first_call_s - runs) / (2 if c.method == "nsa" and c.backend == "flex" else 1)
+        if c.backend == "ours" and len(new_keys) == 1:  # only the per-shape specialisation was new
+            return
+        self.compile_s[key] = 0.5 * self.compile_s[key] + 0.5 * observed
 
     def runs_ms(self, c: Case, t: float) -> float:
         """Milliseconds of runs for a case whose one run takes ``t`` ms (see Runner.bench)."""
@@ -470,7 +501,10 @@ class CostModel:
             s += 0.5 + (0.4 * (c.T / 65536) ** 1.7 if c.method == "nsa" else 1.5 * c.T / 65536 if c.method == "moba" else 0.1)
         return s + self.runs_ms(c, self.predict_ms(c)) / 1e3
 
-    def note(self, c: Case, gate: Case | None, measured_ms: float | None = None) -> None:
+    def note(self, c: Case, gate: Case | None, measured_ms: float | None = None,
+             first_call_s: float | None = None) -> None:
+        new = [key for key, _ in self.compile_keys(c) if key not in self.seen]
+        self.calibrate(c, new, first_call_s, measured_ms)
         for key, _ in self.compile_keys(c):
             self.seen.add(key)
         if gate is not None:
@@ -489,7 +523,7 @@ def reps_for(t_ms: float, cap_s: float, device: str, decode: bool = False) -> in
     t = max(t_ms, 1e-3)
     if device == "cpu":
         return max(1, min(5, math.ceil(30 / t)))
-    lo, hi, target = (5, 100, 200.0) if decode else (5, 50, 400.0)
+    lo, hi, target = (5, 100, 200.0) if decode else (5 if t < 500 else 3, 50, 400.0)
     n = min(hi, max(lo, math.ceil(target / t)))
     return max(1, min(n, int(cap_s * 1e3 / t) - 2))
 
@@ -548,6 +582,10 @@ class BudgetExceeded(BaseException):
     pass
 
 
+ALARM = {"fired": False}
+ALARM_GRACE_S = 30.0  # the hard stop: this long after --max-seconds, should one case overrun its estimate
+
+
 def _fatal(msg: str) -> bool:
     return any(s.lower() in msg.lower() for s in FATAL_CUDA)
 
@@ -578,12 +616,22 @@ class Runner:
         self._shape: dict[tuple, dict] = {}
         self._layout: dict[tuple, str] = {}
         self.flush = torch.empty(64 << 20, dtype=torch.int32, device=self.dev) if self.cuda else None
+        self._wrote = False
+        self.in_flight: dict[str, Case] = {}  # started, not yet recorded (gate and case)
 
     # -------------------------------------------------------------- records
     def write(self, obj: dict) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.o.out_path)), exist_ok=True)
-        with open(self.o.out_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(obj, default=str) + "\n")
+        path = self.o.out_path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        line = json.dumps(obj, default=str) + "\n"
+        if not self._wrote and os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as f:  # a run killed mid-write left a cut line: start a fresh one
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+        self._wrote = True
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
@@ -593,10 +641,25 @@ class Runner:
                "run_id": self.run_id}
         return rec
 
+    def start(self, c: Case) -> None:
+        self.write({"case_id": c.case_id, "status": "started", "run_id": self.run_id, **asdict(c)})
+        self.in_flight[c.case_id] = c
+
+    def interrupted(self) -> None:
+        """The budget alarm (or Ctrl-C) stopped the run: what was in flight is left for a rerun."""
+        for cid, c in list(self.in_flight.items()):
+            self.write({"case_id": cid, "status": "interrupted", "run_id": self.run_id, **asdict(c)})
+        self.in_flight.clear()
+
     def record(self, c: Case, status: str, **fields) -> dict:
+        if status == "ok" and c.op in ("fwd", "bwd", "decode") and fields.get("median_ms"):
+            dense = Case(c.op, "full", c.T, c.B, c.H, c.Hkv, c.D, c.dtype, "sdpa-cudnn", "")
+            base = self.done.get(dense.case_id, {}).get("median_ms")
+            fields["speedup_vs_cudnn"] = base / fields["median_ms"] if base else None
         rec = {**self.base(c), "status": status, **fields, "ceilings": self.ceilings, "env": self.env,
                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         self.write(rec)
+        self.in_flight.pop(c.case_id, None)
         self.done[c.case_id] = rec
         self.this_run.append(rec)
         return rec
@@ -645,8 +708,9 @@ class Runner:
                 events.append((s, e))
             torch.cuda.synchronize()
             times = [s.elapsed_time(e) for s, e in events]
-        else:
-            for _ in range(n):
+        else:  # the CPU smoke run: the estimate run counts as a sample
+            times.append(t)
+            for _ in range(n - 1):
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -702,10 +766,17 @@ class Runner:
 
     @staticmethod
     def first_call(fn, *args):
-        """Run ``fn`` once (compilation); a back end that falls back to another raises Skip."""
+        """Run ``fn`` once (compilation); a back end that falls back to another, or an SDPA back
+        end without a kernel for the shape, raises Skip."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = fn(*args)
+            try:
+                out = fn(*args)
+            except RuntimeError as exc:
+                msg = str(exc)
+                if "No available kernel" in msg or "No viable backend" in msg:
+                    raise Skip(f"no kernel of this back end takes the shape: {msg[:300]}") from exc
+                raise
         for w in caught:
             msg = str(w.message)
             if "falling back" in msg or "recompile limit" in msg:
@@ -856,22 +927,23 @@ class Runner:
 
     # -------------------------------------------------------------- paths
     def sdpa_layout(self, c: Case) -> str:
-        """``native`` (MHA), ``enable_gqa`` or ``expanded``: how this SDPA back end takes GQA."""
+        """``native`` (MHA), ``enable_gqa`` or ``expanded``: how this SDPA back end takes GQA,
+        probed once per back end and head counts on a small input of the case's kind (decode:
+        one query, not causal; prefill: causal)."""
         if c.H == c.Hkv:
             return "native"
-        key = (c.backend, c.H, c.Hkv)
+        key = (c.backend, c.H, c.Hkv, c.is_decode)
         if key not in self._layout:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            be = SDPBackend.CUDNN_ATTENTION if c.backend == "sdpa-cudnn" else SDPBackend.FLASH_ATTENTION
-            q = torch.randn(1, c.H, 256, c.D, device=self.dev, dtype=self.dtype)
+            tq = 1 if c.is_decode else 256
+            q = torch.randn(1, c.H, tq, c.D, device=self.dev, dtype=self.dtype)
             k = torch.randn(1, c.Hkv, 256, c.D, device=self.dev, dtype=self.dtype)
             try:
-                with sdpa_kernel([be]):
-                    F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+                self.sdpa_fn(c, causal=not c.is_decode)(q, k, k)
                 self.sync()
                 self._layout[key] = "enable_gqa"
-            except RuntimeError:
+            except RuntimeError as exc:
+                if _fatal(str(exc)):
+                    raise
                 self._layout[key] = "expanded"
         return self._layout[key]
 
@@ -912,7 +984,10 @@ class Runner:
         reason = self.unavailable(g)
         if reason:
             return self.record(g, "skipped", reason=reason, ok=False)
-        self.write({"case_id": g.case_id, "status": "started", "run_id": self.run_id, **asdict(g)})
+        if g.backend == "reference" and not g.is_decode:
+            return self.record(g, "ok", ok=True, errors={},
+                               reason="the reference back end is the specification the gate compares with")
+        self.start(g)
         t0 = time.monotonic()
         try:
             errors = self.run_gate(g)
@@ -924,6 +999,8 @@ class Runner:
         except Skip as exc:
             rec = self.record(g, "skipped", ok=False, reason=str(exc))
         except Exception as exc:  # noqa: BLE001
+            if ALARM["fired"]:
+                raise BudgetExceeded() from exc
             msg = f"{type(exc).__name__}: {exc}"[:1500]
             traceback.print_exc()
             rec = self.record(g, "failed", ok=False, reason=msg)
@@ -1056,7 +1133,7 @@ class Runner:
             except RuntimeError as exc:  # a graph that cannot be walked twice: time fwd+bwd minus fwd
                 if _fatal(str(exc)):
                     raise
-                del out
+                out = None
                 fwdbwd = lambda: torch.autograd.grad(call(*ga), ga, dout)
                 both = self.bench(fwdbwd)
                 fwd = self.bench(lambda: call(*ga))
@@ -1064,7 +1141,7 @@ class Runner:
                 fields["n_reps"] = both["n_reps"]
                 fields["bwd_method"] = f"(fwd+bwd) - fwd with grad; retain_graph failed: {str(exc)[:200]}"
                 fields["peak_bytes"], fields["peak_extra_bytes"] = self.peak(fwdbwd)
-            del out
+            out = None
         sparse = c.method != "full"
         flops = prefill_flops(c.op, B=c.B, H=c.H, D=c.D, T=c.T, density=info["density"])
         nbytes = prefill_bytes(c.op, B=c.B, H=c.H, kv_heads=kv_heads_read, D=c.D, T=c.T, elt=self.elt,
@@ -1132,7 +1209,9 @@ class Runner:
             k, v = expand_kv_heads(k, c.H), expand_kv_heads(v, c.H)
         if len(lengths) == 1 and lengths[0] == k.shape[2]:
             return (lambda: one(q, k, v)), k.shape[1], layout
-        pieces = [(q[b:b + 1], k[b:b + 1, :, :L], v[b:b + 1, :, :L]) for b, L in enumerate(lengths)]
+        # each sequence's own keys, contiguous (copied outside the timing)
+        pieces = [(q[b:b + 1], k[b:b + 1, :, :L].contiguous(), v[b:b + 1, :, :L].contiguous())
+                  for b, L in enumerate(lengths)]
         return (lambda: torch.cat([one(*p) for p in pieces])), k.shape[1], layout
 
     def run_decode(self, c: Case) -> dict:
@@ -1228,7 +1307,7 @@ class Runner:
                         gate_ok=False)
             self.say(f"skip    {describe(c)}: gate did not pass")
             return
-        self.write({"case_id": c.case_id, "status": "started", "run_id": self.run_id, **asdict(c)})
+        self.start(c)
         t0 = time.monotonic()
         try:
             fields = self.run_decode(c) if c.is_decode else self.run_prefill(c)
@@ -1242,6 +1321,8 @@ class Runner:
             self.record(c, "failed", reason=f"out of memory: {str(exc)[:300]}", gate_ok=True)
             self.say(f"failed  {describe(c)}: out of memory")
         except Exception as exc:  # noqa: BLE001 - record and go on with the next case
+            if ALARM["fired"]:  # the budget alarm, wrapped by library code: not the case's failure
+                raise BudgetExceeded() from exc
             msg = f"{type(exc).__name__}: {exc}"[:1500]
             traceback.print_exc()
             self.record(c, "failed", reason=msg, gate_ok=True)
@@ -1250,7 +1331,8 @@ class Runner:
                 self.fatal = msg
         finally:
             self.empty_cache()
-        self.model.note(c, g, self.done.get(c.case_id, {}).get("median_ms"))
+        rec = self.done.get(c.case_id, {})
+        self.model.note(c, g, rec.get("median_ms"), rec.get("first_call_s"))
 
 
 def describe(c: Case) -> str:
@@ -1265,26 +1347,36 @@ def fmt_x(x) -> str:
 # ---------------------------------------------------------------------- the closing table
 def summary_table(records: list[dict], limit_chars: int = 9000) -> str:
     """A compact pivot of the ok records: one row per (op, method, part, T, B, Hkv), the median
-    ms of each back end, the speed-ups of ours and flex over cuDNN, ours' distance from its floor."""
+    ms of each back end present, the speed-ups of ours and flex over cuDNN dense of the same shape,
+    and their distance from the floor (median / floor)."""
     ok = [r for r in records if r.get("status") == "ok" and r.get("op") in render.TIMED_OPS]
     dense = render.dense_times(ok)
     rows: dict[tuple, dict] = {}
     for r in sorted(ok, key=render.sort_key):
         key = (r["op"], r["method"] + (f":{r['part']}" if r.get("part") else ""), r["T"], r["B"], r["Hkv"])
         rows.setdefault(key, {})[r["backend"]] = r
-    cols = ["ours", "flex", "sdpa-cudnn", "sdpa-flash"]
-    head = (f"{'op':6} {'method':18} {'T':>5} {'B':>2} {'Hkv':>3} | {'ours':>8} {'flex':>8} {'cudnn':>8} "
-            f"{'flash':>8} | {'ours/cu':>7} {'flex/cu':>7} | {'ours xfl':>8} {'flex xfl':>8}")
-    lines = [head, "-" * len(head)]
+    present = {r["backend"] for r in ok}
+    cols = [b for b in render.BACKEND_ORDER if b in present] or ["ours", "flex", "sdpa-cudnn", "sdpa-flash"]
+    short = {"sdpa-cudnn": "cudnn", "sdpa-flash": "flash", "reference": "ref"}
+    head = (f"{'op':6} {'method':18} {'T':>5} {'B':>2} {'Hkv':>3} | "
+            + " ".join(f"{short.get(b, b):>8}" for b in cols)
+            + f" | {'ours/cu':>7} {'flex/cu':>7} | {'ours xfl':>8} {'flex xfl':>8}")
+    lines = ["median ms per back end; x/cu = speed-up over SDPA cuDNN dense of the same shape; "
+             "xfl = median / floor", head, "-" * len(head)]
     order = sorted(rows, key=lambda k: (render.TIMED_OPS.index(k[0]), k[2] != HEADLINE_T, -k[2], k[4], k[3]))
-    used = len(head) * 2
+    used = sum(len(x) + 1 for x in lines)
+
+    def speed(byb, b):
+        s = render.speedups(byb[b], dense)[0] if b in byb else None
+        return f"{s:6.2f}x" if s else f"{'-':>7}"
+
     for i, key in enumerate(order):
         byb = rows[key]
         ms = lambda b: f"{byb[b]['median_ms']:8.3f}" if b in byb else f"{'-':>8}"
-        sp = lambda b: f"{render.speedups(byb[b], dense)[0]:6.2f}x" if b in byb and render.speedups(byb[b], dense)[0] else f"{'-':>7}"
         xf = lambda b: f"{byb[b]['x_floor']:7.2f}x" if b in byb and byb[b].get("x_floor") else f"{'-':>8}"
         line = (f"{key[0]:6} {key[1][:18]:18} {render.size_label(key[2]):>5} {key[3]:>2} {key[4]:>3} | "
-                + " ".join(ms(b) for b in cols) + f" | {sp('ours')} {sp('flex')} | {xf('ours')} {xf('flex')}")
+                + " ".join(ms(b) for b in cols) + f" | {speed(byb, 'ours')} {speed(byb, 'flex')} | "
+                f"{xf('ours')} {xf('flex')}")
         if used + len(line) > limit_chars:
             lines.append(f"... {len(order) - i} more rows: python3 benchmarks/render.py --in <suite.jsonl>")
             break
@@ -1319,8 +1411,8 @@ def closing_report(runner: Runner | None, o, plan: list[Case]) -> str:
             out.append(f"STOPPED on a CUDA error that poisons the context: {runner.fatal[:300]}")
         if runner.ceilings:
             c = runner.ceilings
-            out.append(f"ceilings: matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, copy "
-                       f"{c['copy_bytes_per_s'] / 1e12:.2f} TB/s; results: {o.out_path}")
+            out.append(f"ceilings: matmul {c['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, copy "
+                       f"{c['copy_bytes_per_s'] / 1e12:.3g} TB/s; results: {o.out_path}")
     return "\n".join(out)
 
 
@@ -1361,12 +1453,13 @@ def main(argv: list[str] | None = None) -> int:
     old_handler = None
 
     def on_alarm(signum, frame):
+        ALARM["fired"] = True
         raise BudgetExceeded()
 
     if use_alarm:  # a hard stop shortly after the budget, should one case overrun its estimate
         old_handler = signal.signal(signal.SIGALRM, on_alarm)
-        signal.alarm(max(1, int(o.max_seconds + 30 - (time.monotonic() - START))))
-    current: Case | None = None
+        ALARM["fired"] = False
+        signal.alarm(max(1, int(o.max_seconds + ALARM_GRACE_S - (time.monotonic() - START))))
     try:
         runner = Runner(o, env, run_id)
         for cid, marker in runner.stale.items():
@@ -1386,12 +1479,10 @@ def main(argv: list[str] | None = None) -> int:
             if o.max_seconds and runner.elapsed() > o.max_seconds - 5:
                 runner.not_started.append(c.case_id)
                 continue
-            current = c
             runner.run_case(c)
-            current = None
     except (BudgetExceeded, KeyboardInterrupt):
-        if runner is not None and current is not None:
-            runner.write({"case_id": current.case_id, "status": "interrupted", "run_id": run_id, **asdict(current)})
+        if runner is not None:
+            runner.interrupted()
         print("stopped: wall-clock budget (or interrupt) reached during a case; it is left for a rerun", flush=True)
     finally:
         if use_alarm:
