@@ -127,7 +127,7 @@ def test_unknown_backend():
 
 def test_backend_the_method_lacks():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"method 'moba' has no 'sdpa' backend; allowed: \['flex', 'reference'\]"):
+    with pytest.raises(ValueError, match=r"method 'moba' has no 'sdpa' backend; allowed: \['flex', 'reference', 'triton'\]"):
         longattn.attention(q, k, v, method="moba", backend="sdpa")
 
 

@@ -209,3 +209,26 @@ def test_unservable_selections_raise_with_the_reason():
         block_sparse_attention(*(t[..., :8] for t in (q, k, v)), _selection("window", q, k, True), 0.125)
     empty = block_sparse_attention(q[:0], k[:0], v[:0], _selection("window", q, k, True), 0.125)
     assert empty[0].shape == (0, 2, 32, 64) and empty[1].shape == (0, 2, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nsa_selected_and_window_branches_through_the_kernels(dtype):
+    """NSA with backend='triton' (selected and window branches in the block-sparse kernels,
+    one selection per GQA group) against its fp32 reference, forward and backward."""
+    dev = _device()
+    cfg = dict(num_selected=4, window=32, select_block=32)
+    q, k, v = rand_qkv(1, 4, 2, 64, 64, 64, dtype=dtype, device=dev, seed=11, requires_grad=True)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(dev, dtype)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = longattn.attention(q32, k32, v32, method="nsa", backend="reference", **cfg)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
+    with plain_precision():
+        plain = longattn.attention(q, k, v, method="nsa", backend="reference", **cfg)
+        plain_grads = torch.autograd.grad(plain, (q, k, v), g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = longattn.attention(q, k, v, method="nsa", backend="triton", **cfg)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    assert _error(out, ref) <= 2 * _error(plain, ref) + FLOOR[dtype]
+    for f, p, r in zip(grads, plain_grads, ref_grads):
+        assert _error(f, r) <= 2 * _error(p, r) + FLOOR[dtype] * max(1.0, r.abs().max().item())

@@ -328,8 +328,17 @@ def _scale(q: Tensor, scale: float | None) -> float:
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in ("reference", "flex"):
-        raise ValueError(f"backend must be 'reference' or 'flex', got {backend!r}")
+    if backend not in ("reference", "flex", "triton"):
+        raise ValueError(f"backend must be 'reference', 'flex' or 'triton', got {backend!r}")
+
+
+def _sparse_branch(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection, scale: float, backend: str) -> Tensor:
+    """A selection branch through FlexAttention or longattn's block-sparse kernels."""
+    if backend == "triton":
+        from ..kernels.block_sparse import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, sel, scale)[0]
+    return flex_call(q, k, v, sel.to_block_mask(), scale)[0]
 
 
 def nsa_compressed_branch(
@@ -392,13 +401,15 @@ def nsa_selected_branch(
 ) -> Tensor:
     """Softmax attention over the tokens of the selected blocks (causal). ``reference``:
     dense mask from ``selection.to_dense_mask()``; ``flex``: FlexAttention with
-    ``selection.to_block_mask()``. Returns ``[B, H, Tq, D]`` in ``q``'s dtype."""
+    ``selection.to_block_mask()``; ``triton``: the block-sparse kernels (the query heads of a
+    GQA group share the selection and are processed together, loading each block once).
+    Returns ``[B, H, Tq, D]`` in ``q``'s dtype."""
     _check_backend(backend)
     scale = _scale(q, scale)
     if backend == "reference":
         inputs = AttnInputs(q=q, k=k, v=v, causal=True, scale=scale)
         return dense_masked_attention(inputs, selection.to_dense_mask())[0]
-    return flex_call(q, k, v, selection.to_block_mask(), scale)[0]
+    return _sparse_branch(q, k, v, selection, scale, backend)
 
 
 def nsa_window_branch(
@@ -422,7 +433,7 @@ def nsa_window_branch(
         inputs = AttnInputs(q=q, k=k, v=v, causal=True, scale=scale)
         return dense_masked_attention(inputs, mask[None, None])[0]
     sel = select_window(q, k, True, WindowConfig(window=config.window))
-    return flex_call(q, k, v, sel.to_block_mask(), scale)[0]
+    return _sparse_branch(q, k, v, sel, scale, backend)
 
 
 def nsa_combine(
@@ -503,6 +514,21 @@ def nsa_flex(inputs: AttnInputs, config: NSAConfig) -> tuple[Tensor, None]:
     return nsa_forward(inputs.q, inputs.k, inputs.v, config, scale=inputs.scale, backend="flex"), None
 
 
+def nsa_triton(inputs: AttnInputs, config: NSAConfig) -> tuple[Tensor, None]:
+    """Chunked compressed branch + longattn's block-sparse kernels for the selected and window
+    branches."""
+    return nsa_forward(inputs.q, inputs.k, inputs.v, config, scale=inputs.scale, backend="triton"), None
+
+
+def _nsa_triton_can_serve(inputs: AttnInputs, config: NSAConfig) -> str | None:
+    from ..backends.triton import triton_can_serve
+
+    reason = triton_can_serve(inputs, config)
+    if reason is None and config.select_block % 16:
+        reason = f"the Triton kernels need select_block to be a multiple of 16, got {config.select_block}"
+    return reason
+
+
 register(
     MethodSpec(
         name="nsa",
@@ -511,7 +537,10 @@ register(
         summary="gated sum of compressed-token, selected-block (shared per GQA group) and sliding-window attention",
         config_cls=NSAConfig,
         reference=nsa_reference,  # type: ignore[arg-type]
-        backends={"flex": Backend(nsa_flex, flex_can_serve)},  # type: ignore[arg-type]
+        backends={  # type: ignore[arg-type]
+            "flex": Backend(nsa_flex, flex_can_serve),
+            "triton": Backend(nsa_triton, _nsa_triton_can_serve),
+        },
         bidirectional=False,
         needs_finite=True,
         has_lse=False,
@@ -535,4 +564,5 @@ __all__ = [
     "nsa_density",
     "nsa_reference",
     "nsa_flex",
+    "nsa_triton",
 ]
