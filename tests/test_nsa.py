@@ -449,3 +449,20 @@ def test_density_counts_every_branch():
     total += mask.sum().item() / 2  # mean over the two KV heads
     full = sum(t + Tk - Tq + 1 for t in range(Tq))
     assert abs(nsa_density(q, k, True, cfg) - total / full) < 1e-12
+
+
+@pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (32, 16, 32), (16, 16, 64), (48, 16, 64), (32, 32, 64)])
+def test_block_scores_equal_the_overlap_matrix_product(l, d, ls):
+    """The banded gather that turns compressed probabilities into block scores equals the
+    product with the 0/1 overlap matrix written from its definition."""
+    from longattn.methods.nsa import NSAConfig, block_overlap, block_scores, overlap_ranges
+
+    cfg = NSAConfig(compress_block=l, compress_stride=d, select_block=ls, num_selected=4, window=64)
+    for T in (ls, 5 * ls + 7, 17 * ls):
+        nC, nKB = cfg.num_compressed(T), -(-T // ls)
+        overlap = torch.tensor([[float(i * d < (j + 1) * ls and i * d + l > j * ls) for j in range(nKB)]
+                                for i in range(nC)]).reshape(nC, nKB)
+        assert torch.equal(block_overlap(nC, nKB, cfg, "cpu"), overlap)
+        p = torch.rand(2, 3, nC, dtype=torch.float64)
+        first, count = overlap_ranges(nC, nKB, cfg, "cpu")
+        assert torch.allclose(block_scores(p, first, count), p @ overlap.double(), rtol=0, atol=1e-12)

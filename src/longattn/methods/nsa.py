@@ -32,7 +32,7 @@ Readings of points the paper leaves open (or prints differently):
 * Eq. 9 writes ``p_slc`` as a double sum over shifted indices, which for ``l = 2d``,
   ``l' = 4d`` counts some compressed tokens twice and is offset by ``l'/d - 1`` tokens from the
   overlap it describes in words. We use the words: each compressed token that overlaps the
-  selection block counts once (``p_slc = p_cmp @ overlap``, ``overlap`` a 0/1 ``[nC, nKB]``
+  selection block counts once (``p_slc = p_cmp @ overlap`` for a 0/1 ``[nC, nKB]``
   matrix).
 * ``num_selected`` counts the forced blocks (the paper's ``n = 16`` "including 1 initial block
   and 2 local blocks"); hence ``num_init_blocks + num_local_blocks <= num_selected``.
@@ -199,6 +199,34 @@ def block_overlap(num_compressed: int, num_blocks: int, config: NSAConfig, devic
     return ((start < (j + 1) * ls) & (start + l > j * ls)).float()
 
 
+def overlap_ranges(num_compressed: int, num_blocks: int, config: NSAConfig, device) -> tuple[Tensor, Tensor]:
+    """The compressed tokens overlapping each selection block form a contiguous range:
+    ``first, count int64 [nKB]`` (same relation as :func:`block_overlap`, without its
+    ``[nC, nKB]`` matrix)."""
+    l, d, ls = config.compress_block, config.compress_stride, config.select_block
+    j = torch.arange(num_blocks, device=device)
+    # i*d + l > j*ls  <=>  i >= floor((j*ls - l) / d) + 1 ;  i*d < (j+1)*ls  <=>  i <= ceil((j+1)*ls / d) - 1
+    first = torch.clamp(torch.div(j * ls - l, d, rounding_mode="floor") + 1, min=0)
+    last = torch.clamp(-torch.div(-(j + 1) * ls, d, rounding_mode="floor") - 1, max=num_compressed - 1)
+    return first, torch.clamp(last - first + 1, min=0)
+
+
+def block_scores(p_cmp: Tensor, first: Tensor, count: Tensor, width: int | None = None) -> Tensor:
+    """``p_slc[..., j] = sum of p_cmp[..., i]`` over the compressed tokens overlapping block
+    ``j`` (:func:`overlap_ranges`): ``[..., nC] -> [..., nKB]`` in ``O(nKB * width)`` gathers,
+    not an ``[nC, nKB]`` matmul. ``width``: an upper bound of ``count`` (saves a host sync)."""
+    nC = p_cmp.shape[-1]
+    out = p_cmp.new_zeros(*p_cmp.shape[:-1], first.shape[0])
+    if nC == 0:
+        return out
+    if width is None:
+        width = int(count.max().item()) if count.numel() else 0
+    for t in range(width):
+        idx = torch.clamp(first + t, max=nC - 1)
+        out += torch.where(t < count, p_cmp[..., idx], 0.0)
+    return out
+
+
 # ---------------------------------------------------------------------- chunked scan
 def _masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
     """Softmax over the visible entries of the last dim; rows without one are 0 (and have
@@ -258,7 +286,9 @@ def _compressed_scan(
     kc = k_cmp.to(acc)[:, :, None]  # [B, Hkv, 1, nC, D]
     vc = v_cmp.to(acc)[:, :, None] if v_cmp is not None else None  # [B, Hkv, 1, nC, D]
     q5 = q.reshape(B, Hkv, G, Tq, D)  # [B, Hkv, G, Tq, D]: query heads of one KV head together
-    overlap = block_overlap(nC, nKB, config, dev).to(acc) if want_selection else None
+    ranges = overlap_ranges(nC, nKB, config, dev) if want_selection else None
+    d = config.compress_stride
+    overlap_width = (config.select_block + config.compress_block + d - 1) // d + 1  # >= any count
     K = min(config.num_selected, nKB)
     j = torch.arange(nKB, device=dev)
 
@@ -285,7 +315,7 @@ def _compressed_scan(
         if not want_selection:
             continue
         with torch.no_grad():
-            p_slc = torch.matmul(p_grp, overlap)  # [B, Hkv, c, nKB]
+            p_slc = block_scores(p_grp, *ranges, width=overlap_width)  # [B, Hkv, c, nKB]
             eligible = j[None, :] * ls <= pos[:, None]  # [c, nKB]
             own = (pos // ls)[:, None]  # [c, 1]
             forced = eligible & (
@@ -554,6 +584,8 @@ __all__ = [
     "compression_blocks",
     "compressed_visibility",
     "block_overlap",
+    "block_scores",
+    "overlap_ranges",
     "nsa_compress",
     "nsa_compressed_branch",
     "nsa_selection",
