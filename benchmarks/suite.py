@@ -9,9 +9,12 @@ On the GPU machine, from the repository root (one call; the default budget stops
     python3 benchmarks/suite.py --out $OUT --plan                  # the ordered cases and estimated seconds; runs nothing
     python3 benchmarks/render.py --in $OUT/suite.jsonl             # docs/benchmarks.md section + docs/benchmarks.json
 
-CPU smoke (exercises every code path with the back ends a CPU has; used by the tests):
+CPU smoke (tiny shapes: H=4, Hkv=2, D=64; exercises every code path with the back ends a CPU has;
+our Triton kernels run only under TRITON_INTERPRET=1, slowly; used by tests/test_benchmark_suite.py):
 
-    python benchmarks/suite.py --device cpu --sizes 256 --quick --out /tmp/suite
+    TRITON_INTERPRET=0 python benchmarks/suite.py --device cpu --sizes 256 --quick --out /tmp/suite
+
+Without git on the device machine, pass the commit in LONGATTN_COMMIT (it lands in every record).
 
 What is timed (B=1, H=32, Hkv in {8, 32}, D=128, bf16, causal, T in {8k, 16k, 32k, 64k, 128k}):
 
@@ -37,14 +40,21 @@ estimate), peak memory, speed-up over cuDNN dense of the same shape, and distanc
 max(FLOPs / matmul rate, bytes / copy bandwidth), both ceilings measured at the start of the run.
 Every path is checked once at T=4096 against the fp32 reference before it is timed (``gate-*``
 records); a failing path is not timed. Sparse paths record their peak against one T x T score
-matrix (``tt_check_ok``: peak < T x T / 8).
+matrix (``tt_check_ok``: memory allocated during the call < B*H*T*T*2 bytes / 8).
 
 Results: one JSON line per case in ``--out``/suite.jsonl as each finishes. A rerun with the same
 ``--out`` skips recorded cases (resume after a crash or a time-out; ``--redo failed,skipped``
 re-runs those); a case during which a previous run died is recorded as failed, not retried.
 ``--max-seconds`` (default 480) stops cleanly before the device call's wall-clock limit: a case
-whose estimate does not fit is not started (and not recorded, so a rerun does it). A short table
-is printed last.
+whose estimate does not fit is not started (and not recorded, so a rerun does it), and an alarm 30 s
+after the budget stops a case that overruns its estimate (also left for a rerun). A short table is
+printed last.
+
+Cost: FlexAttention compiles once per mask family, shape and grad mode (estimated 8 s forward, 20 s
+with backward; calibrated from the first calls of the run), so the default plan does not fit one
+10-minute call: ``--plan`` shows the order and what fits. In order: 64k prefill at Hkv 8 (dense, ours,
+flex for topk / moba / nsa), 128k decoding, then decoding at the other lengths, ours and dense at
+the other lengths, Hkv 32, and FlexAttention at the other lengths.
 """
 
 from __future__ import annotations
@@ -1151,10 +1161,12 @@ class Runner:
         fields["bytes_model"] = ("Q,K,V,O once" if not sparse else
                                  f"Q,O once; selected K/V once per {TILE}-query tile and selection head "
                                  f"({info['sel_heads']} heads)") + ("; backward adds dO, dQ, dK, dV" if c.op == "bwd" else "")
+        # a dense fallback would allocate at least one [B, H, T, T] score matrix on top of what the
+        # call had before it started (inputs; for the backward, what the forward saved)
         tt = c.B * c.H * c.T * c.T * self.elt
         fields["tt_bytes"] = tt
-        if fields.get("peak_bytes") is not None:
-            fields["tt_check_ok"] = fields["peak_bytes"] < tt / 8
+        if fields.get("peak_extra_bytes") is not None:
+            fields["tt_check_ok"] = fields["peak_extra_bytes"] < tt / 8
         return fields
 
     def kernel_only(self, c: Case, q, k, v) -> dict:
@@ -1345,7 +1357,7 @@ def fmt_x(x) -> str:
 
 
 # ---------------------------------------------------------------------- the closing table
-def summary_table(records: list[dict], limit_chars: int = 9000) -> str:
+def summary_table(records: list[dict], limit_chars: int = 8000) -> str:
     """A compact pivot of the ok records: one row per (op, method, part, T, B, Hkv), the median
     ms of each back end present, the speed-ups of ours and flex over cuDNN dense of the same shape,
     and their distance from the floor (median / floor)."""
@@ -1417,24 +1429,31 @@ def closing_report(runner: Runner | None, o, plan: list[Case]) -> str:
 
 
 def print_plan(o, plan: list[Case]) -> None:
+    """The cases in run order with their estimated seconds, simulating the budget the way the run
+    applies it (a case that does not fit is left for a rerun and the next ones are tried)."""
     model = CostModel(o)
     done, _ = load_state(o.out_path)
-    total = 0.0
+    clock, left, left_s, fitted = 12.0, 0, 0.0, 0  # start-up, imports and ceilings
     for c in plan:
         if c.case_id in done:
             continue
         g = gate_case(c, o)
         t = model.predict_ms(c)
         if 3 * t > o.case_cap * 1e3:
-            print(f"{'skip':>7}          {describe(c)}  (predicted {t / 1e3:.1f} s per run > cap)")
+            print(f"{'skip':>7}          {describe(c)}  (predicted {t / 1e3:.1f} s per run > --case-cap)")
             continue
-        est = model.estimate_s(c, g if g.case_id not in done else None)
-        total += est
+        est = model.estimate_s(c, g)
+        if o.max_seconds and clock + est > o.max_seconds - 5:
+            left += 1
+            left_s += est
+            print(f"{est:6.1f}s {'-':>8}  {describe(c)}  (left for a rerun)")
+            continue
+        clock += est
+        fitted += 1
         model.note(c, g)
-        mark = "" if not o.max_seconds or total + 12 <= o.max_seconds else "  (past --max-seconds)"
-        print(f"{est:6.1f}s {total:7.1f}s  {describe(c)}{mark}")
-    print(f"{len(plan)} cases, estimated {total:.0f} s plus about 12 s of start-up and ceilings "
-          f"(--max-seconds {o.max_seconds:.0f})")
+        print(f"{est:6.1f}s {clock:7.1f}s  {describe(c)}")
+    print(f"{len(plan)} cases: {fitted} fit in an estimated {clock:.0f} s (--max-seconds {o.max_seconds:.0f}); "
+          f"{left} left for a rerun with the same --out (about {left_s:.0f} s more, less once compiled shapes are shared)")
 
 
 # ---------------------------------------------------------------------- main
@@ -1469,7 +1488,9 @@ def main(argv: list[str] | None = None) -> int:
                               reason="the previous run ended during this case (killed, crashed or timed out); "
                                      "--redo failed retries it")
             except TypeError:
-                pass
+                continue
+            if "failed" in o.redo:
+                runner.done.pop(cid, None)
         runner.measure_ceilings()
         runner.say(f"ceilings: matmul {runner.ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s, copy "
                    f"{runner.ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s")
