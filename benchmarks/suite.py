@@ -1463,6 +1463,9 @@ def main(argv: list[str] | None = None) -> int:
     if o.plan:
         print_plan(o, plan)
         return 0
+    threads = torch.get_num_threads()
+    if o.device == "cpu":  # tiny smoke shapes: threads only spin against each other on a busy machine
+        torch.set_num_threads(1)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     env = env_info(o, argv)
     print(json.dumps({**env, "run_id": run_id, "out": o.out_path, "cases": len(plan)}), flush=True)
@@ -1509,6 +1512,7 @@ def main(argv: list[str] | None = None) -> int:
         if use_alarm:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old_handler)
+        torch.set_num_threads(threads)
     print(closing_report(runner, o, plan), flush=True)
     return 0 if runner is not None and not runner.fatal else 1
 

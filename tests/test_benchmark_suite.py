@@ -30,7 +30,7 @@ def _load(name: str, path: str):
 suite = _load("longattn_bench_suite", SUITE_PATH)
 render = _load("longattn_bench_render", os.path.join(ROOT, "benchmarks", "render.py"))
 
-SMOKE = ["--device", "cpu", "--sizes", "256", "--quick", "--methods", "full,topk,nsa,quest", "--max-seconds", "0"]
+SMOKE = ["--device", "cpu", "--sizes", "256", "--quick", "--max-seconds", "0"]  # every method
 
 
 def run_cli(args, interpret: bool = False):
