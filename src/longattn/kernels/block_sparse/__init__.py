@@ -21,8 +21,16 @@ from torch import Tensor
 from ...selection import BlockSelection, token_rule_of
 from .. import interpreting, triton_unavailable_reason
 
-MAX_ROWS = 128  # query rows (heads x tokens) per program
-MAX_BLOCK_N = 64  # keys per inner step
+# Tile caps (query rows = heads x tokens per program, keys per inner step), chosen so that the
+# kernels compile for sm_90 without register spills or more shared memory than a block may
+# have (ptxas on the sm_90a targets, checked for D = 64 and 128): fp32 tiles are smaller, and the
+# backward, which holds more accumulators, has fewer rows.
+TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
+    ("fwd", False): (128, 64),
+    ("fwd", True): (32, 32),
+    ("bwd", False): (64, 64),
+    ("bwd", True): (16, 32),
+}
 
 
 def _pow2_floor(n: int) -> int:
@@ -83,8 +91,9 @@ def selection_unsupported_reason(q: Tensor, k: Tensor, sel: BlockSelection) -> s
     return None
 
 
-def _plan(q: Tensor, k: Tensor, sel: BlockSelection) -> _Plan:
+def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Plan:
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    max_rows, max_block_n = TILE_CAPS[(phase, q.dtype == torch.float32)]
     G = H // Hkv
     hps = H // sel.kv_num_blocks.shape[1]
     if hps % G == 0:
@@ -93,13 +102,14 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection) -> _Plan:
         P = hps
     else:
         P = 1
-    P = min(P, MAX_ROWS)
-    block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, MAX_ROWS // P))
+    P = min(P, max_rows)
+    block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, max_rows // P))
     rows = max(16, 1 << (P * block_m - 1).bit_length())
-    block_n = _largest_pow2_divisor_at_most(sel.kv_block, MAX_BLOCK_N)
+    block_n = _largest_pow2_divisor_at_most(sel.kv_block, max_block_n)
     rule = token_rule_of(sel.mask_mod)
     head_dim = max(16, 1 << (D - 1).bit_length())
-    big = rows * head_dim >= 128 * 128
+    # 8 warps for the big bf16/fp16 tiles (and the backward's, which holds dK and dV too)
+    big = q.dtype != torch.float32 and rows * head_dim * (2 if phase == "bwd" else 1) >= 128 * 128
     return _Plan(
         P=P,
         BLOCK_M=block_m,
@@ -213,10 +223,10 @@ def triton_cdiv(a: int, b: int) -> int:
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kvn, kvi, sel_meta, num_kv_blocks, plan, scale):
-        out, lse = _forward(q, k, v, kvn, kvi, sel_meta, plan, scale)
+    def forward(ctx, q, k, v, kvn, kvi, sel_meta, num_kv_blocks, plans, scale):
+        out, lse = _forward(q, k, v, kvn, kvi, sel_meta, plans[0], scale)
         ctx.save_for_backward(q, k, v, out, lse, kvn, kvi)
-        ctx.meta = (sel_meta, plan, scale, num_kv_blocks)
+        ctx.meta = (sel_meta, plans[1], scale, num_kv_blocks)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -242,9 +252,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kvn = sel.kv_num_blocks.to(torch.int32)
     kvi = sel.kv_indices.to(torch.int32).contiguous()
-    plan = _plan(q, k, sel)
+    plans = (_plan(q, k, sel, "fwd"), _plan(q, k, sel, "bwd"))
     sel_meta = (sel.q_block, sel.kv_block, sel.kv_len, sel.q_offset)
-    return _BlockSparseAttention.apply(q, k, v, kvn, kvi, sel_meta, sel.num_kv_blocks, plan, float(scale))
+    return _BlockSparseAttention.apply(q, k, v, kvn, kvi, sel_meta, sel.num_kv_blocks, plans, float(scale))
 
 
 __all__ = ["block_sparse_attention", "selection_unsupported_reason", "transposed_selection"]
