@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from ..registry import AttnInputs
@@ -19,17 +18,9 @@ from ..selection import BlockSelection
 
 
 def triton_can_serve(inputs: AttnInputs, config=None) -> str | None:
-    from ..kernels import triton_unavailable_reason
+    from ..kernels.block_sparse import inputs_unsupported_reason
 
-    reason = triton_unavailable_reason(inputs.q.device)
-    if reason:
-        return reason
-    if inputs.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the Triton kernels take float16, bfloat16 or float32, got {inputs.q.dtype}"
-    D = inputs.q.shape[-1]
-    if not 16 <= D <= 256:
-        return f"the Triton kernels take head dims 16..256, got {D}"
-    return None
+    return inputs_unsupported_reason(inputs.q)
 
 
 def triton_selection_attention(

@@ -65,8 +65,8 @@ class _Plan:
     num_stages: int
 
 
-def selection_unsupported_reason(q: Tensor, k: Tensor, sel: BlockSelection) -> str | None:
-    """``None`` when the kernels can run this selection on these inputs, else why not."""
+def inputs_unsupported_reason(q: Tensor) -> str | None:
+    """``None`` when the kernels can run on queries like ``q`` (device, dtype, head dim)."""
     reason = triton_unavailable_reason(q.device)
     if reason:
         return reason
@@ -75,6 +75,14 @@ def selection_unsupported_reason(q: Tensor, k: Tensor, sel: BlockSelection) -> s
     D = q.shape[-1]
     if D < 16 or D > 256:
         return f"the Triton kernels take head dims 16..256, got {D}"
+    return None
+
+
+def selection_unsupported_reason(q: Tensor, k: Tensor, sel: BlockSelection) -> str | None:
+    """``None`` when the kernels can run this selection on these inputs, else why not."""
+    reason = inputs_unsupported_reason(q)
+    if reason:
+        return reason
     if sel.kv_block % 16 != 0:
         return f"the Triton kernels need kv_block to be a multiple of 16, got {sel.kv_block}"
     if sel.mask_mod is not None and token_rule_of(sel.mask_mod) is None:
@@ -257,4 +265,4 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
     return _BlockSparseAttention.apply(q, k, v, kvn, kvi, sel_meta, sel.num_kv_blocks, plans, float(scale))
 
 
-__all__ = ["block_sparse_attention", "selection_unsupported_reason", "transposed_selection"]
+__all__ = ["block_sparse_attention", "inputs_unsupported_reason", "selection_unsupported_reason", "transposed_selection"]
