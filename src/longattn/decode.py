@@ -30,16 +30,14 @@ import math
 import torch
 from torch import Tensor
 
-from .backends.dense import _accum_dtype, expand_kv_heads
+from .backends.dense import dense_masked_attention, expand_kv_heads
+from .registry import AttnInputs
+from .selection import _ceil_div
 
 MAX_DECODE_QUERIES = 16
 DECODE_BACKENDS = ("auto", "reference", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def _ceil_div(a, b):
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -180,7 +178,6 @@ def sparse_decode_reference(
     """
     B, H, Tq, D = q.shape
     Hkv, Tmax = k_cache.shape[1], k_cache.shape[2]
-    acc = _accum_dtype(q.dtype)
     dev = q.device
     nb_max = _ceil_div(Tmax, block_size)
     K = block_indices.shape[-1]
@@ -201,17 +198,10 @@ def sparse_decode_reference(
     readable = in_selection & (pos[None, None, :] < lens[:, None, None])  # [B, Hkv, Tmax]
 
     zero = torch.zeros((), dtype=k_cache.dtype, device=dev)
-    k = torch.where(readable[..., None], k_cache, zero).to(acc)  # [B, Hkv, Tmax, D]
-    v = torch.where(readable[..., None], v_cache, zero).to(acc)
-    k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)  # [B, H, Tmax, D]
-    mask = expand_kv_heads(mask, H)  # [B, H, Tq, Tmax]
-    scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale  # [B, H, Tq, Tmax]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Tq]
-    finite = torch.isfinite(lse)[..., None]
-    probs = torch.where(finite, torch.exp(scores - torch.where(finite, lse[..., None], 0.0)), 0.0)
-    out = torch.matmul(probs, v)  # [B, H, Tq, D]
-    return out.to(q.dtype), lse.float()
+    k = torch.where(readable[..., None], k_cache, zero)  # [B, Hkv, Tmax, D]
+    v = torch.where(readable[..., None], v_cache, zero)
+    out, lse = dense_masked_attention(AttnInputs(q=q, k=k, v=v, causal=True, scale=scale), mask)
+    return out, lse.float()
 
 
 # ---------------------------------------------------------------------------- public call

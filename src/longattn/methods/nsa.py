@@ -383,7 +383,8 @@ def nsa_compressed_branch(
 ) -> Tensor:
     """Attention of ``q [B, H, Tq, D]`` over the compressed tokens ``[B, Hkv, nC, D]`` of a
     ``kv_len``-long key sequence; query ``p`` sees token ``i`` iff ``i*d + l - 1 <= p``.
-    ``reference``: dense masked softmax; ``flex``: the chunked scan (plain PyTorch, fp32).
+    ``reference``: dense masked softmax; ``flex`` and ``triton``: the chunked scan (plain
+    PyTorch, fp32).
     Returns ``[B, H, Tq, D]`` in ``q``'s dtype (0 for a query that sees no token)."""
     _check_backend(backend)
     scale = _scale(q, scale)

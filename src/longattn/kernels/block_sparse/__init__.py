@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...selection import BlockSelection, token_rule_of
+from ...selection import BlockSelection, _ceil_div, token_rule_of
 from .. import interpreting, triton_unavailable_reason
 
 # Tile caps (query rows = heads x tokens per program, keys per inner step), chosen so that the
@@ -31,10 +31,6 @@ TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
     ("bwd", False): (64, 64),
     ("bwd", True): (16, 32),
 }
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
 
 
 def _largest_pow2_divisor_at_most(n: int, cap: int) -> int:
@@ -90,7 +86,7 @@ def selection_unsupported_reason(q: Tensor, k: Tensor, sel: BlockSelection) -> s
     rule = token_rule_of(sel.mask_mod)
     if rule is not None and rule.q_offset != sel.q_offset:
         return f"the TokenRule's q_offset {rule.q_offset} differs from the selection's {sel.q_offset}"
-    H, Hkv = q.shape[1], k.shape[1]
+    H = q.shape[1]
     Bs, Hs = sel.kv_num_blocks.shape[:2]
     if Bs not in (1, q.shape[0]):
         return f"the selection's batch axis has {Bs} entries for a batch of {q.shape[0]}"
@@ -159,7 +155,7 @@ def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float):
     q_block, kv_block, kv_len, q_offset = sel_meta
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    grid = (triton_cdiv(Tq, plan.BLOCK_M), B * (H // plan.P))
+    grid = (_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))
     _fwd[grid](
         q, k, v, out, lse, kvn, kvi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
@@ -193,7 +189,7 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
     from .kernel import _bwd_dkdv, _bwd_dq
 
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     q_block, kv_block, kv_len, q_offset = sel_meta
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # [B, H, Tq]
@@ -205,7 +201,7 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    _bwd_dq[(triton_cdiv(Tq, plan.BLOCK_M), B * (H // plan.P))](
+    _bwd_dq[(_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))](
         q, k, v, dout, dq, lse, delta, kvn, kvi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
         *lse.stride()[:2], *_sel_strides(kvn), *_sel_strides(kvi),
@@ -223,10 +219,6 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         scale, plan.window or 0, plan.sink, **common,
     )
     return dq, dk, dv
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class _BlockSparseAttention(torch.autograd.Function):

@@ -56,6 +56,34 @@ def _token_mask(q_abs, k_pos, kv_len, CAUSAL: tl.constexpr, HAS_WINDOW: tl.const
 
 
 @triton.jit
+def _query_rows(pid_m, pid_bh, num_heads, heads_per_kv, heads_per_sel, q_block, q_len,
+                P: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """The rows of program ``(pid_m, pid_bh)`` of the query-major kernels: batch ``b``, first
+    query head ``h0``, its KV head and selection head, the selection row of the tile, and per
+    row its head offset, local query index and validity."""
+    groups = num_heads // P
+    b = pid_bh // groups
+    h0 = (pid_bh % groups) * P
+    q_start = pid_m * BLOCK_M
+    rows = tl.arange(0, ROWS)
+    r_head = rows // BLOCK_M
+    r_tok = q_start + rows % BLOCK_M  # local query index
+    row_ok = (r_head < P) & (r_tok < q_len)
+    # the whole tile lies in one selection row (BLOCK_M divides q_block)
+    return b, h0, h0 // heads_per_kv, h0 // heads_per_sel, q_start // q_block, r_head, r_tok, row_ok
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, offs, row_ok):
+    """The forward's log-sum-exp in log2 units (``+inf`` for a row that read nothing, so its
+    probabilities come out 0) and ``delta = rowsum(dO * O)``, at row offsets ``offs``."""
+    lse = tl.load(LSE + offs, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + offs, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
 def _fwd(
     Q, K, V, O, LSE, KVN, KVI,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
@@ -67,20 +95,9 @@ def _fwd(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    groups = num_heads // P
-    b = pid_bh // groups
-    h0 = (pid_bh % groups) * P
-    kvh = h0 // heads_per_kv
-    hs = h0 // heads_per_sel
-    q_start = pid_m * BLOCK_M
-    row_sel = q_start // q_block  # the whole tile lies in one selection row
-
-    rows = tl.arange(0, ROWS)
-    r_head = rows // BLOCK_M
-    r_tok = q_start + rows % BLOCK_M  # local query index
-    row_ok = (r_head < P) & (r_tok < q_len)
+    b, h0, kvh, hs, row_sel, r_head, r_tok, row_ok = _query_rows(
+        tl.program_id(0), tl.program_id(1), num_heads, heads_per_kv, heads_per_sel, q_block, q_len,
+        P, BLOCK_M, ROWS)
     q_abs = r_tok + q_offset
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
@@ -137,20 +154,9 @@ def _bwd_dq(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    groups = num_heads // P
-    b = pid_bh // groups
-    h0 = (pid_bh % groups) * P
-    kvh = h0 // heads_per_kv
-    hs = h0 // heads_per_sel
-    q_start = pid_m * BLOCK_M
-    row_sel = q_start // q_block
-
-    rows = tl.arange(0, ROWS)
-    r_head = rows // BLOCK_M
-    r_tok = q_start + rows % BLOCK_M
-    row_ok = (r_head < P) & (r_tok < q_len)
+    b, h0, kvh, hs, row_sel, r_head, r_tok, row_ok = _query_rows(
+        tl.program_id(0), tl.program_id(1), num_heads, heads_per_kv, heads_per_sel, q_block, q_len,
+        P, BLOCK_M, ROWS)
     q_abs = r_tok + q_offset
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
@@ -158,9 +164,7 @@ def _bwd_dq(
 
     q = tl.load(Q + b * sqb + (h0 + r_head)[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + b * sdob + (h0 + r_head)[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
-    lse = tl.load(LSE + b * slb + (h0 + r_head) * slh + r_tok, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
-    delta = tl.load(DELTA + b * slb + (h0 + r_head) * slh + r_tok, mask=row_ok, other=0.0)
+    lse2, delta = _row_stats(LSE, DELTA, b * slb + (h0 + r_head) * slh + r_tok, row_ok)
     sm_scale_log2 = sm_scale * 1.4426950408889634
 
     n_sel = tl.load(KVN + b * snb + hs * snh + row_sel * snq)
@@ -243,9 +247,7 @@ def _bwd_dkdv(
             heads = h0 + r_head
             q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
             do = tl.load(DO + b * sdob + heads[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
-            lse = tl.load(LSE + b * slb + heads * slh + r_tok, mask=row_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + b * slb + heads * slh + r_tok, mask=row_ok, other=0.0)
+            lse2, delta = _row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
             s = _mm(q, tl.trans(k), IEEE, UPCAST)
             dp = _mm(do, tl.trans(v), IEEE, UPCAST)
             keep = _token_mask(r_tok + q_offset, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
