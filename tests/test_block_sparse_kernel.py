@@ -156,9 +156,10 @@ def test_unselected_key_blocks_are_never_read():
 
 
 def test_a_query_with_no_key_gets_zero_and_minus_inf():
-    q, k, v = rand_qkv(1, 2, 2, 32, 32, 64)
-    counts = torch.tensor([[[1, 0]]], dtype=torch.int32).expand(1, 2, 2)
-    idx = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32).expand(1, 2, 2, 2)
+    dev = _device()
+    q, k, v = rand_qkv(1, 2, 2, 32, 32, 64, device=dev)
+    counts = torch.tensor([[[1, 0]]], dtype=torch.int32, device=dev).expand(1, 2, 2)
+    idx = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32, device=dev).expand(1, 2, 2, 2)
     sel = BlockSelection(counts.contiguous(), idx.contiguous(), q_block=16, kv_block=16, q_len=32, kv_len=32,
                          num_heads=2, causal=False)
     out, lse = block_sparse_attention(q, k, v, sel, 0.125)
@@ -183,7 +184,7 @@ def test_transposed_selection_lists_the_query_blocks_of_every_key_block():
 
 
 def test_backend_triton_through_the_api_and_its_fallbacks():
-    q, k, v = rand_qkv(1, 4, 2, 40, 40, 64)
+    q, k, v = rand_qkv(1, 4, 2, 40, 40, 64, device=_device())
     cfg = CASES["topk"]
     ref = longattn.attention(q, k, v, method="topk", backend="reference", **cfg)
     with warnings.catch_warnings():
@@ -197,9 +198,10 @@ def test_backend_triton_through_the_api_and_its_fallbacks():
 
 
 def test_unservable_selections_raise_with_the_reason():
-    q, k, v = rand_qkv(1, 2, 2, 32, 32, 64)
-    counts = torch.ones(1, 2, 2, dtype=torch.int32)
-    idx = torch.zeros(1, 2, 2, 2, dtype=torch.int32)
+    dev = _device()
+    q, k, v = rand_qkv(1, 2, 2, 32, 32, 64, device=dev)
+    counts = torch.ones(1, 2, 2, dtype=torch.int32, device=dev)
+    idx = torch.zeros(1, 2, 2, 2, dtype=torch.int32, device=dev)
     idx[..., 1] = 1
     python_mod = BlockSelection(counts, idx, q_block=16, kv_block=16, q_len=32, kv_len=32, num_heads=2,
                                 mask_mod=lambda b, h, qi, ki: ki <= qi)

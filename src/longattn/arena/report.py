@@ -113,6 +113,7 @@ def _figures(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> dict[
 
     def save(name: str, fig) -> None:
         buf = io.BytesIO()
+        fig.tight_layout()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         figs[name] = buf.getvalue()
@@ -167,28 +168,30 @@ def _figures(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> dict[
         axes[0].legend(fontsize=7)
         save("fidelity_per_layer.png", fig)
 
-    # Pareto views at each method's longest length: accuracy vs speed-up and vs memory
-    longest = max(l["length"] for l in summary)
-    at = [l for l in summary if l["length"] == longest and l["accuracy"] is not None]
-    if at:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        for label in sorted({l["label"] for l in at}):
-            pts = [l for l in at if l["label"] == label]
-            acc = _mean([p["accuracy"] for p in pts])
-            sp = _mean([p["speedup"] for p in pts])
-            mem = _mean([p["peak_gib"] for p in pts])
-            if sp is not None:
-                axes[0].scatter([sp], [acc], label=label)
-            if mem is not None:
-                axes[1].scatter([mem], [acc], label=label)
-        axes[0].set_xlabel("prefill speed-up vs full")
-        axes[1].set_xlabel("peak memory (GiB)")
-        for ax in axes:
-            ax.set_ylabel("accuracy")
-            ax.set_title(f"T = {longest}")
-        for ax in axes:
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+    # Pareto views, one row per context length: accuracy vs prefill speed-up and vs peak memory
+    # (pooled over tasks; each point one method)
+    lengths = sorted({l["length"] for l in summary if l["accuracy"] is not None})
+    if lengths:
+        fig, axes = plt.subplots(len(lengths), 2, figsize=(11, 3.4 * len(lengths)), squeeze=False)
+        for row, length in zip(axes, lengths):
+            at = [l for l in summary if l["length"] == length and l["accuracy"] is not None]
+            for label in sorted({l["label"] for l in at}):
+                pts = [l for l in at if l["label"] == label]
+                acc = _mean([p["accuracy"] for p in pts])
+                sp = _mean([p["speedup"] for p in pts])
+                mem = _mean([p["peak_gib"] for p in pts])
+                if sp is not None:
+                    row[0].scatter([sp], [acc], label=label)
+                if mem is not None:
+                    row[1].scatter([mem], [acc], label=label)
+            row[0].set_xlabel("prefill speed-up vs full")
+            row[1].set_xlabel("peak memory (GiB)")
+            for ax in row:
+                ax.set_ylabel("accuracy")
+                ax.set_ylim(-0.05, 1.05)
+                ax.set_title(f"T = {length}")
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
         save("pareto.png", fig)
     return figs
 
