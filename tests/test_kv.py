@@ -78,6 +78,7 @@ def tiny(family: str = "llama", **extra):
     cls_cfg, cls_model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
     torch.manual_seed(0)
     cfg = cls_cfg(**common)
@@ -437,6 +438,18 @@ def test_left_padded_batch_rows_equal_their_unpadded_runs():
             seq1, logits1 = generate(model, alone, kv.make_cache(model, name, **config), n=6)
             assert torch.equal(seq[row, -6:], seq1[0, -6:])
             assert (logits[:, row] - logits1[:, 0]).abs().max().item() < 1e-4
+
+
+def test_sliding_window_model_mask_is_read_at_the_kept_token_indices():
+    """Mistral with a 16-token sliding window: the model's window mask, indexed by token,
+    still applies to the entries a cache keeps (a budget covering the window equals the
+    model's own decoding)."""
+    model = tiny("mistral", sliding_window=16)
+    x = ids(40, seed=16)
+    ref_seq, ref_logits = reference(model, x)
+    for name, config in [("full", {}), ("streaming", dict(sinks=4, window=20)), ("h2o", dict(heavy=30, recent=30))]:
+        seq, logits = generate(model, x, kv.make_cache(model, name, **config))
+        assert torch.equal(seq, ref_seq) and (logits - ref_logits).abs().max().item() < 1e-5, name
 
 
 def test_cache_refuses_a_model_that_does_not_hand_it_the_query():
