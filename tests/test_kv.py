@@ -500,6 +500,9 @@ def test_registry():
     assert kv.get_policy("streaming") == kv.StreamingPolicy(sinks=4, window=1020)
     assert kv.get_policy("quest").page_size == 16 and kv.get_policy("h2o").heavy == 0.1
     assert kv.POLICIES["duo"] is kv.DuoPolicy
+    from longattn.kv.cache import TAG
+
+    assert lh._KV_TAG == TAG  # longattn.hf recognises the keys the cache hands out
 
 
 BAD = [
