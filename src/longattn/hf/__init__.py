@@ -10,6 +10,10 @@ class is patched: the plan is an attribute on each attention module instance.
 Prefill and decoding both call the method: a decoding step is a query block of one token at
 the end of the cached keys, which every method defines (``q`` shorter than ``k``).
 
+KV caches: when the keys come from a :mod:`longattn.kv` cache (its ``update`` tags them),
+the cache layer computes the attention over what its policy keeps, with the query it needs;
+everything else is as before.
+
 Masks: longattn methods define their own causal pattern. The mask the model passes is
 checked: ``None`` or exactly the end-aligned causal mask runs the method as it is; any other
 mask (padding, a sliding window) is applied exactly -- through SDPA for ``full``, and for
@@ -197,6 +201,31 @@ def _masked_selection_attention(module, q, k, v, attention_mask, causal, scaling
     return dense_masked_attention(inputs, selected & allowed)[0]
 
 
+# the attribute longattn.kv.cache.KVLayer.update sets on the keys it returns (kv.cache.TAG);
+# spelled out here so that this module never imports longattn.kv
+_KV_TAG = "_longattn_kv_layer"
+
+
+def _kv_cache_attention(module, layer, query: Tensor, attention_mask, scaling, is_causal) -> tuple[Tensor, None]:
+    """Attention of a layer whose cache is a longattn KV cache: the cache layer that
+    produced the keys computes it over what its policy keeps (``KVLayer.attend``), with the
+    model's mask read at the token indices it kept. Causal only; a sparse method plan on the
+    same layer is refused rather than ignored. Attention probes do not see these calls."""
+    idx = getattr(module, "layer_idx", None)
+    if idx is not None and int(idx) != layer.layer_idx:
+        raise RuntimeError(f"attention module of layer {idx} received keys of KV-cache layer {layer.layer_idx}")
+    plan = getattr(module, "longattn_plan", None) or [HeadPlan("full")]
+    if any(p.method != "full" for p in plan):
+        raise NotImplementedError(
+            f"layer {idx}: a longattn KV cache computes its own attention; it is not combined with the "
+            f"sparse method plan {[p.method for p in plan]} (call longattn.hf.apply(model, 'full'))"
+        )
+    if is_causal is False or not getattr(module, "is_causal", True):
+        raise NotImplementedError(f"layer {idx}: longattn KV caches serve causal attention only")
+    out = layer.attend(query, attention_mask, scaling)  # [B, H, Tq, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
 def longattn_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -220,6 +249,9 @@ def longattn_attention_forward(
                 f"layer {getattr(module, 'layer_idx', '?')}: the model asks for {name}={kwargs[name]!r}, "
                 "which longattn methods do not implement; refusing rather than ignoring it"
             )
+    kv_layer = getattr(key, _KV_TAG, None)
+    if kv_layer is not None:  # keys from a longattn KV cache: its policy computes the attention
+        return _kv_cache_attention(module, kv_layer, query, attention_mask, scaling, is_causal)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     Tq, Tk = query.shape[2], key.shape[2]
     H, Hkv = query.shape[1], key.shape[1]
