@@ -344,10 +344,11 @@ def test_quest_bound_is_an_upper_bound_of_every_score_in_the_page():
     torch.testing.assert_close(single, (q[0] @ k[0, :, :1].repeat_interleave(4, 0).transpose(-1, -2))[..., 0])
 
 
-def test_quest_selection_keeps_last_page_and_top_bounds():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_quest_selection_keeps_last_page_and_top_bounds(backend):
     q, k, _ = make_inputs(3, 8, 2, 1, 160, 32, seed=8)
     lens = lengths(160, 70, 1)
-    idx, cnt = select_quest_pages(q, k, lens, page_size=16, top_k=4)
+    idx, cnt = select_quest_pages(q, k, lens, page_size=16, top_k=4, backend=backend)
     assert idx.dtype == torch.int32 and cnt.dtype == torch.int32 and idx.shape == (3, 2, 4)
     kmin, kmax = page_bounds(k, lens, 16)
     for b, L in enumerate(lens.tolist()):
@@ -372,11 +373,12 @@ def _independent_topk(q, key_means_b, L, block_size, top_k, sink, local, G, h):
     return forced | set(rest[: max(0, min(top_k, n) - len(forced))])
 
 
-def test_topk_keeps_sink_and_local_blocks_and_the_right_count():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_topk_keeps_sink_and_local_blocks_and_the_right_count(backend):
     q, k, _ = make_inputs(3, 8, 2, 3, 200, 32, seed=9)
     k[0, :, 150:] = float("nan")
     lens = lengths(150, 100, 20)
-    idx, cnt = select_topk_blocks(q, k, lens, block_size=16, top_k=5, sink_blocks=1, local_blocks=2)
+    idx, cnt = select_topk_blocks(q, k, lens, block_size=16, top_k=5, sink_blocks=1, local_blocks=2, backend=backend)
     # the means must use only the valid keys of each block (the last block is partial)
     means = block_key_means(k, lens, 16)
     for b, L in enumerate(lens.tolist()):
@@ -390,15 +392,16 @@ def test_topk_keeps_sink_and_local_blocks_and_the_right_count():
             assert set(chosen) == _independent_topk(q[b], means[b], L, 16, 5, 1, 2, 4, h)
 
 
-def test_selections_are_shared_by_each_gqa_group():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_selections_are_shared_by_each_gqa_group(backend):
     """One selection per (sequence, KV head): permuting the query heads inside a group changes
     nothing; changing a head of one group changes only that group's row."""
     q, k, _ = make_inputs(2, 8, 2, 1, 256, 32, seed=12)
     lens = lengths(256, 200)
     perm = torch.tensor([3, 1, 0, 2, 5, 7, 6, 4])
     for select in (
-        lambda x: select_topk_blocks(x, k, lens, block_size=16, top_k=4),
-        lambda x: select_quest_pages(x, k, lens, page_size=16, top_k=4),
+        lambda x: select_topk_blocks(x, k, lens, block_size=16, top_k=4, backend=backend),
+        lambda x: select_quest_pages(x, k, lens, page_size=16, top_k=4, backend=backend),
         lambda x: select_moba_blocks(x, k, lens, block_size=16, top_k=4),
     ):
         idx, cnt = select(q)
@@ -409,6 +412,49 @@ def test_selections_are_shared_by_each_gqa_group():
         q2[:, 4:] = torch.randn(2, 4, 1, 32, generator=torch.Generator().manual_seed(99))
         idx2, _ = select(q2)
         assert torch.equal(idx2[:, 0], idx[:, 0])
+
+
+SELECT_CASES = [  # (B, H, Hkv, Tq, Tmax, block, top_k, sink, local)
+    (2, 4, 2, 1, 300, 16, 5, 1, 1),
+    (3, 8, 2, 2, 1000, 64, 6, 2, 2),
+    (1, 4, 4, 1, 40, 16, 8, 1, 1),  # top_k > blocks: every block
+    (2, 8, 1, 4, 700, 32, 9, 0, 3),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", range(len(SELECT_CASES)))
+def test_selection_kernel_matches_the_reference_selectors(dtype, case):
+    B, H, Hkv, Tq, T, bs, K, sink, local = SELECT_CASES[case]
+    q, k, _ = make_inputs(B, H, Hkv, Tq, T, 64, dtype=dtype, seed=40 + case)
+    lens = lengths(T, *[max(Tq, T - 137 * i) for i in range(1, B)])
+    for b in range(1, B):
+        k[b, :, int(lens[b]):] = float("nan")  # garbage past each length is never read
+    for select, kw in ((select_topk_blocks, {"block_size": bs, "sink_blocks": sink, "local_blocks": local}),
+                       (select_quest_pages, {"page_size": bs})):
+        want = select(q, k, lens, top_k=K, backend="reference", **kw)
+        got = select(q, k, lens, top_k=K, backend="triton", **kw)
+        assert got[0].dtype == torch.int32 and got[1].dtype == torch.int32
+        assert torch.equal(got[1], want[1]), select.__name__
+        assert torch.equal(got[0], want[0]), select.__name__
+
+
+@needs_triton
+def test_selection_kernel_breaks_ties_toward_the_lower_block_and_ranks_nan_last():
+    q, k, _ = make_inputs(1, 2, 1, 1, 128, 16, seed=5)
+    lens = lengths(128)
+    means = torch.zeros(1, 1, 8, 16)  # every score 0: a tie between all eight blocks
+    idx, cnt = select_topk_blocks(q, k, lens, block_size=16, top_k=4, sink_blocks=0, local_blocks=1,
+                                  key_means=means, backend="triton")
+    assert idx[0, 0].tolist() == [0, 1, 2, 7] and int(cnt[0, 0]) == 4
+    means[0, 0, 0] = float("nan")  # NaN ranks below every number: block 0 drops out
+    idx, _ = select_topk_blocks(q, k, lens, block_size=16, top_k=4, sink_blocks=0, local_blocks=1,
+                                key_means=means, backend="triton")
+    assert idx[0, 0].tolist() == [1, 2, 3, 7]
+    ref, _ = select_topk_blocks(q, k, lens, block_size=16, top_k=4, sink_blocks=0, local_blocks=1,
+                                key_means=means, backend="reference")
+    assert 0 not in ref[0, 0].tolist()
 
 
 def test_moba_always_keeps_the_current_block():

@@ -417,6 +417,32 @@ def _selector_setup(q: Tensor, k_cache: Tensor, cache_seqlens: Tensor, block: in
     return lens, nb, c, nb_max
 
 
+def _selector_backend(backend: str, q: Tensor, k_cache: Tensor, n_blocks: int) -> bool:
+    """Whether a selector runs its Triton kernel: ``"triton"`` (error if it cannot),
+    ``"reference"`` (never) or ``"auto"`` (when it can)."""
+    if not isinstance(backend, str) or backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    reason = _triton_reason(q, k_cache, k_cache)
+    if reason is None:
+        from .kernels.decode.select import MAX_SELECT_BLOCKS
+
+        if n_blocks > MAX_SELECT_BLOCKS:
+            reason = f"the selection kernel ranks at most {MAX_SELECT_BLOCKS} blocks, this cache has {n_blocks}"
+    if reason is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot serve this selection: {reason}; use 'reference' or 'auto'")
+    return False
+
+
+def _check_summary(name: str, summary: Tensor, k_cache: Tensor, n_blocks: int) -> None:
+    want = (*k_cache.shape[:2], n_blocks, k_cache.shape[3])
+    if tuple(summary.shape) != want:
+        raise ValueError(f"{name} must have shape [B, Hkv, nBlocks, D]={want}, got {tuple(summary.shape)}")
+
+
 def select_topk_blocks(
     q: Tensor,
     k_cache: Tensor,
@@ -427,6 +453,7 @@ def select_topk_blocks(
     sink_blocks: int = 1,
     local_blocks: int = 1,
     key_means: Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Block top-k for decoding, one selection per GQA group.
 
@@ -440,6 +467,9 @@ def select_topk_blocks(
         q: ``[B, H, Tq, D]``; k_cache ``[B, Hkv, Tmax, D]``; cache_seqlens ``[B]``.
         block_size, top_k: ints >= 1; ``sink_blocks + local_blocks <= top_k``.
         key_means: optional precomputed :func:`block_key_means` ``[B, Hkv, nBlocks, D]``.
+        backend: ``"reference"`` (this function's PyTorch code, the specification),
+            ``"triton"`` (one kernel for scores, ranking and the sorted output; ties go to the
+            lower block index) or ``"auto"`` (triton where it can run).
 
     Returns:
         ``block_indices int32 [B, Hkv, min(top_k, ceil(Tmax / block_size))]`` (kept blocks
@@ -457,8 +487,15 @@ def select_topk_blocks(
             "(the always-kept blocks count toward top_k)"
         )
     Hkv = k_cache.shape[1]
+    use_kernel = _selector_backend(backend, q, k_cache, nb_max)
     if key_means is None:
         key_means = block_key_means(k_cache, lens, block_size)
+    _check_summary("key_means", key_means, k_cache, nb_max)
+    if use_kernel:
+        from .kernels.decode.select import select_blocks_triton
+
+        return select_blocks_triton(q, cache_seqlens, block_size=block_size, top_k=top_k, width=min(top_k, nb_max),
+                                    n_sink=sink_blocks, n_local=local_blocks, key_means=key_means)
     acc = key_means.dtype
     q_mean = _group_sum(q.to(acc).mean(2), Hkv)  # [B, Hkv, D]: sum over the group of each head's query mean
     scores = torch.einsum("bhd,bhnd->bhn", q_mean, key_means)  # [B, Hkv, nB]
@@ -476,6 +513,7 @@ def select_quest_pages(
     page_size: int,
     top_k: int,
     bounds: tuple[Tensor, Tensor] | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Quest (Tang et al. 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM
     Inference"): rank the KV pages of a cache by an upper bound of the attention score any of
@@ -493,6 +531,8 @@ def select_quest_pages(
         page_size, top_k: ints >= 1 (``block_size`` for :func:`sparse_decode` is
             ``page_size``).
         bounds: optional precomputed ``(kmin, kmax)`` from :func:`page_bounds`.
+        backend: ``"reference"`` (the PyTorch code here), ``"triton"`` (one kernel; ties go to
+            the lower page index) or ``"auto"``, as in :func:`select_topk_blocks`.
 
     Returns:
         ``block_indices int32 [B, Hkv, min(top_k, nPages)]`` (ascending) and
@@ -501,6 +541,7 @@ def select_quest_pages(
     """
     lens, npg, c, np_max = _selector_setup(q, k_cache, cache_seqlens, page_size, top_k, "page_size")
     Hkv = k_cache.shape[1]
+    use_kernel = _selector_backend(backend, q, k_cache, np_max)
     if bounds is None:
         bounds = page_bounds(k_cache, lens, page_size)
     kmin, kmax = bounds
@@ -509,6 +550,13 @@ def select_quest_pages(
             f"bounds must be (kmin, kmax) shaped [B, Hkv, ceil(Tmax / page_size), D]="
             f"{(*k_cache.shape[:2], np_max, k_cache.shape[3])}, got {tuple(kmin.shape)} and {tuple(kmax.shape)}"
         )
+    if use_kernel:
+        from .kernels.decode.select import select_blocks_triton
+
+        if kmin.dtype != q.dtype or kmax.dtype != q.dtype:
+            raise TypeError(f"bounds must be in q's dtype {q.dtype} (as page_bounds makes them), got {kmin.dtype}")
+        return select_blocks_triton(q, cache_seqlens, block_size=page_size, top_k=top_k, width=min(top_k, np_max),
+                                    n_sink=0, n_local=1, bounds=(kmin.contiguous(), kmax.contiguous()))
     ub = quest_upper_bounds(q, kmin, kmax)  # [B, H, Tq, nP]
     scores = _group_sum(ub.sum(2), Hkv)  # [B, Hkv, nP]
     eligible = (c[None, :] < npg[:, None])[:, None, :]

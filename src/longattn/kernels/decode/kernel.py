@@ -13,8 +13,8 @@ Two kernels:
   so nothing outside the selection is read. Online softmax in fp32 (base 2); the program
   writes its normalised partial output and natural-log LSE (``-inf`` for a row that read
   nothing, whose output is written as 0).
-* ``_merge_kernel`` -- one program per 16 output rows combines the ``num_splits`` partials of
-  each row through their LSE and writes the final output in the query dtype plus the LSE.
+* ``_merge_kernel`` -- one program per output row loads all ``num_splits`` partials of it at once,
+  combines them through their LSE and writes the final output in the query dtype plus the LSE.
 
 With ``num_splits == 1`` the split kernel writes the final output and LSE directly and the
 merge is skipped.
@@ -35,7 +35,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 # rows of one program: G * Tq padded to a power of two, at least 16 (tl.dot), at most this
 MAX_BLOCK_M = 64
-MERGE_ROWS = 16
 
 
 def _next_pow2(n: int) -> int:
@@ -224,31 +223,26 @@ def _decode_split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    Op, Lp, O, L, num_rows, num_splits, stride_os, stride_ls,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+    Op, Lp, O, L, num_splits, stride_os, stride_ls,
+    HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = rows < num_rows
+    """One output row per program; all of its ``num_splits`` partials are loaded at once (no
+    loop over splits: a loop of dependent loads is latency-bound at a few rows)."""
+    r = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, S_PAD)
+    s_ok = sp < num_splits
     d = tl.arange(0, HEAD_DIM)
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
-    for s in range(num_splits):
-        lse_s = tl.load(Lp + s * stride_ls + rows, mask=ok, other=float("-inf"))
-        o_s = tl.load(Op + s * stride_os + rows[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(lse_s - m_safe)
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        l = l * alpha + w
-        m = m_new
+    lse_s = tl.load(Lp + sp * stride_ls + r, mask=s_ok, other=float("-inf"))  # [S_PAD]
+    o_s = tl.load(Op + sp[:, None] * stride_os + r * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    m = tl.max(lse_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)  # 0 for a split that read nothing (its partial row is 0)
+    l = tl.sum(w, axis=0)
     has = l > 0.0
-    out = acc / tl.where(has, l, 1.0)[:, None]
-    m_safe = tl.where(has, m, 0.0)
+    out = tl.sum(w[:, None] * o_s, axis=0) / tl.where(has, l, 1.0)  # [D]
     lse = tl.where(has, m_safe + tl.log(tl.where(has, l, 1.0)), float("-inf"))
-    tl.store(O + rows[:, None] * HEAD_DIM + d[None, :], out.to(O.dtype.element_ty), mask=ok[:, None])
-    tl.store(L + rows, lse, mask=ok)
+    tl.store(O + r * HEAD_DIM + d, out.to(O.dtype.element_ty))
+    tl.store(L + r, lse)
 
 
 def _ready(device: torch.device) -> None:
@@ -322,9 +316,9 @@ def merge_partials(o_part: Tensor, lse_part: Tensor, out_dtype: torch.dtype) -> 
     rows = B * H * Tq
     if rows:
         _ready(o_part.device)
-        _merge_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
-            o_part, lse_part, out, lse, rows, S, o_part.stride(0), lse_part.stride(0),
-            HEAD_DIM=D, BLOCK_R=MERGE_ROWS, num_warps=4,
+        _merge_kernel[(rows,)](
+            o_part, lse_part, out, lse, S, o_part.stride(0), lse_part.stride(0),
+            HEAD_DIM=D, S_PAD=max(2, _next_pow2(S)), num_warps=4 if D <= 128 else 8,
         )
     return out, lse
 
