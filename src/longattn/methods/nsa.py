@@ -36,8 +36,12 @@ Readings of points the paper leaves open (or prints differently):
   matrix).
 * ``num_selected`` counts the forced blocks (the paper's ``n = 16`` "including 1 initial block
   and 2 local blocks"); hence ``num_init_blocks + num_local_blocks <= num_selected``.
-* Ties between block scores (e.g. all scores 0 when no compressed token is visible yet) are
-  broken toward the lower block index, through a stable sort: the selection is deterministic.
+* Ties between block scores (e.g. all scores 0 when no compressed token is visible yet, or
+  probabilities that underflow to 0) are broken toward the lower block index: the selection is
+  deterministic and every backend picks the same blocks from the same scores. It is a
+  ``torch.topk`` of the ``K``-th largest score plus an index-ordered pick among the entries equal
+  to it (:func:`_top_k_lowest_index`), which keeps exactly what a stable descending sort would,
+  without sorting all ``nKB`` blocks.
 * The selection is discrete and carries no gradient (as in the paper); gradients reach the
   compressed keys/values through the compressed branch only.
 * Gates: the paper computes ``g = sigmoid(MLP(x))`` from the layer input. The functional
@@ -54,14 +58,19 @@ Backends: ``reference`` (dense boolean masks, fp32 accumulation: the specificati
 ``flex`` (never a ``Tq x Tk`` tensor: the compressed branch and the selection scores are
 computed in query chunks of memory ``O(chunk * nC)``, the selected branch runs FlexAttention
 with the per-token :class:`~longattn.selection.BlockSelection`, the window branch
-FlexAttention with :func:`~longattn.methods.window.select_window`). Both call the same
-:func:`nsa_selection` code on fp32 scores, so they select the same blocks; the chunking only
-bounds memory.
+FlexAttention with :func:`~longattn.methods.window.select_window`), and ``triton`` (as
+``flex`` but with longattn's block-sparse kernels; at inference, when no input requires grad,
+the compressed branch and the block scores come from the NSA kernels of
+:mod:`longattn.kernels.nsa` -- online softmax over the compressed tokens, then the scores
+recomputed from its log-sum-exp, never an ``[Tq, nC]`` tensor -- and only the top-k runs in
+PyTorch). All select with the same code (:func:`_select_chunk`) from fp32 scores, so they select
+the same blocks up to the rounding of the scores; the chunking only bounds memory.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -289,8 +298,6 @@ def _compressed_scan(
     ranges = overlap_ranges(nC, nKB, config, dev) if want_selection else None
     d = config.compress_stride
     overlap_width = (config.select_block + config.compress_block + d - 1) // d + 1  # >= any count
-    K = min(config.num_selected, nKB)
-    j = torch.arange(nKB, device=dev)
 
     # with autograd, each chunk's probabilities are recomputed in backward instead of kept:
     # training memory stays O(chunk * nC), not O(Tq * nC)
@@ -316,40 +323,127 @@ def _compressed_scan(
             continue
         with torch.no_grad():
             p_slc = block_scores(p_grp, *ranges, width=overlap_width)  # [B, Hkv, c, nKB]
-            eligible = j[None, :] * ls <= pos[:, None]  # [c, nKB]
-            own = (pos // ls)[:, None]  # [c, 1]
-            forced = eligible & (
-                (j[None, :] < config.num_init_blocks)
-                | ((j[None, :] <= own) & (j[None, :] > own - config.num_local_blocks))
-            )
-            ranked = torch.where(forced, float("inf"), torch.where(eligible, p_slc, float("-inf")))
-            top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :K]  # [B, Hkv, c, K]
-            count = eligible.sum(-1).clamp(max=K)  # [c]
-            valid = torch.arange(K, device=dev) < count[:, None]  # [c, K]
-            top = torch.where(valid, top, nKB).sort(dim=-1).values  # ascending, invalid last
-            top = torch.where(valid, top, 0)
-            full = valid & ((top + 1) * ls - 1 <= pos[:, None])  # block wholly in the past
-            idx_chunks.append(top.to(torch.int32))
-            cnt_chunks.append(count.to(torch.int32).expand(B, Hkv, c1 - c0))
+            top, count, full = _select_chunk(p_slc, pos, config, nKB)
+            idx_chunks.append(top)
+            cnt_chunks.append(count.expand(B, Hkv, c1 - c0))
             full_chunks.append(full)
 
     out = torch.cat(outs, dim=2) if vc is not None else None  # [B, H, Tq, D]
     sel = None
     if want_selection:
-        sel = BlockSelection(
-            kv_num_blocks=torch.cat(cnt_chunks, dim=2).contiguous(),  # [B, Hkv, Tq]
-            kv_indices=torch.cat(idx_chunks, dim=2),  # [B, Hkv, Tq, K]
-            q_block=1,
-            kv_block=ls,
-            q_len=Tq,
-            kv_len=kv_len,
-            num_heads=H,
-            causal=True,
-            mask_mod=causal_mod(off),
-            block_full=torch.cat(full_chunks, dim=2),  # [B, Hkv, Tq, K]
-            validate=False,
+        sel = _block_selection(
+            torch.cat(idx_chunks, dim=2), torch.cat(cnt_chunks, dim=2), torch.cat(full_chunks, dim=2),
+            config, kv_len=kv_len, q_len=Tq, num_heads=H,
         )
     return out, sel
+
+
+def _top_k_lowest_index(ranked: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest entries of ``ranked [..., n]`` that are ``> -inf``, ties
+    broken toward the lower index (what a stable descending sort keeps), in ascending index
+    order; ``[..., k]`` int64, slots past the number of such entries hold arbitrary indices.
+
+    Two ``torch.topk`` calls and a few ``O(n)`` passes instead of a full sort: the ``k``-th
+    largest value ``v``, every entry above ``v``, and the lowest-index entries equal to ``v``
+    until ``k`` are taken."""
+    n = ranked.shape[-1]
+    if k == 0:
+        return ranked.new_zeros(*ranked.shape[:-1], 0, dtype=torch.int64)
+    kth = ranked.topk(k, dim=-1).values[..., -1:]  # [..., 1]
+    above = ranked > kth
+    tied = ranked == kth
+    room = k - above.sum(-1, keepdim=True)
+    take = (above | (tied & (tied.cumsum(-1) <= room))) & (ranked > float("-inf"))
+    j = torch.arange(n, 0, -1, device=ranked.device, dtype=torch.int32)  # n - index: larger first
+    return torch.where(take, j, 0).topk(k, dim=-1).indices  # ascending index among the taken
+
+
+def _select_chunk(p_slc: Tensor, pos: Tensor, config: NSAConfig, num_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Selection of queries at absolute positions ``pos [c]`` from block scores ``p_slc [B,
+    Hkv, c, nKB]``: the forced blocks (initial, local), then the best-scoring eligible blocks,
+    ``K = min(num_selected, nKB)`` in all; ties toward the lower block index. Returns
+    ``kv_indices int32 [B, Hkv, c, K]`` (ascending, unused slots 0), ``kv_num_blocks int32 [c]``
+    and ``block_full bool [B, Hkv, c, K]``."""
+    ls = config.select_block
+    dev = p_slc.device
+    K = min(config.num_selected, num_blocks)
+    j = torch.arange(num_blocks, device=dev)
+    eligible = j[None, :] * ls <= pos[:, None]  # [c, nKB]
+    own = (pos // ls)[:, None]  # [c, 1]
+    forced = eligible & (
+        (j[None, :] < config.num_init_blocks)
+        | ((j[None, :] <= own) & (j[None, :] > own - config.num_local_blocks))
+    )
+    ranked = torch.where(forced, float("inf"), torch.where(eligible, p_slc, float("-inf")))
+    top = _top_k_lowest_index(ranked, K)  # [B, Hkv, c, K] ascending
+    count = eligible.sum(-1).clamp(max=K)  # [c]
+    valid = torch.arange(K, device=dev) < count[:, None]  # [c, K]
+    top = torch.where(valid, top, 0)
+    full = valid & ((top + 1) * ls - 1 <= pos[:, None])  # block wholly in the past
+    return top.to(torch.int32), count.to(torch.int32), full
+
+
+def _block_selection(
+    idx: Tensor, count: Tensor, full: Tensor, config: NSAConfig, *, kv_len: int, q_len: int, num_heads: int
+) -> BlockSelection:
+    return BlockSelection(
+        kv_num_blocks=count.contiguous(),  # [B, Hkv, Tq]
+        kv_indices=idx,  # [B, Hkv, Tq, K]
+        q_block=1,
+        kv_block=config.select_block,
+        q_len=q_len,
+        kv_len=kv_len,
+        num_heads=num_heads,
+        causal=True,
+        mask_mod=causal_mod(kv_len - q_len),
+        block_full=full,  # [B, Hkv, Tq, K]
+        validate=False,
+    )
+
+
+def select_from_scores(
+    p_slc: Tensor, config: NSAConfig, *, kv_len: int, num_heads: int, chunk: int | None = None
+) -> BlockSelection:
+    """The per-token :class:`BlockSelection` (as :func:`nsa_selection` builds it) from block
+    scores ``p_slc [B, Hkv, Tq, nKB]`` (e.g. :func:`longattn.kernels.nsa.selection_scores`), in
+    query chunks of ``chunk`` rows; ties toward the lower block index."""
+    B, Hkv, Tq, nKB = p_slc.shape
+    if chunk is None:
+        chunk = _chunk_size(B, Hkv, nKB, Tq)
+    idx, cnt, full = [], [], []
+    with torch.no_grad():
+        for c0 in range(0, Tq, chunk):
+            c1 = min(Tq, c0 + chunk)
+            pos = torch.arange(c0, c1, device=p_slc.device) + (kv_len - Tq)
+            top, count, f = _select_chunk(p_slc[:, :, c0:c1], pos, config, nKB)
+            idx.append(top)
+            cnt.append(count.expand(B, Hkv, c1 - c0))
+            full.append(f)
+    return _block_selection(torch.cat(idx, 2), torch.cat(cnt, 2), torch.cat(full, 2), config,
+                            kv_len=kv_len, q_len=Tq, num_heads=num_heads)
+
+
+def _kernel_unsupported_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig) -> str | None:
+    from ..kernels.nsa import compressed_unsupported_reason
+
+    return compressed_unsupported_reason(
+        q, k_cmp, compress_block=config.compress_block, compress_stride=config.compress_stride,
+        select_block=config.select_block,
+    )
+
+
+def _kernel_compressed(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, config: NSAConfig, *, kv_len: int, scale: float
+) -> tuple[Tensor, BlockSelection]:
+    """Inference path of ``backend="triton"``: the compressed branch and the selection scores
+    from longattn's NSA kernels, the top-k on the host. Returns ``(o_cmp, selection)``."""
+    from ..kernels.nsa import compressed_attention, selection_scores
+
+    l, d = config.compress_block, config.compress_stride
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=kv_len, compress_block=l, compress_stride=d, scale=scale)
+    p_slc = selection_scores(q, k_cmp, lse, kv_len=kv_len, compress_block=l, compress_stride=d,
+                             select_block=config.select_block, scale=scale)
+    return o_cmp, select_from_scores(p_slc, config, kv_len=kv_len, num_heads=q.shape[1])
 
 
 # ---------------------------------------------------------------------- branches
@@ -485,6 +579,20 @@ def nsa_combine(
 
 
 # ---------------------------------------------------------------------- whole method
+def _triton_kernels_serve(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, config: NSAConfig) -> bool:
+    """Whether ``backend="triton"`` runs the compressed branch and the selection scores with
+    the NSA kernels: inference only (training keeps the differentiable chunked scan, no
+    warning); inputs the kernels cannot take fall back to the scan with a ``RuntimeWarning``."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cmp, v_cmp)):
+        return False
+    reason = _kernel_unsupported_reason(q, k_cmp, config)
+    if reason:
+        warnings.warn(f"NSA kernels cannot serve these inputs ({reason}); the compressed branch and the "
+                      "selection fall back to the chunked PyTorch scan", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def nsa_forward(
     q: Tensor,
     k: Tensor,
@@ -509,6 +617,8 @@ def nsa_forward(
     if backend == "reference":
         o_cmp = nsa_compressed_branch(q, k_cmp, v_cmp, config, kv_len=Tk, scale=scale, backend="reference")
         sel = nsa_selection(q, k_cmp, config, kv_len=Tk, scale=scale)
+    elif backend == "triton" and _triton_kernels_serve(q, k_cmp, v_cmp, config):
+        o_cmp, sel = _kernel_compressed(q, k_cmp, v_cmp, config, kv_len=Tk, scale=scale)
     else:
         # one chunked pass: compressed output (with gradient) and selection (without)
         o_cmp, sel = _compressed_scan(

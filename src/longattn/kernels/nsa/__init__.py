@@ -1,0 +1,208 @@
+"""NSA's compressed branch with longattn's own Triton kernels (forward / inference only).
+
+Native Sparse Attention (Yuan et al., 2025) scores its selection blocks with the compressed
+branch's attention probabilities. Plain PyTorch computes them as ``[chunk, nC]`` score
+matrices, a softmax and a gather per chunk; here two kernels do it without ever storing a
+``[Tq, nC]`` tensor:
+
+* :func:`compressed_attention` -- the compressed branch's output and log-sum-exp (online
+  softmax over the compressed tokens a query tile can see, the ``G`` query heads of a KV head
+  in one program).
+* :func:`selection_scores` -- ``p_slc [B, Hkv, Tq, nKB]``: the normalised probabilities
+  ``exp(s*scale - lse)`` recomputed tile by tile, summed over the GQA group and over the
+  compressed tokens overlapping each selection block (the same 0/1 overlap as
+  :func:`longattn.methods.nsa.block_overlap`), through a ``tl.dot`` with a fixed tile-local
+  overlap matrix.
+
+The top-k over ``p_slc`` runs on the host (:func:`longattn.methods.nsa.select_from_scores`).
+No autograd: training uses the differentiable chunked scan in :mod:`longattn.methods.nsa`.
+
+Precision: scores are computed with the compressed keys in their own dtype; fp32 compressed
+keys (the mean ``phi`` output) against 16-bit queries upcast the queries (exact), and fp32
+products use ``tf32x3`` on GPUs (near-fp32, tensor cores) and IEEE fp32 in the interpreter, so
+the block scores match the fp32 chunked scan to rounding and the two pick the same blocks
+except between scores equal to ~1e-6. Cast ``k_cmp``/``v_cmp`` to bf16 for speed (full tensor
+core rate) at the price of bf16-rounded scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ...selection import _ceil_div
+from .. import interpreting
+from ..block_sparse import inputs_unsupported_reason
+
+# Tile sizes, in one place. Rows of a program = GP x BLOCK_M (GP: query heads per KV head,
+# padded to a power of two), capped by ROW_CAP; compressed tokens per inner step: CMP_BLOCK_N
+# for the attention kernel, about SLC_BLOCK_N (a whole number of selection blocks) for the
+# score kernel. For sm_90 (228 KiB of shared memory per SM): D = 128, fp32 operands, 64 rows x
+# 64 tokens -> Q 32 KiB, K and V tiles 32 KiB each; 16-bit operands take 128 rows.
+ROW_CAP = {False: 128, True: 64}  # fp32 operands? -> max rows per program
+CMP_BLOCK_N = 64
+SLC_BLOCK_N = 64
+FP32_DOT_PRECISION = "tf32x3"  # on GPUs; the interpreter always uses IEEE fp32
+NUM_STAGES = 2
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _num_warps(rows: int, head_dim: int) -> int:
+    return 8 if rows * head_dim >= 64 * 128 else 4
+
+
+def compressed_unsupported_reason(
+    q: Tensor, k_cmp: Tensor, *, compress_block: int, compress_stride: int, select_block: int | None = None
+) -> str | None:
+    """``None`` when the kernels can run on these inputs (``select_block`` given: also
+    :func:`selection_scores`), else why not."""
+    reason = inputs_unsupported_reason(q)
+    if reason:
+        return reason
+    if k_cmp.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the NSA kernels take float16, bfloat16 or float32 compressed keys, got {k_cmp.dtype}"
+    if k_cmp.device != q.device:
+        return f"q is on {q.device} but the compressed keys on {k_cmp.device}"
+    if q.shape[1] % k_cmp.shape[1] != 0:
+        return f"{k_cmp.shape[1]} KV heads do not divide {q.shape[1]} query heads"
+    if select_block is not None:
+        r = select_block // compress_stride
+        if select_block % compress_stride or r & (r - 1):
+            return (f"the NSA score kernel needs select_block / compress_stride to be a power of two, "
+                    f"got {select_block} / {compress_stride}")
+        nb = max(1, SLC_BLOCK_N // r)
+        spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
+        if spill > nb:
+            return (f"compress_block={compress_block} reaches over more than {nb} selection blocks of "
+                    f"{select_block} keys")
+    return None
+
+
+def _check(q: Tensor, k_cmp: Tensor, v_cmp: Tensor | None, kv_len: int, l: int, d: int, ls: int | None) -> None:
+    if q.dim() != 4 or k_cmp.dim() != 4 or (v_cmp is not None and v_cmp.shape != k_cmp.shape):
+        raise ValueError(f"expected q [B, H, Tq, D] and k_cmp, v_cmp [B, Hkv, nC, D], got "
+                         f"{tuple(q.shape)}, {tuple(k_cmp.shape)}, {None if v_cmp is None else tuple(v_cmp.shape)}")
+    if k_cmp.shape[0] != q.shape[0] or k_cmp.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k_cmp {tuple(k_cmp.shape)} differ in batch or head dim")
+    if kv_len < q.shape[2]:
+        raise ValueError(f"kv_len={kv_len} is shorter than the {q.shape[2]} queries")
+    for name, val in (("compress_block", l), ("compress_stride", d)) + ((("select_block", ls),) if ls else ()):
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be an int > 0, got {val!r}")
+    if l % d:
+        raise ValueError(f"compress_block={l} must be a multiple of compress_stride={d}")
+    n_cmp = (kv_len - l) // d + 1 if kv_len >= l else 0
+    if k_cmp.shape[2] > n_cmp:
+        raise ValueError(f"{k_cmp.shape[2]} compressed tokens, but {kv_len} keys hold only {n_cmp}")
+    reason = compressed_unsupported_reason(q, k_cmp, compress_block=l, compress_stride=d, select_block=ls)
+    if reason:
+        raise ValueError(f"the NSA kernels cannot run: {reason}")
+
+
+def _common_dtype(q: Tensor, k_cmp: Tensor) -> torch.dtype:
+    # fp32 when either side is fp32 (16-bit values upcast exactly), else the queries' dtype
+    return torch.float32 if torch.float32 in (q.dtype, k_cmp.dtype) else q.dtype
+
+
+def _layout(q: Tensor, Hkv: int, fp32: bool) -> tuple[int, int, int, int]:
+    """``(G, GP, BLOCK_M, HEAD_DIM)`` for queries ``q``."""
+    G = q.shape[1] // Hkv
+    GP = _pow2_at_least(G)
+    block_m = max(1, ROW_CAP[fp32] // GP)
+    block_m = min(block_m, _pow2_at_least(q.shape[2]))  # no wasted rows for short inputs
+    block_m = max(block_m, 16 // GP if GP < 16 else 1)  # tl.dot needs >= 16 rows
+    return G, GP, block_m, max(16, _pow2_at_least(q.shape[-1]))
+
+
+def _dot_args(q: Tensor, dtype: torch.dtype) -> dict:
+    fp32 = dtype == torch.float32
+    interp = interpreting()
+    return dict(F32=fp32, PREC="ieee" if interp else FP32_DOT_PRECISION, UPCAST=interp and not fp32)
+
+
+def compressed_attention(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, *, kv_len: int, compress_block: int, compress_stride: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """NSA's compressed branch: attention of ``q [B, H, Tq, D]`` (absolute positions ``p = i +
+    kv_len - Tq``) over the compressed tokens ``k_cmp, v_cmp [B, Hkv, nC, D]``; query ``p``
+    sees token ``j`` iff ``j * compress_stride + compress_block - 1 <= p``.
+
+    Returns ``(out [B, H, Tq, D] in q's dtype, lse float32 [B, H, Tq])`` (natural log; output
+    0 and lse ``-inf`` for a query that sees no token). No autograd. Raises ``ValueError`` on
+    inconsistent shapes or inputs the kernels cannot take."""
+    from .kernel import _cmp_fwd
+
+    _check(q, k_cmp, v_cmp, kv_len, compress_block, compress_stride, None)
+    B, H, Tq, D = q.shape
+    Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
+    out = torch.zeros_like(q)
+    lse = torch.full((B, H, Tq), float("-inf"), device=q.device, dtype=torch.float32)
+    if B == 0 or Tq == 0 or nC == 0 or H == 0:
+        return out, lse
+    dtype = _common_dtype(q, k_cmp)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cmp, v_cmp = (t.to(dtype) if t.dtype != dtype else t for t in (k_cmp, v_cmp))
+    k_cmp, v_cmp = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cmp, v_cmp))
+    G, GP, block_m, head_dim = _layout(q, Hkv, dtype == torch.float32)
+    rows = GP * block_m
+    _cmp_fwd[(_ceil_div(Tq, block_m), B * Hkv)](
+        q, k_cmp, v_cmp, out, lse,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        Tq, nC, kv_len - Tq, Hkv, compress_block, compress_stride, float(scale) * math.log2(math.e),
+        D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=CMP_BLOCK_N,
+        **_dot_args(q, dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
+    )
+    return out, lse
+
+
+def selection_scores(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, *, kv_len: int, compress_block: int, compress_stride: int,
+    select_block: int, scale: float,
+) -> Tensor:
+    """NSA's selection-block scores (paper eq. 9-10, with each overlapping compressed token
+    counted once): ``p_slc [B, Hkv, Tq, nKB]`` float32, ``nKB = ceil(kv_len / select_block)``,
+    ``p_slc[b, g, t, j] = sum over the query heads h of KV head g and the visible compressed
+    tokens i overlapping keys [j*l', (j+1)*l') of exp(q_h . k_i * scale - lse[b, h, t])``.
+
+    ``lse [B, H, Tq]``: the compressed branch's log-sum-exp (:func:`compressed_attention`).
+    No autograd. Raises ``ValueError`` on inconsistent shapes or unsupported inputs."""
+    from .kernel import _slc_scores
+
+    _check(q, k_cmp, None, kv_len, compress_block, compress_stride, select_block)
+    B, H, Tq, D = q.shape
+    Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
+    if lse.shape != (B, H, Tq):
+        raise ValueError(f"lse must be [B, H, Tq] = {(B, H, Tq)}, got {tuple(lse.shape)}")
+    n_blocks = _ceil_div(kv_len, select_block)
+    if B == 0 or Tq == 0 or nC == 0 or H == 0:
+        return torch.zeros(B, Hkv, Tq, n_blocks, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, Hkv, Tq, n_blocks, device=q.device, dtype=torch.float32)
+    dtype = _common_dtype(q, k_cmp)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cmp = k_cmp.to(dtype) if k_cmp.dtype != dtype else k_cmp
+    k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
+    lse = lse.to(torch.float32)
+    G, GP, block_m, head_dim = _layout(q, Hkv, True)  # the probability tiles are fp32
+    r = select_block // compress_stride
+    nb = max(1, SLC_BLOCK_N // r)
+    spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
+    rows = GP * block_m
+    _slc_scores[(_ceil_div(Tq, block_m), B * Hkv)](
+        q, k_cmp, lse, out,
+        *q.stride()[:3], *k_cmp.stride()[:3], *lse.stride()[:2], *out.stride()[:3],
+        Tq, nC, n_blocks, kv_len - Tq, Hkv, compress_block, compress_stride, select_block,
+        float(scale) * math.log2(math.e),
+        D=D, HEAD_DIM=head_dim, G=G, GP=GP, BLOCK_M=block_m, BLOCK_N=nb * r, NB=nb, NBP=max(16, nb), E=spill,
+        **_dot_args(q, dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
+    )
+    return out
+
+
+__all__ = ["compressed_attention", "selection_scores", "compressed_unsupported_reason",
+           "ROW_CAP", "CMP_BLOCK_N", "SLC_BLOCK_N"]
