@@ -162,6 +162,18 @@ def generate_answer(model, tokenizer, ids: Tensor, max_new_tokens: int) -> list[
     return gen
 
 
+def probe_forward(model: torch.nn.Module, ids: Tensor) -> None:
+    """One forward without a cache, for the probe's sake: only the last position's logits
+    are computed where the model allows it (at 8k tokens the full logits of a 49k vocabulary
+    would take 1.6 GB)."""
+    import inspect
+
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    model(ids, **kwargs)
+
+
 class _AnalysisProbe:
     """Reduces every layer to :class:`LayerStats` (and argmax keys of the answer rows)."""
 
@@ -236,7 +248,7 @@ def analyze_model(
     rows = range(T - 1, T - 1 + len(generated))
     probe = _AnalysisProbe(T, rows, config, layers_pic, heads_pic, max_pixels)
     with torch.no_grad(), hf.attention_probe(probe):
-        model(full_ids, use_cache=False)
+        probe_forward(model, full_ids)
     layers = [probe.stats[i] for i in sorted(probe.stats)]
 
     if generated:
@@ -374,5 +386,5 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path) -> dict[str, Path
 __all__ = [
     "AnalysisResult", "NEEDLE_TASKS", "Prompt", "analyze_model", "check_indices", "check_length",
     "default_picture_layers", "generate_answer", "markdown_report", "model_shape", "needle_prompt",
-    "parse_index_list", "text_prompt", "write_outputs",
+    "parse_index_list", "probe_forward", "text_prompt", "write_outputs",
 ]

@@ -319,8 +319,14 @@ def duo_gates(model: torch.nn.Module, gates: Tensor, *, sink: int, window: int) 
 
 
 def _final_hidden(model: torch.nn.Module, ids: Tensor) -> Tensor:
-    """The last layer's hidden states (after the final norm) ``[B, T, hidden]``."""
-    return model(ids, use_cache=False, output_hidden_states=True).hidden_states[-1]
+    """The last layer's hidden states (after the final norm) ``[B, T, hidden]``; the logits
+    of all but the last position are skipped where the model allows it."""
+    import inspect
+
+    kwargs: dict[str, Any] = {"use_cache": False, "output_hidden_states": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(ids, **kwargs).hidden_states[-1]
 
 
 @dataclass
@@ -462,7 +468,7 @@ def calibrate_lighttransfer(
     attention on the first ``sink`` tokens plus the last ``window`` keys), averaged over
     ``samples`` needle prompts; the laziest ``ratio`` of layers are marked lazy."""
     from .. import hf
-    from .analyze import check_length, model_shape
+    from .analyze import check_length, model_shape, probe_forward
     from .stats import AnalysisConfig, layer_attention_stats
 
     check_length(length)
@@ -480,7 +486,7 @@ def calibrate_lighttransfer(
             seen[layer] = layer_attention_stats(q, k, scale=scale, config=cfg, layer=layer).lazy_mass
 
         with torch.no_grad(), hf.attention_probe(probe):
-            model(ids, use_cache=False)
+            probe_forward(model, ids)
         for i in range(L):
             totals[i] += seen[i] / len(examples)
     flags = lazy_layers(totals, ratio)
@@ -505,7 +511,7 @@ def retrieval_head_scores(model: torch.nn.Module, tokenizer: Any, prompt: Any, *
     head's most attended key at every generation step. Also returns the reply and whether
     it was correct."""
     from .. import hf
-    from .analyze import generate_answer
+    from .analyze import generate_answer, probe_forward
     from .retrieval import argmax_keys, copy_paste_scores
 
     device = next(model.parameters()).device
@@ -531,7 +537,7 @@ def retrieval_head_scores(model: torch.nn.Module, tokenizer: Any, prompt: Any, *
         found[layer] = argmax_keys(q, k, rows, s)[0].cpu()
 
     with torch.no_grad(), hf.attention_probe(probe):
-        model(full_ids, use_cache=False)
+        probe_forward(model, full_ids)
     argmax = torch.stack([found[i] for i in range(L)])
     return copy_paste_scores(argmax, generated, full_ids[0].tolist(), prompt.needle), {"reply": reply, "correct": correct}
 
