@@ -207,6 +207,25 @@ def _length(text: str) -> int:
         raise typer.BadParameter(str(err), param_hint="--length") from None
 
 
+def _parse_settings(items: list[str], cls) -> dict:
+    """``["local_mass=0.8"]`` -> ``{"local_mass": 0.8}``, names checked against ``cls``'s fields."""
+    import ast
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r} must be name=value with name one of {sorted(fields)}")
+        try:
+            out[name] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {item!r}: {value!r} is not a number") from None
+    return out
+
+
 @app.command()
 def analyze(
     model: str = typer.Option("smollm2-135m", help="a known model name, a local directory or a hub id"),
@@ -226,6 +245,9 @@ def analyze(
     sink_factor: float = typer.Option(20.0, help="sink: mean received attention >= this x the uniform share"),
     chunk: int = typer.Option(256, help="query rows per softmax chunk"),
     max_pixels: int = typer.Option(512, help="attention maps are pooled to at most this many tiles a side"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="any other AnalysisConfig field as name=value, repeatable (e.g. local_mass=0.8, "
+                          "sink_min_share=0.05, retrieval_top_k=4)"),
 ) -> None:
     """Attention entropy, sinks, head classes, retrieval scores and attention maps of every
     layer and head on one prompt; writes markdown, JSON and PNGs to --out."""
@@ -244,7 +266,9 @@ def analyze(
     try:
         picture_layers = parse_index_list(layers, "--layers")
         picture_heads = parse_index_list(heads, "--heads")
-        config = AnalysisConfig(window=window, sink_tokens=sink_tokens, sink_factor=sink_factor, chunk=chunk)
+        settings = dict(window=window, sink_tokens=sink_tokens, sink_factor=sink_factor, chunk=chunk)
+        settings.update(_parse_settings(set_, AnalysisConfig))  # --set wins
+        config = AnalysisConfig(**settings)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     dev = _device(device)
@@ -312,6 +336,16 @@ def calibrate(
         cal = calibrate_lighttransfer(lm, tok, window=window, sink=sink, **common)
     else:
         cal = calibrate_headkv(lm, tok, **common)
+    data = cal.data
+    if method == "duo":
+        kept = [f"L{l}kv{h}" for l, row in enumerate(data["retrieval"]) for h, f in enumerate(row) if f]
+        console.print(f"retrieval (full-attention) KV heads: {len(kept)} of {data['num_layers'] * data['num_kv_heads']}")
+    elif method == "lighttransfer":
+        lazy = [i for i, f in enumerate(data["lazy"]) if f]
+        console.print(f"lazy layers ({len(lazy)} of {data['num_layers']}): {lazy}")
+    else:
+        top = ", ".join(f"L{l}H{h}={data['scores'][l][h]:.2f}" for l, h in data["rank"][:10])
+        console.print(f"top retrieval heads: {top} ({data['settings']['correct']}/{n_samples} answered correctly)")
     path = save_calibration(cal, out)
     console.print(f"wrote {path}")
 
