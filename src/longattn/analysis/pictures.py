@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 MAP_FIGSIZE = (6.4, 5.6)  # inches
