@@ -192,6 +192,164 @@ def data() -> None:
     console.print(f"Austen's novels in {fetch_austen()}")
 
 
+def _device(device: Optional[str]) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _length(text: str) -> int:
+    from .arena.job import parse_length
+
+    try:
+        return parse_length(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--length") from None
+
+
+def _parse_settings(items: list[str], cls) -> dict:
+    """``["local_mass=0.8"]`` -> ``{"local_mass": 0.8}``, names checked against ``cls``'s fields."""
+    import ast
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r} must be name=value with name one of {sorted(fields)}")
+        try:
+            out[name] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {item!r}: {value!r} is not a number") from None
+    return out
+
+
+@app.command()
+def analyze(
+    model: str = typer.Option("smollm2-135m", help="a known model name, a local directory or a hub id"),
+    length: str = typer.Option("2k", help="prompt length in tokens (2k = 2048; at least 16)"),
+    out: str = typer.Option("analysis", help="output folder: report.md, analysis.json, PNGs"),
+    task: str = typer.Option("niah", help="needle prompt: niah or passkey (ignored with --text)"),
+    text: Optional[str] = typer.Option(None, help="analyse the first --length tokens of this text file instead"),
+    haystack: Optional[str] = typer.Option(None, help="haystack kind: auto, austen, synthetic, repeat (default: the task's)"),
+    depth: float = typer.Option(0.5, help="needle depth in [0, 1]"),
+    seed: int = typer.Option(0),
+    layers: Optional[str] = typer.Option(None, help="layers to picture, e.g. 0,5 (default: first, middle, last)"),
+    heads: Optional[str] = typer.Option(None, help="query heads to picture, e.g. 0,3 (default: 0)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if present)"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16 (statistics are computed in float32)"),
+    window: int = typer.Option(64, help="recent window in tokens"),
+    sink_tokens: int = typer.Option(4, help="initial tokens counted as sinks"),
+    sink_factor: float = typer.Option(20.0, help="sink: mean received attention >= this x the uniform share"),
+    chunk: int = typer.Option(256, help="query rows per softmax chunk"),
+    max_pixels: int = typer.Option(512, help="attention maps are pooled to at most this many tiles a side"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="any other AnalysisConfig field as name=value, repeatable (e.g. local_mass=0.8, "
+                          "sink_min_share=0.05, retrieval_top_k=4)"),
+) -> None:
+    """Attention entropy, sinks, head classes, retrieval scores and attention maps of every
+    layer and head on one prompt; writes markdown, JSON and PNGs to --out."""
+    import torch
+
+    from . import models as model_zoo
+    from .analysis import AnalysisConfig
+    from .analysis.analyze import (NEEDLE_TASKS, analyze_model, check_indices, model_shape, needle_prompt,
+                                   parse_index_list, text_prompt, write_outputs)
+
+    n_tokens = _length(length)
+    if text is None and task not in NEEDLE_TASKS:
+        raise typer.BadParameter(f"--task must be one of {NEEDLE_TASKS}", param_hint="--task")
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter("--dtype must be float32 or bfloat16", param_hint="--dtype")
+    try:
+        picture_layers = parse_index_list(layers, "--layers")
+        picture_heads = parse_index_list(heads, "--heads")
+        settings = dict(window=window, sink_tokens=sink_tokens, sink_factor=sink_factor, chunk=chunk)
+        settings.update(_parse_settings(set_, AnalysisConfig))  # --set wins
+        config = AnalysisConfig(**settings)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    dev = _device(device)
+    lm, tok = model_zoo.load(model, dtype=getattr(torch, dtype), device=dev)
+    try:
+        n_layers, n_heads, _ = model_shape(lm)
+        check_indices(picture_layers, picture_heads, n_layers, n_heads)
+        prompt = (text_prompt(tok, text, n_tokens) if text else
+                  needle_prompt(tok, n_tokens, task=task, seed=seed, depth=depth, haystack=haystack))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console.print(f"analysing {model} on {prompt.ids.shape[1]} tokens ({dev})")
+    result = analyze_model(lm, tok, prompt, model_name=model, config=config, picture_layers=picture_layers,
+                           picture_heads=picture_heads, max_pixels=max_pixels)
+    paths = write_outputs(result, out)
+    if result.answer is not None:
+        console.print(f"answer {prompt.source['answer']!r}, model replied {result.answer['reply'].strip()!r}")
+    console.print(f"wrote {paths['report.md']}, {paths['analysis.json']} and {len(result.pictures)} PNGs")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("smollm2-135m", help="a known model name, a local directory or a hub id"),
+    method: str = typer.Option(..., help="duo, lighttransfer or headkv"),
+    out: str = typer.Option(..., help="calibration JSON file to write"),
+    length: Optional[str] = typer.Option(None, help="prompt length (default: 512 for duo, 1k otherwise)"),
+    steps: int = typer.Option(40, help="duo: optimisation steps"),
+    ratio: Optional[float] = typer.Option(
+        None, help="fraction marked: duo retrieval KV heads (default 0.5), lighttransfer lazy layers "
+                   "(0.5), headkv retrieval heads (0.05)"),
+    samples: Optional[int] = typer.Option(None, help="needle samples (default: 4 for duo and headkv, 2 for lighttransfer)"),
+    seed: int = typer.Option(0),
+    lr: float = typer.Option(0.02, help="duo: Adam learning rate (the paper's 0.02)"),
+    lam: float = typer.Option(0.05, help="duo: weight of the L1 penalty on the gates"),
+    sink: int = typer.Option(4, help="duo/lighttransfer: initial sink tokens of streaming attention"),
+    window: int = typer.Option(64, help="duo/lighttransfer: recent window of streaming attention"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if present)"),
+) -> None:
+    """Calibrate a model and write a versioned calibration file: DuoAttention gates (duo),
+    LightTransfer lazy layers (lighttransfer) or retrieval-head scores (headkv)."""
+    from . import models as model_zoo
+    from .analysis.calibrate import (METHODS, calibrate_duo, calibrate_headkv, calibrate_lighttransfer,
+                                     check_ratio, save_calibration)
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"--method must be one of {METHODS}", param_hint="--method")
+    n_tokens = _length(length or ("512" if method == "duo" else "1k"))
+    r = ratio if ratio is not None else {"duo": 0.5, "lighttransfer": 0.5, "headkv": 0.05}[method]
+    try:
+        check_ratio(r)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--ratio") from None
+    n_samples = samples if samples is not None else (2 if method == "lighttransfer" else 4)
+    if n_samples < 1 or steps < 1 or sink < 1 or window < 1:
+        raise typer.BadParameter("--samples, --steps, --sink and --window must be at least 1")
+    dev = _device(device)
+    lm, tok = model_zoo.load(model, device=dev)
+    console.print(f"calibrating {model} with {method} on {n_samples} samples of {n_tokens} tokens ({dev})")
+    common = dict(model_name=model, length=n_tokens, samples=n_samples, ratio=r, seed=seed)
+    if method == "duo":
+        cal = calibrate_duo(lm, tok, steps=steps, lr=lr, lam=lam, sink=sink, window=window, **common)
+        loss = cal.data["loss"]
+        console.print(f"loss {loss[0]['loss']:.4g} -> {loss[-1]['loss']:.4g} over {len(loss)} steps")
+    elif method == "lighttransfer":
+        cal = calibrate_lighttransfer(lm, tok, window=window, sink=sink, **common)
+    else:
+        cal = calibrate_headkv(lm, tok, **common)
+    data = cal.data
+    if method == "duo":
+        kept = [f"L{l}kv{h}" for l, row in enumerate(data["retrieval"]) for h, f in enumerate(row) if f]
+        console.print(f"retrieval (full-attention) KV heads: {len(kept)} of {data['num_layers'] * data['num_kv_heads']}")
+    elif method == "lighttransfer":
+        lazy = [i for i, f in enumerate(data["lazy"]) if f]
+        console.print(f"lazy layers ({len(lazy)} of {data['num_layers']}): {lazy}")
+    else:
+        top = ", ".join(f"L{l}H{h}={data['scores'][l][h]:.2f}" for l, h in data["rank"][:10])
+        console.print(f"top retrieval heads: {top} ({data['settings']['correct']}/{n_samples} answered correctly)")
+    path = save_calibration(cal, out)
+    console.print(f"wrote {path}")
+
+
 def main() -> None:
     app()
 
