@@ -33,6 +33,11 @@ TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
 }
 
 
+# Launch settings forced per phase ("fwd", "bwd"), e.g. {"fwd": {"num_warps": 4, "num_stages": 3}}:
+# a tuning hook for benchmarks that sweep configurations (with TILE_CAPS); empty in normal use.
+LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
 def _largest_pow2_divisor_at_most(n: int, cap: int) -> int:
     d = 1
     while d * 2 <= cap and n % (d * 2) == 0:
@@ -128,8 +133,8 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
         two_sided=bool(rule and rule.window is not None and not rule.causal),
         ieee=q.dtype == torch.float32,
         upcast=interpreting() and q.dtype != torch.float32,
-        num_warps=8 if big else 4,
-        num_stages=2,
+        num_warps=LAUNCH_OVERRIDES.get(phase, {}).get("num_warps", 8 if big else 4),
+        num_stages=LAUNCH_OVERRIDES.get(phase, {}).get("num_stages", 2),
     )
 
 
