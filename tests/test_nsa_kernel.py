@@ -32,6 +32,9 @@ from longattn.methods.nsa import (
 
 from .conftest import rand_qkv
 
+# the GPU when the suite runs with LONGATTN_TEST_DEVICE=cuda, else the interpreter on CPU
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 SMALL = dict(compress_block=16, compress_stride=8, select_block=16, num_selected=4, window=24)
 # (Tq, Tk, H, Hkv, dtype)
 CASES = [
@@ -54,7 +57,7 @@ def _kw(cfg: NSAConfig) -> dict:
 
 
 def _inputs(Tq, Tk, H, Hkv, dtype, cfg, seed):
-    q, k, v = rand_qkv(1, H, Hkv, Tq, Tk, 64, dtype=dtype, seed=seed)
+    q, k, v = rand_qkv(1, H, Hkv, Tq, Tk, 64, dtype=dtype, seed=seed, device=DEV)
     k_cmp, v_cmp = nsa_compress(k, v, cfg)  # fp32 (mean phi)
     return q, k, v, k_cmp, v_cmp
 
@@ -64,11 +67,11 @@ def _scan_scores(q, k_cmp, cfg, kv_len, scale):
     B, H, Tq, D = q.shape
     Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
     nKB = -(-kv_len // cfg.select_block)
-    pos = torch.arange(Tq) + kv_len - Tq
+    pos = torch.arange(Tq, device=q.device) + kv_len - Tq
     visible = compressed_visibility(pos, nC, cfg)
     logits = q.float().reshape(B, Hkv, H // Hkv, Tq, D) @ k_cmp.float()[:, :, None].transpose(-1, -2) * scale
     p_grp = _masked_softmax(logits, visible).sum(2)
-    return block_scores(p_grp, *overlap_ranges(nC, nKB, cfg, "cpu")), logits.masked_fill(~visible, float("-inf"))
+    return block_scores(p_grp, *overlap_ranges(nC, nKB, cfg, q.device)), logits.masked_fill(~visible, float("-inf"))
 
 
 @pytest.mark.parametrize("Tq,Tk,H,Hkv,dtype", CASES)
@@ -113,7 +116,7 @@ def test_scores_for_other_block_geometries(l, d, ls):
 @pytest.mark.parametrize("dtype,H,Hkv,Tq,Tk", [(torch.float32, 4, 2, 64, 64), (torch.bfloat16, 4, 1, 90, 200),
                                                (torch.float32, 4, 1, 200, 200)])
 def test_triton_forward_matches_reference(dtype, H, Hkv, Tq, Tk):
-    q, k, v = rand_qkv(2, H, Hkv, Tq, Tk, 64, dtype=dtype, seed=Tq * 7 + Tk + H * Hkv)
+    q, k, v = rand_qkv(2, H, Hkv, Tq, Tk, 64, dtype=dtype, seed=Tq * 7 + Tk + H * Hkv, device=DEV)
     ref = longattn.attention(q.float(), k.float(), v.float(), method="nsa", backend="reference", **SMALL)
     with plain_precision():
         plain = longattn.attention(q, k, v, method="nsa", backend="reference", **SMALL)
@@ -135,7 +138,7 @@ def test_queries_that_see_no_compressed_token():
     p_slc = selection_scores(q, k_cmp, lse, kv_len=40, scale=0.125, select_block=16, **_kw(cfg))
     assert torch.all(p_slc[:, :, :blind] == 0)
     # keys shorter than a compression block: no compressed token at all
-    q2, k2, v2 = rand_qkv(1, 4, 2, 10, 10, 64, seed=2)
+    q2, k2, v2 = rand_qkv(1, 4, 2, 10, 10, 64, seed=2, device=DEV)
     kc, vc = nsa_compress(k2, v2, cfg)
     out2, lse2 = compressed_attention(q2, kc, vc, kv_len=10, scale=0.125, **_kw(cfg))
     assert torch.all(out2 == 0) and torch.all(lse2 == float("-inf"))
@@ -158,7 +161,7 @@ def test_ties_go_to_the_lower_block_like_a_stable_sort():
 
 def test_training_keeps_the_scan_and_unsupported_inputs_fall_back_with_a_warning():
     cfg = NSAConfig(**SMALL)
-    q, k, v = rand_qkv(1, 4, 2, 32, 32, 64, seed=4, requires_grad=True)
+    q, k, v = rand_qkv(1, 4, 2, 32, 32, 64, seed=4, requires_grad=True, device=DEV)
     k_cmp, v_cmp = nsa_compress(k, v, cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
