@@ -26,7 +26,7 @@ from .. import interpreting, triton_unavailable_reason
 # have (ptxas on the sm_90a targets, checked for D = 64 and 128): fp32 tiles are smaller, and the
 # backward, which holds more accumulators, has fewer rows.
 TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
-    ("fwd", False): (128, 64),
+    ("fwd", False): (128, 32),
     ("fwd", True): (32, 32),
     ("bwd", False): (64, 64),
     ("bwd", True): (16, 32),
@@ -117,8 +117,13 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
     block_n = _largest_pow2_divisor_at_most(sel.kv_block, max_block_n)
     rule = token_rule_of(sel.mask_mod)
     head_dim = max(16, 1 << (D - 1).bit_length())
-    # 8 warps for the big bf16/fp16 tiles (and the backward's, which holds dK and dV too)
-    big = q.dtype != torch.float32 and rows * head_dim * (2 if phase == "bwd" else 1) >= 128 * 128
+    # 16-bit launch settings from benchmarks/tile_sweep.py on the H200 (top-k, T = 64k, D = 128,
+    # bf16; docs/benchmarks.md): 4 warps beat 8 in both phases (forward 6.0 ms at 128 x 32 tiles
+    # and 3 stages against 7.3 ms at 128 x 64 / 8 warps / 2 stages; forward + backward 26.8 ms
+    # against 45.9 ms at 8 warps). fp32 keeps its small tiles at 4 warps and 2 stages.
+    sixteen = q.dtype != torch.float32
+    warps = 4
+    stages = 3 if sixteen and phase == "fwd" else 2
     return _Plan(
         P=P,
         BLOCK_M=block_m,
@@ -133,8 +138,8 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
         two_sided=bool(rule and rule.window is not None and not rule.causal),
         ieee=q.dtype == torch.float32,
         upcast=interpreting() and q.dtype != torch.float32,
-        num_warps=LAUNCH_OVERRIDES.get(phase, {}).get("num_warps", 8 if big else 4),
-        num_stages=LAUNCH_OVERRIDES.get(phase, {}).get("num_stages", 2),
+        num_warps=LAUNCH_OVERRIDES.get(phase, {}).get("num_warps", warps),
+        num_stages=LAUNCH_OVERRIDES.get(phase, {}).get("num_stages", stages),
     )
 
 
