@@ -200,7 +200,9 @@ def lighttransfer_layers(config: dict[str, Any], num_layers: int) -> tuple[int, 
 def _check_overrides(policy: str, overrides: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"policy {policy!r} in the arena takes no option(s) {unknown}; its options are {list(allowed)}")
+        raise ValueError(
+            f"policy {policy!r} in the arena takes no option(s) {unknown} (the budget sets them); "
+            f"the options beside the budget are {list(allowed)}")
 
 
 def _need(policy: str, budget: Budget, tokens: int, minimum: int, why: str) -> None:
