@@ -107,13 +107,22 @@ def arena(
     model_name: Optional[str] = typer.Option(
         None, help="name recorded in the store and report (default: --model); e.g. smollm2-135m "
                    "when --model is a path to its GGUF"),
-    methods: str = typer.Option("full,window,sink,bigbird,topk,moba,nsa", help="comma-separated methods"),
+    methods: Optional[str] = typer.Option(
+        None, help="comma-separated attention methods (default: full,window,sink,bigbird,topk,moba,nsa; "
+                   "only full when --policies is given)"),
+    policies: str = typer.Option(
+        "", help="comma-separated KV-cache policies (streaming,h2o,quest,recycled,duo,lighttransfer,full), "
+                 "each run at every --budgets value with attention method full"),
+    budgets: str = typer.Option(
+        "10%,25%,50%", help="KV budgets for --policies: percentages of the prompt (25%), fractions (0.25) "
+                            "or token counts (512, 2k); see longattn.arena.budget"),
     tasks: str = typer.Option("passkey,niah", help="comma-separated tasks"),
     lengths: str = typer.Option("1k,2k,4k,8k", help="comma-separated context lengths in tokens (2k = 2048)"),
     samples: int = typer.Option(5, help="samples per method x task x length (depth tasks sweep 5 depths)"),
     seed: int = typer.Option(0),
     store: str = typer.Option("arena.sqlite", help="SQLite file; a rerun resumes it"),
-    config: list[str] = typer.Option([], help="method.field=value, repeatable (e.g. moba.top_k=3)"),
+    config: list[str] = typer.Option([], help="method.field=value or policy.field=value, repeatable (e.g. "
+                                                   "moba.top_k=3, quest.dense_layers=0, duo.retrieval_heads=heads.json)"),
     configs: str = typer.Option("paper", help="'paper': paper defaults; 'scaled': budgets of about T/8 per length"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if present)"),
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
@@ -125,13 +134,26 @@ def arena(
     import torch
 
     from . import get_method, models as model_zoo
+    from .arena.budget import BUDGET_POLICIES, check_policy_config, parse_budget, policy_config
     from .arena.job import ArenaJob, parse_length
-    from .arena.report import markdown_table, summarize
+    from .arena.report import markdown_table, policy_table, summarize, summarize_policies
     from .arena.runner import run_grid
     from .arena.store import Cell, ResultStore
     from .arena.tasks import TASKS
     from .demo import demo_configs
 
+    policy_list = [p.strip() for p in policies.split(",") if p.strip()]
+    for p in policy_list:
+        if p not in BUDGET_POLICIES:
+            raise typer.BadParameter(f"unknown KV policy {p!r}; choose from {list(BUDGET_POLICIES)}")
+    try:
+        budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    if any(p != "full" for p in policy_list) and not budget_list:
+        raise typer.BadParameter("--policies needs at least one --budgets value")
+    if methods is None:
+        methods = "full" if policy_list else "full,window,sink,bigbird,topk,moba,nsa"
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
         get_method(m)
@@ -154,6 +176,17 @@ def arena(
             for t in task_list:
                 for s in range(samples):
                     cells.append(Cell(model_name or model, m, t, length, s, seed, cfg))
+        for p in policy_list:
+            for b in [None] if p == "full" else budget_list:
+                try:
+                    pcfg = policy_config(p, b, length, {} if p == "full" else overrides.get(p, {}))
+                    check_policy_config(p, pcfg)
+                except ValueError as err:
+                    raise typer.BadParameter(f"{p} at length {length}: {err}") from None
+                label = None if b is None else b.label
+                for t in task_list:
+                    for s in range(samples):
+                        cells.append(Cell(model_name or model, "full", t, length, s, seed, {}, p, label, pcfg))
     with ResultStore(store) as db:
         todo = len({c.key for c in cells} - db.done_keys())
         console.print(f"{len(cells)} cells, {len(cells) - todo} already in {store}, {todo} to run")
@@ -166,7 +199,10 @@ def arena(
             stats = run_grid(cells, job, db, env=env)
         keys = {c.key for c in cells}
         rows = [r for r in db.rows() if r["key"] in keys]
-    console.print(markdown_table(summarize(rows)))
+    if any(r["policy"] is None for r in rows):
+        console.print(markdown_table(summarize(rows)))
+    if any(r["policy"] is not None for r in rows):
+        console.print(policy_table(summarize_policies(rows)))
     if todo and stats["failed"]:
         console.print(f"[red]{stats['failed']} cells failed (errors above); rerun to retry them[/red]")
         raise typer.Exit(1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -114,9 +114,13 @@ def _cache_of(output):
     return getattr(output, "cache", None) or output.past_key_values
 
 
-def prefill_and_decode_times(model, input_ids: Tensor, new_tokens: int = 8, repeats: int = 3) -> dict[str, Any]:
+def prefill_and_decode_times(model, input_ids: Tensor, new_tokens: int = 8, repeats: int = 3,
+                             cache_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Median prefill time (ms) and median time per decoded token (ms, greedy, with cache),
-    plus the peak allocated GPU memory (bytes) of one prefill+decode, or None on CPU."""
+    plus the peak allocated GPU memory (bytes) of one prefill+decode, or None on CPU.
+
+    ``cache_factory``: called once per timed run for the cache the prefill starts from (a
+    KV-policy cache from :func:`longattn.kv.make_cache`); ``None``: the model's own cache."""
     device = input_ids.device
     prefill, decode = [], []
     peak = None
@@ -125,9 +129,10 @@ def prefill_and_decode_times(model, input_ids: Tensor, new_tokens: int = 8, repe
         for i in range(repeats + warmup):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            first = {} if cache_factory is None else {_cache_kwarg(model): cache_factory()}
             _sync(device)
             t0 = time.perf_counter()
-            out = model(input_ids, use_cache=True)
+            out = model(input_ids, use_cache=True, **first)
             _sync(device)
             t1 = time.perf_counter()
             cache, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)

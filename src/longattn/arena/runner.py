@@ -43,7 +43,7 @@ def run_grid(
         with Progress(*columns) as bar:
             task = bar.add_task("arena", total=len(todo))
             for cell in todo:
-                bar.update(task, description=f"{cell.method} {cell.task} {cell.length} #{cell.sample}")
+                bar.update(task, description=f"{cell.label} {cell.task} {cell.length} #{cell.sample}")
                 stats["computed" if _run_one(cell, compute, store, env) else "failed"] += 1
                 bar.advance(task)
     else:
@@ -59,7 +59,7 @@ def _run_one(cell: Cell, compute: Compute, store: ResultStore, env: dict[str, An
         metrics = compute(cell)
     except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the rest of the grid
         where = "".join(traceback.format_exception(exc)[-3:]).rstrip()
-        print(f"arena: cell {cell.method} {cell.task} {cell.length} #{cell.sample} failed, "
+        print(f"arena: cell {cell.label} {cell.task} {cell.length} #{cell.sample} failed, "
               f"not stored (a rerun retries it):\n{where}", file=sys.stderr, flush=True)
         return False
     store.add(cell, metrics, time.perf_counter() - start, env)

@@ -1,8 +1,11 @@
 """The arena's result store: one SQLite file, one row per finished cell.
 
-A cell is one (model, method, config, task, length, sample, seed); its key is a hash of those
-fields, so a rerun finds what is done and never writes a cell twice (the key is the primary
-key). Every row is committed as soon as its cell finishes (write-ahead log), so a crash or a
+A cell is one (model, method, config, task, length, sample, seed), plus, for a KV-cache policy
+cell, (policy, budget, policy_config); its key is a hash of those fields, so a rerun finds what
+is done and never writes a cell twice (the key is the primary key). A cell without a policy
+hashes exactly the fields it had before policies existed, so stores written then keep their
+keys and still resume; their rows read back with ``policy``/``budget`` ``None`` and an empty
+``policy_config`` (the columns are added to an old file when it is opened). Every row is committed as soon as its cell finishes (write-ahead log), so a crash or a
 SIGKILL loses at most the cell that was running.
 """
 
@@ -34,6 +37,11 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_by_method ON results (method, task, length);
 """
 
+#: columns added for KV-policy cells; ``ALTER TABLE`` adds them to stores written before
+POLICY_COLUMNS = (("policy", "TEXT"), ("budget", "TEXT"), ("policy_config", "TEXT NOT NULL DEFAULT '{}'"))
+COLUMNS = ("key", "model", "method", "config", "task", "length", "sample", "seed", "metrics", "duration_s",
+           "finished_at", "env", "policy", "budget", "policy_config")
+
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
@@ -41,7 +49,13 @@ def canonical_json(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of arena work."""
+    """One unit of arena work.
+
+    ``method``/``config``: the attention method and its config. ``policy``: a KV-cache policy
+    of :mod:`longattn.kv` (then ``method`` must be ``"full"``: the policy's cache computes the
+    attention), ``budget`` its canonical budget label (``"25%"``, ``"512"``; ``None`` for the
+    ``full`` policy) and ``policy_config`` the config the budget translated to
+    (:func:`longattn.arena.budget.policy_config`)."""
 
     model: str
     method: str
@@ -50,12 +64,36 @@ class Cell:
     sample: int
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    policy: str | None = None
+    budget: str | None = None
+    policy_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            if self.budget is not None or self.policy_config:
+                raise ValueError("a cell without a KV policy takes no budget or policy_config")
+        elif self.method != "full":
+            raise ValueError(
+                f"a KV-policy cell ({self.policy}) runs with attention method 'full' (the cache computes the "
+                f"attention), got method {self.method!r}")
 
     @property
     def key(self) -> str:
         fields = asdict(self)
         fields["config"] = canonical_json(self.config)
+        if self.policy is None:  # the fields of cells from before policies existed: same keys
+            for name in ("policy", "budget", "policy_config"):
+                del fields[name]
+        else:
+            fields["policy_config"] = canonical_json(self.policy_config)
         return hashlib.sha256(canonical_json(fields).encode()).hexdigest()[:32]
+
+    @property
+    def label(self) -> str:
+        """Short name for progress lines: ``method`` or ``policy@budget``."""
+        if self.policy is None:
+            return self.method
+        return self.policy if self.budget is None else f"{self.policy}@{self.budget}"
 
 
 class ResultStore:
@@ -68,6 +106,10 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        for name, decl in POLICY_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {decl}")
         self._db.commit()
 
     def close(self) -> None:
@@ -85,24 +127,27 @@ class ResultStore:
     def add(self, cell: Cell, metrics: dict[str, Any], duration_s: float, env: dict[str, Any] | None = None) -> bool:
         """Store a finished cell; returns False (and writes nothing) if it is already there."""
         cur = self._db.execute(
-            "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
             (
                 cell.key, cell.model, cell.method, canonical_json(cell.config), cell.task,
                 cell.length, cell.sample, cell.seed, canonical_json(metrics), float(duration_s),
                 datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                canonical_json(env or {}),
+                canonical_json(env or {}), cell.policy, cell.budget, canonical_json(cell.policy_config),
             ),
         )
         self._db.commit()
         return cur.rowcount == 1
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        cur = self._db.execute("SELECT * FROM results ORDER BY method, task, length, sample, seed")
-        names = [d[0] for d in cur.description]
+        """Every stored row as a dict of its columns (``config``, ``metrics``, ``env`` and
+        ``policy_config`` parsed from JSON; ``policy``/``budget`` ``None`` for method cells)."""
+        cur = self._db.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM results "
+            "ORDER BY method, policy, task, length, budget, sample, seed")
         for values in cur:
-            row = dict(zip(names, values))
-            for name in ("config", "metrics", "env"):
-                row[name] = json.loads(row[name])
+            row = dict(zip(COLUMNS, values))
+            for name in ("config", "metrics", "env", "policy_config"):
+                row[name] = json.loads(row[name] or "{}")
             yield row
 
     def count(self) -> int:
