@@ -419,6 +419,7 @@ SELECT_CASES = [  # (B, H, Hkv, Tq, Tmax, block, top_k, sink, local)
     (3, 8, 2, 2, 1000, 64, 6, 2, 2),
     (1, 4, 4, 1, 40, 16, 8, 1, 1),  # top_k > blocks: every block
     (2, 8, 1, 4, 700, 32, 9, 0, 3),
+    (2, 4, 2, 1, 2080, 16, 40, 1, 2),  # Quest-like: 130 pages, top_k a large share of them
 ]
 
 
@@ -444,7 +445,7 @@ def test_selection_kernel_matches_the_reference_selectors(dtype, case):
 def test_selection_kernel_breaks_ties_toward_the_lower_block_and_ranks_nan_last():
     q, k, _ = make_inputs(1, 2, 1, 1, 128, 16, seed=5)
     lens = lengths(128)
-    means = torch.zeros(1, 1, 8, 16)  # every score 0: a tie between all eight blocks
+    means = torch.zeros(1, 1, 8, 16, device=DEVICE)  # every score 0: a tie between all eight blocks
     idx, cnt = select_topk_blocks(q, k, lens, block_size=16, top_k=4, sink_blocks=0, local_blocks=1,
                                   key_means=means, backend="triton")
     assert idx[0, 0].tolist() == [0, 1, 2, 7] and int(cnt[0, 0]) == 4
@@ -455,6 +456,96 @@ def test_selection_kernel_breaks_ties_toward_the_lower_block_and_ranks_nan_last(
     ref, _ = select_topk_blocks(q, k, lens, block_size=16, top_k=4, sink_blocks=0, local_blocks=1,
                                 key_means=means, backend="reference")
     assert 0 not in ref[0, 0].tolist()
+
+
+@needs_triton
+@pytest.mark.parametrize("quest", [False, True], ids=["topk", "quest"])
+def test_selection_kernel_keeps_the_lowest_indices_when_every_score_ties(quest):
+    """All keys equal: every score of a row ties, and the kernel keeps the forced blocks and then
+    the lowest indices. (Not a SELECT_CASES entry: the reference's ``torch.topk`` breaks ties in
+    no fixed order, so only its counts and forced blocks are compared.)"""
+    B, H, Hkv, T, bs, K = 2, 4, 2, 600, 16, 12
+    q, _, _ = make_inputs(B, H, Hkv, 1, T, 32, seed=8)
+    k = torch.ones(B, Hkv, T, 32, device=DEVICE)
+    lens = lengths(T, 333)
+    if quest:
+        got = select_quest_pages(q, k, lens, page_size=bs, top_k=K, backend="triton")
+        want = select_quest_pages(q, k, lens, page_size=bs, top_k=K, backend="reference")
+        last = [37, 20]  # the last page of each sequence
+        expect = [sorted(set(range(K - 1)) | {p}) for p in last]
+    else:
+        got = select_topk_blocks(q, k, lens, block_size=bs, top_k=K, sink_blocks=1, local_blocks=2, backend="triton")
+        want = select_topk_blocks(q, k, lens, block_size=bs, top_k=K, sink_blocks=1, local_blocks=2,
+                                  backend="reference")
+        expect = [sorted(set(range(K - 2)) | {p - 1, p}) for p in (37, 20)]
+    assert torch.equal(got[1], want[1]) and got[1].tolist() == [[K] * Hkv] * B
+    forced = [{37}, {20}] if quest else [{0, 36, 37}, {0, 19, 20}]
+    for b in range(B):
+        for h in range(Hkv):
+            assert got[0][b, h].tolist() == expect[b]
+            assert forced[b] <= set(want[0][b, h].tolist())
+
+
+@needs_triton
+def test_selection_kernel_keeps_the_lowest_indices_among_many_ties_at_the_threshold():
+    """Scores in {0, 1} with more 1s than free slots: every kept non-forced block scores 1, and
+    they are the lowest-index blocks scoring 1."""
+    nb, K = 300, 40
+    q = torch.zeros(1, 2, 1, 16, device=DEVICE)
+    q[..., 0] = 1.0  # score of a block = its mean's first coordinate (times G = 2)
+    k = torch.zeros(1, 1, nb * 16, 16, device=DEVICE)
+    lens = lengths(nb * 16)
+    g = torch.Generator().manual_seed(11)
+    ones = torch.rand(nb, generator=g) < 0.5
+    means = torch.zeros(1, 1, nb, 16, device=DEVICE)
+    means[0, 0, ones.to(DEVICE), 0] = 1.0
+    assert int(ones.sum()) > K
+    idx, cnt = select_topk_blocks(q, k, lens, block_size=16, top_k=K, sink_blocks=1, local_blocks=1,
+                                  key_means=means, backend="triton")
+    forced = {0, nb - 1}
+    ones_free = [i for i in range(nb) if bool(ones[i]) and i not in forced]
+    expect = sorted(forced | set(ones_free[: K - len(forced)]))
+    assert int(cnt[0, 0]) == K and idx[0, 0].tolist() == expect
+    # a longer threshold tie: only 3 ones, the zeros fill the rest from the lowest index
+    means.zero_()
+    means[0, 0, [7, 100, 250], 0] = 1.0
+    idx, _ = select_topk_blocks(q, k, lens, block_size=16, top_k=K, sink_blocks=1, local_blocks=1,
+                                key_means=means, backend="triton")
+    zeros_free = [i for i in range(1, nb - 1) if i not in (7, 100, 250)]
+    assert idx[0, 0].tolist() == sorted({0, nb - 1, 7, 100, 250} | set(zeros_free[: K - 5]))
+
+
+@needs_triton
+def test_selection_kernel_ranks_infinite_and_nan_scores():
+    """+inf scores rank like the largest number (above every finite score, ties by index), -inf
+    like the lowest number, which is also where NaN ranks (so -inf and NaN tie, by index, as in
+    the reference); all of them stay eligible, and the forced blocks come first whatever their
+    score."""
+    nb = 12
+    q = torch.zeros(1, 1, 1, 16, device=DEVICE)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, nb * 16, 16, device=DEVICE)
+    lens = lengths(nb * 16)
+    vals = [float("nan"), 5.0, float("-inf"), float("inf"), -1.0, float("nan"), float("inf"), 2.0,
+            float("-inf"), -0.0, 0.0, float("nan")]
+    means = torch.zeros(1, 1, nb, 16, device=DEVICE)
+    means[0, 0, :, 0] = torch.tensor(vals, device=DEVICE)
+    means[0, 0, 9] = -0.0  # score -0 (every product -0): it ties with block 10's +0
+
+    def sel(K, sink=0, local=0, backend="triton"):
+        idx, cnt = select_topk_blocks(q, k, lens, block_size=16, top_k=K, sink_blocks=sink, local_blocks=local,
+                                      key_means=means, backend=backend)
+        return idx[0, 0, : int(cnt[0, 0])].tolist()
+
+    # inf(3), inf(6), 5(1), 2(7), 0(9: -0 ties +0), 0(10), -1(4), then -inf and NaN by index
+    order = [3, 6, 1, 7, 9, 10, 4, 0, 2, 5, 8, 11]
+    for K in range(1, nb + 1):
+        assert sel(K) == sorted(order[:K]), K
+        if K in (2, 3, 4, 6, 7, 12):  # no tie straddles the cut: the reference keeps the same set
+            assert sel(K) == sel(K, backend="reference"), K
+    # forced: block 0 (NaN, sink) and block 11 (NaN, local) first
+    assert sel(4, sink=1, local=1) == sorted([0, 11, 3, 6])
+    assert sel(4, sink=1, local=1) == sel(4, sink=1, local=1, backend="reference")
 
 
 def test_moba_always_keeps_the_current_block():
