@@ -97,17 +97,23 @@ def test_keyboard_interrupt_stops_the_grid(tmp_path):
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     sys.path.insert(0, {tests!r})
     from test_arena_store import grid
     from longattn.arena.runner import run_grid
     from longattn.arena.store import ResultStore
 
     log = open({log!r}, "a")
+    done_here = []
 
     def compute(cell):
         log.write(cell.key + "\\n"); log.flush()
-        time.sleep(0.05)
+        # the first run stops in the middle of the grid until it is killed, however slow the
+        # machine (a rerun, with the release file present, goes straight through)
+        if len(done_here) == {half} and not os.path.exists({release!r}):
+            time.sleep(120)
+        time.sleep(0.02)
+        done_here.append(cell.key)
         return {{"score": 1.0, "sample": cell.sample}}
 
     with ResultStore({db!r}) as store:
@@ -119,8 +125,10 @@ SCRIPT = textwrap.dedent(
 def test_sigkill_half_way_then_rerun_finishes_without_duplicates_or_recomputation(tmp_path):
     db, log = tmp_path / "arena.sqlite", tmp_path / "computed.log"
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), log=str(log), db=str(db)))
     total = len(grid())
+    release = tmp_path / "release"
+    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), log=str(log), db=str(db), half=total // 2,
+                                    release=str(release)))
     proc = subprocess.Popen([sys.executable, str(script)])
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until about half the grid is stored
@@ -129,8 +137,10 @@ def test_sigkill_half_way_then_rerun_finishes_without_duplicates_or_recomputatio
                 if s.count() >= total // 2:
                     break
         time.sleep(0.02)
+    time.sleep(0.2)  # the child is now blocked in the cell after the stored half
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    release.touch()
     with ResultStore(db) as s:
         stored_at_kill = s.done_keys()
     assert 0 < len(stored_at_kill) < total, "the kill must land half-way"

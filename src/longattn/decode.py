@@ -468,7 +468,7 @@ def select_topk_blocks(
         block_size, top_k: ints >= 1; ``sink_blocks + local_blocks <= top_k``.
         key_means: optional precomputed :func:`block_key_means` ``[B, Hkv, nBlocks, D]``.
         backend: ``"reference"`` (this function's PyTorch code, the specification),
-            ``"triton"`` (one kernel for scores, ranking and the sorted output; ties go to the
+            ``"triton"`` (a scoring kernel and a ranking kernel; ties go to the
             lower block index) or ``"auto"`` (triton where it can run).
 
     Returns:
@@ -531,7 +531,7 @@ def select_quest_pages(
         page_size, top_k: ints >= 1 (``block_size`` for :func:`sparse_decode` is
             ``page_size``).
         bounds: optional precomputed ``(kmin, kmax)`` from :func:`page_bounds`.
-        backend: ``"reference"`` (the PyTorch code here), ``"triton"`` (one kernel; ties go to
+        backend: ``"reference"`` (the PyTorch code here), ``"triton"`` (the selection kernels; ties go to
             the lower page index) or ``"auto"``, as in :func:`select_topk_blocks`.
 
     Returns:
