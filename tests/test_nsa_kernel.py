@@ -1,7 +1,9 @@
 """NSA's compressed-branch Triton kernels (longattn.kernels.nsa; Native Sparse Attention, Yuan
 et al., 2025), run through the interpreter on CPU: the compressed attention against the dense
 reference and an fp64 log-sum-exp, the selection scores against the chunked scan's
-``block_scores``, the chosen blocks against the reference selection, the whole method
+``block_scores``, the chosen blocks against the reference selection, the ranking kernel
+(``select_blocks``) against ``select_from_scores`` (random scores, exact ties, zeros, NaN and
++-inf, ``K >= nKB``, the largest rows, the fallback beyond them), the whole method
 (``backend="triton"``) against ``backend="reference"``, ties, empty rows, bad inputs."""
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 
 import longattn
 from longattn.backends import plain_precision
-from longattn.kernels.nsa import compressed_attention, selection_scores
+import longattn.kernels.nsa as nsa_kernels
+from longattn.kernels.nsa import compressed_attention, select_blocks, selection_scores
 from longattn.methods.nsa import (
     NSAConfig,
     _masked_softmax,
@@ -98,6 +101,7 @@ def test_compressed_attention_and_scores_match_the_scan(Tq, Tk, H, Hkv, dtype):
     assert torch.equal(sel.kv_num_blocks, ref_sel.kv_num_blocks)
     assert torch.equal(sel.kv_indices, ref_sel.kv_indices)
     assert torch.equal(sel.block_full, ref_sel.block_full)
+    _assert_kernel_selects_like_torch(p_slc, cfg, Tk)
 
 
 @pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 16), (48, 8, 16), (32, 8, 128)])
@@ -196,3 +200,150 @@ def test_bad_inputs_raise():
         selection_scores(q, k_cmp, lse[:, :2], select_block=16, **kw)
     with pytest.raises(ValueError, match="power of two"):
         selection_scores(q, k_cmp, lse, select_block=24, **kw)
+
+
+# ---------------------------------------------------------------------- ranking kernel
+def _select_kw(cfg: NSAConfig) -> dict:
+    return dict(select_block=cfg.select_block, num_selected=cfg.num_selected,
+                num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks)
+
+
+def _assert_kernel_selects_like_torch(p_slc, cfg, kv_len):
+    """``select_blocks`` gives exactly ``select_from_scores``' selection (and a sane one)."""
+    idx, cnt, full = select_blocks(p_slc, kv_len=kv_len, **_select_kw(cfg))
+    ref = select_from_scores(p_slc, cfg, kv_len=kv_len, num_heads=p_slc.shape[1])
+    B, Hkv, Tq, nKB = p_slc.shape
+    K = min(cfg.num_selected, nKB)
+    assert idx.shape == (B, Hkv, Tq, K) and idx.dtype == torch.int32 and idx.device == p_slc.device
+    assert cnt.shape == (B, Hkv, Tq) and cnt.dtype == torch.int32
+    assert full.shape == (B, Hkv, Tq, K) and full.dtype == torch.bool
+    assert torch.equal(cnt, ref.kv_num_blocks)
+    assert torch.equal(idx, ref.kv_indices)
+    assert torch.equal(full, ref.block_full)
+    # sanity of the shared result: ascending, eligible, unused slots 0
+    pos = torch.arange(Tq, device=p_slc.device) + kv_len - Tq
+    used = torch.arange(K, device=p_slc.device) < cnt[..., None]
+    assert torch.all(torch.where(used, idx, 0) == idx)
+    assert torch.all(idx * cfg.select_block <= pos[:, None])
+    step = idx[..., 1:] - idx[..., :-1]
+    assert torch.all((step > 0) | ~used[..., 1:])
+    assert torch.equal(cnt, (pos // cfg.select_block + 1).clamp(max=K).to(torch.int32).expand(B, Hkv, Tq))
+    return idx, cnt, full
+
+
+def _scores(shape, seed, kind="randn"):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        s = torch.randn(*shape, generator=g)
+    elif kind == "ties":  # integer-valued: many exact ties, also at the k-th score
+        s = torch.randint(0, 3, shape, generator=g).float()
+    else:
+        s = torch.rand(*shape, generator=g)
+    return s.to(DEV)
+
+
+# (B, Hkv, Tq, Tk, select_block, num_selected, num_init_blocks, num_local_blocks)
+SELECT_CASES = [
+    (1, 2, 64, 64, 16, 4, 1, 2),
+    (2, 1, 40, 200, 16, 4, 1, 2),  # Tq < Tk
+    (1, 3, 37, 130, 32, 5, 0, 0),  # nothing forced
+    (1, 2, 50, 900, 16, 16, 2, 3),  # Tq < Tk, 57 blocks
+    (2, 2, 33, 33, 16, 8, 3, 0),  # init only, K >= nKB
+    (1, 1, 70, 300, 64, 2, 0, 2),  # local only, fills K
+    (1, 2, 20, 1000, 128, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("B,Hkv,Tq,Tk,ls,n,init,local", SELECT_CASES)
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_select_blocks_matches_select_from_scores(B, Hkv, Tq, Tk, ls, n, init, local, kind):
+    cfg = NSAConfig(compress_block=ls, compress_stride=ls // 2, select_block=ls, num_selected=n, window=16,
+                    num_init_blocks=init, num_local_blocks=local)
+    nKB = -(-Tk // ls)
+    p_slc = _scores((B, Hkv, Tq, nKB), seed=Tq * 31 + Tk + n, kind=kind)
+    _assert_kernel_selects_like_torch(p_slc, cfg, Tk)
+
+
+def test_select_blocks_on_all_zero_scores_and_k_at_least_the_blocks():
+    """Queries that see no compressed token score every block 0: forced blocks, then the
+    lowest indices. ``num_selected >= nKB``: every eligible block."""
+    for n in (4, 13, 40):
+        cfg = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=n, window=16)
+        p_slc = torch.zeros(1, 2, 40, 13, device=DEV)  # 200 keys, 13 blocks
+        p_slc[:, :, 20:] = _scores((1, 2, 20, 13), seed=n, kind="rand")
+        idx, cnt, _ = _assert_kernel_selects_like_torch(p_slc, cfg, 200)
+        if n >= 13:
+            pos = torch.arange(40, device=DEV) + 160
+            assert torch.equal(cnt[0, 0].long(), pos // 16 + 1)
+    cfg = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4, window=16)
+    idx, cnt, _ = _assert_kernel_selects_like_torch(torch.zeros(1, 1, 64, 4, device=DEV), cfg, 64)
+    assert idx[0, 0, -1].tolist() == [0, 1, 2, 3]
+
+
+def test_select_blocks_with_nan_and_infinite_scores():
+    """NaN ranks as -FLT_MAX and ties with it (and with -inf), +-inf as +-FLT_MAX; -0 ties
+    with +0. Both paths give the same deterministic selection."""
+    cfg = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4, window=16,
+                    num_init_blocks=1, num_local_blocks=1)
+    inf, nan = float("inf"), float("nan")
+    row = torch.tensor([0.0, nan, 0.5, -inf, inf, 0.25, nan, -0.0, 3e38, 0.0, -1.0, 0.0])
+    p_slc = row.repeat(1, 1, 16, 1).to(DEV)  # queries at 176 .. 191: every block eligible, own = 11
+    idx, cnt, _ = _assert_kernel_selects_like_torch(p_slc, cfg, 192)
+    assert idx[0, 0, -1].tolist() == [0, 4, 8, 11]  # forced 0 and 11, then +inf (FLT_MAX) and 3e38
+    row2 = torch.tensor([0.0, nan, -inf, nan, -3.4028234663852886e38, -inf, nan, 0.0])
+    p2 = row2.repeat(1, 1, 8, 1).to(DEV)
+    cfg2 = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=5, window=16,
+                     num_init_blocks=1, num_local_blocks=1)
+    idx2, _, _ = _assert_kernel_selects_like_torch(p2, cfg2, 128)
+    assert idx2[0, 0, -1].tolist() == [0, 1, 2, 3, 7]  # forced 0 and 7, then the lowest ties
+    # random rows with NaN and +-inf sprinkled in
+    g = torch.Generator().manual_seed(7)
+    for ls, n in [(16, 4), (16, 9), (32, 3)]:
+        cfg = NSAConfig(compress_block=ls, compress_stride=ls // 2, select_block=ls, num_selected=n, window=16)
+        s = torch.randn(2, 2, 40, -(-300 // ls), generator=g)
+        u = torch.rand(s.shape, generator=g)
+        s = torch.where(u < 0.1, nan, torch.where(u < 0.2, inf, torch.where(u < 0.3, -inf, s)))
+        s = torch.where((u > 0.3) & (u < 0.4), torch.randint(0, 2, s.shape, generator=g).float() * -0.0, s)
+        _assert_kernel_selects_like_torch(s.to(DEV), cfg, 300)
+
+
+def test_select_blocks_on_the_largest_rows_and_the_fallback_beyond(monkeypatch):
+    """4096 blocks (256k keys in 64-key blocks) and the 8192 limit; beyond it ``select_blocks``
+    refuses with the reason and ``backend="triton"`` ranks on the host instead."""
+    cfg = NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=16, window=64)
+    for nKB in (4096, nsa_kernels.MAX_SELECT_BLOCKS):
+        kv_len = nKB * 64 - 5
+        p_slc = _scores((1, 1, 3, nKB), seed=nKB, kind="ties")
+        _assert_kernel_selects_like_torch(p_slc, cfg, kv_len)
+    too_many = torch.zeros(1, 1, 1, nsa_kernels.MAX_SELECT_BLOCKS + 1, device=DEV)
+    with pytest.raises(ValueError, match="at most 8192 blocks"):
+        select_blocks(too_many, kv_len=(nsa_kernels.MAX_SELECT_BLOCKS + 1) * 64, **_select_kw(cfg))
+    # the fallback: a limit the small inputs exceed gives the same output as the kernel path
+    small = NSAConfig(**SMALL)
+    q, k, v = rand_qkv(1, 4, 2, 50, 120, 64, seed=9, device=DEV)
+    with torch.no_grad():
+        out = nsa_forward(q, k, v, small, backend="triton")
+        monkeypatch.setattr(nsa_kernels, "MAX_SELECT_BLOCKS", 4)
+        assert nsa_kernels.select_unsupported_reason(torch.zeros(1, 1, 1, 8, device=DEV)) is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fallback = nsa_forward(q, k, v, small, backend="triton")
+    assert torch.equal(out, fallback)
+
+
+def test_select_blocks_bad_inputs_raise():
+    cfg = NSAConfig(**SMALL)
+    p_slc = torch.zeros(1, 2, 8, 4, device=DEV)
+    kw = _select_kw(cfg)
+    with pytest.raises(ValueError, match="expected scores"):
+        select_blocks(p_slc[0], kv_len=64, **kw)
+    with pytest.raises(ValueError, match="float32"):
+        select_blocks(p_slc.double(), kv_len=64, **kw)
+    with pytest.raises(ValueError, match="4 blocks, but 80 keys"):
+        select_blocks(p_slc, kv_len=80, **kw)
+    with pytest.raises(ValueError, match="shorter"):
+        select_blocks(p_slc, kv_len=4, **{**kw, "select_block": 1})
+    with pytest.raises(ValueError, match="num_selected"):
+        select_blocks(p_slc, kv_len=64, **{**kw, "num_selected": 0})
+    idx, cnt, full = select_blocks(p_slc[:, :, :0], kv_len=64, **kw)
+    assert idx.shape == (1, 2, 0, 4) and cnt.shape == (1, 2, 0) and full.dtype == torch.bool

@@ -62,9 +62,10 @@ FlexAttention with :func:`~longattn.methods.window.select_window`), and ``triton
 ``flex`` but with longattn's block-sparse kernels; at inference, when no input requires grad,
 the compressed branch and the block scores come from the NSA kernels of
 :mod:`longattn.kernels.nsa` -- online softmax over the compressed tokens, then the scores
-recomputed from its log-sum-exp, never an ``[Tq, nC]`` tensor -- and only the top-k runs in
-PyTorch). All select with the same code (:func:`_select_chunk`) from fp32 scores, so they select
-the same blocks up to the rounding of the scores; the chunking only bounds memory.
+recomputed from its log-sum-exp, never an ``[Tq, nC]`` tensor -- and the per-token top-k
+from its ranking kernel :func:`~longattn.kernels.nsa.select_blocks`). All select by the same
+rule (:func:`_select_chunk`, which the ranking kernel matches exactly) from fp32 scores, so they
+select the same blocks up to the rounding of the scores; the chunking only bounds memory.
 """
 
 from __future__ import annotations
@@ -361,7 +362,9 @@ def _top_k_lowest_index(ranked: Tensor, k: int) -> Tensor:
 def _select_chunk(p_slc: Tensor, pos: Tensor, config: NSAConfig, num_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Selection of queries at absolute positions ``pos [c]`` from block scores ``p_slc [B,
     Hkv, c, nKB]``: the forced blocks (initial, local), then the best-scoring eligible blocks,
-    ``K = min(num_selected, nKB)`` in all; ties toward the lower block index. Returns
+    ``K = min(num_selected, nKB)`` in all; ties toward the lower block index; a NaN score
+    ranks as the lowest float and +-inf as +-FLT_MAX (the scores of a row with an overflow are
+    meaningless, but the selection stays well defined and device independent). Returns
     ``kv_indices int32 [B, Hkv, c, K]`` (ascending, unused slots 0), ``kv_num_blocks int32 [c]``
     and ``block_full bool [B, Hkv, c, K]``."""
     ls = config.select_block
@@ -374,7 +377,12 @@ def _select_chunk(p_slc: Tensor, pos: Tensor, config: NSAConfig, num_blocks: int
         (j[None, :] < config.num_init_blocks)
         | ((j[None, :] <= own) & (j[None, :] > own - config.num_local_blocks))
     )
-    ranked = torch.where(forced, float("inf"), torch.where(eligible, p_slc, float("-inf")))
+    # NaN ranks as the lowest float (and ties with it), +-inf as +-FLT_MAX: an eligible block's
+    # score never reaches the forced blocks' +inf nor the ineligible ones' -inf (as the kernel
+    # longattn.kernels.nsa.select_blocks does)
+    fmax = torch.finfo(p_slc.dtype).max
+    scores = torch.nan_to_num(p_slc, nan=-fmax, posinf=fmax, neginf=-fmax)
+    ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
     top = _top_k_lowest_index(ranked, K)  # [B, Hkv, c, K] ascending
     count = eligible.sum(-1).clamp(max=K)  # [c]
     valid = torch.arange(K, device=dev) < count[:, None]  # [c, K]
@@ -435,15 +443,23 @@ def _kernel_unsupported_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig) -> s
 def _kernel_compressed(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, config: NSAConfig, *, kv_len: int, scale: float
 ) -> tuple[Tensor, BlockSelection]:
-    """Inference path of ``backend="triton"``: the compressed branch and the selection scores
-    from longattn's NSA kernels, the top-k on the host. Returns ``(o_cmp, selection)``."""
-    from ..kernels.nsa import compressed_attention, selection_scores
+    """Inference path of ``backend="triton"``: the compressed branch, the selection scores and
+    the per-token top-k from longattn's NSA kernels. Returns ``(o_cmp, selection)``. Scores
+    the ranking kernel cannot take (more than ``MAX_SELECT_BLOCKS`` selection blocks) are
+    ranked by :func:`select_from_scores` (same result, slower)."""
+    from ..kernels.nsa import compressed_attention, select_blocks, select_unsupported_reason, selection_scores
 
     l, d = config.compress_block, config.compress_stride
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=kv_len, compress_block=l, compress_stride=d, scale=scale)
     p_slc = selection_scores(q, k_cmp, lse, kv_len=kv_len, compress_block=l, compress_stride=d,
                              select_block=config.select_block, scale=scale)
-    return o_cmp, select_from_scores(p_slc, config, kv_len=kv_len, num_heads=q.shape[1])
+    if select_unsupported_reason(p_slc) is not None:
+        return o_cmp, select_from_scores(p_slc, config, kv_len=kv_len, num_heads=q.shape[1])
+    idx, cnt, full = select_blocks(
+        p_slc, kv_len=kv_len, select_block=config.select_block, num_selected=config.num_selected,
+        num_init_blocks=config.num_init_blocks, num_local_blocks=config.num_local_blocks,
+    )
+    return o_cmp, _block_selection(idx, cnt, full, config, kv_len=kv_len, q_len=q.shape[2], num_heads=q.shape[1])
 
 
 # ---------------------------------------------------------------------- branches

@@ -14,7 +14,15 @@ matrices, a softmax and a gather per chunk; here two kernels do it without ever 
   :func:`longattn.methods.nsa.block_overlap`), through a ``tl.dot`` with a fixed tile-local
   overlap matrix.
 
-The top-k over ``p_slc`` runs on the host (:func:`longattn.methods.nsa.select_from_scores`).
+* :func:`select_blocks` -- the per-token top-k over ``p_slc``: ``BLOCK_R`` query rows of one
+  ``(batch, KV head)`` per program, each row (``NB_PAD`` = ``nKB`` padded to a power of two
+  columns) mapped to order-preserving int32 keys (forced blocks +inf, ineligible -inf); a
+  32-step bisection per row (vectorised over the rows) finds the ``count``-th largest key, the
+  ties at it are filled lowest index first (``tl.cumsum`` along the row) and the kept blocks
+  are written ascending (another cumsum gives each its slot). ``O(32 * nKB)`` per query,
+  independent of ``num_selected``. Same result as the PyTorch reference
+  :func:`longattn.methods.nsa.select_from_scores`, bit for bit.
+
 No autograd: training uses the differentiable chunked scan in :mod:`longattn.methods.nsa`.
 
 Precision: scores are computed with the compressed keys in their own dtype; fp32 compressed
@@ -81,6 +89,85 @@ def compressed_unsupported_reason(
             return (f"compress_block={compress_block} reaches over more than {nb} selection blocks of "
                     f"{select_block} keys")
     return None
+
+
+MAX_SELECT_BLOCKS = 8192  # nKB limit of select_blocks: a row of keys lives in registers
+RANK_TILE = 4096  # elements (rows x NB_PAD) of one program of select_blocks
+
+
+def select_unsupported_reason(p_slc: Tensor) -> str | None:
+    """``None`` when :func:`select_blocks` can rank these scores, else why not."""
+    if p_slc.dim() != 4:
+        return f"expected scores p_slc [B, Hkv, Tq, nKB], got shape {tuple(p_slc.shape)}"
+    if p_slc.dtype != torch.float32:
+        return f"the selection kernel ranks float32 scores, got {p_slc.dtype}"
+    if p_slc.shape[-1] > MAX_SELECT_BLOCKS:
+        return (f"the selection kernel ranks at most {MAX_SELECT_BLOCKS} blocks per query (a row of "
+                f"scores lives in registers), got nKB={p_slc.shape[-1]}")
+    from .. import triton_unavailable_reason
+
+    return triton_unavailable_reason(p_slc.device)
+
+
+def _rank_layout(nb_pad: int) -> tuple[int, int]:
+    """``(BLOCK_R, num_warps)`` of the ranking kernel for rows of ``nb_pad`` columns: about
+    ``RANK_TILE`` elements per program (16 per thread at 8 warps), at most 16 rows."""
+    block_r = max(1, min(16, RANK_TILE // nb_pad))
+    tile = block_r * nb_pad
+    return block_r, 4 if tile <= 2048 else 8 if tile <= 4096 else 16
+
+
+def select_blocks(
+    p_slc: Tensor, *, kv_len: int, select_block: int, num_selected: int, num_init_blocks: int,
+    num_local_blocks: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """NSA's per-token block selection from the block scores ``p_slc [B, Hkv, Tq, nKB]``
+    (float32, :func:`selection_scores`) of queries at absolute positions ``p = t + kv_len -
+    Tq``: block ``j`` is eligible iff ``j * select_block <= p``; the first ``num_init_blocks``
+    and the ``num_local_blocks`` blocks ending at ``p // select_block`` are forced (when
+    eligible); the query keeps ``count = min(eligible, K)`` blocks, ``K = min(num_selected,
+    nKB)``: the forced ones, then the best-scoring eligible ones, ties toward the lower index
+    (NaN ranks as -FLT_MAX and ties with it, +-inf as +-FLT_MAX).
+
+    Returns ``kv_indices int32 [B, Hkv, Tq, K]`` (ascending, unused slots 0), ``kv_num_blocks
+    int32 [B, Hkv, Tq]`` and ``block_full bool [B, Hkv, Tq, K]`` (selected block wholly at or
+    before the query), exactly as :func:`longattn.methods.nsa.select_from_scores`. Raises
+    ``ValueError`` on inconsistent arguments or scores the kernel cannot rank
+    (:func:`select_unsupported_reason`)."""
+    from .kernel import _select_rank
+
+    reason = select_unsupported_reason(p_slc)
+    if reason:
+        raise ValueError(f"select_blocks cannot run: {reason}")
+    for name, val, least in (("kv_len", kv_len, 0), ("select_block", select_block, 1),
+                             ("num_selected", num_selected, 1), ("num_init_blocks", num_init_blocks, 0),
+                             ("num_local_blocks", num_local_blocks, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {val!r}")
+    B, Hkv, Tq, nKB = p_slc.shape
+    if kv_len < Tq:
+        raise ValueError(f"kv_len={kv_len} is shorter than the {Tq} queries")
+    if nKB != _ceil_div(kv_len, select_block):
+        raise ValueError(f"p_slc has {nKB} blocks, but {kv_len} keys make {_ceil_div(kv_len, select_block)} "
+                         f"blocks of {select_block}")
+    K = min(num_selected, nKB)
+    dev = p_slc.device
+    idx = torch.empty(B, Hkv, Tq, K, dtype=torch.int32, device=dev)
+    cnt = torch.empty(B, Hkv, Tq, dtype=torch.int32, device=dev)
+    full = torch.empty(B, Hkv, Tq, K, dtype=torch.int8, device=dev)
+    if B * Hkv * Tq == 0 or nKB == 0:
+        return idx, cnt.zero_(), full.view(torch.bool)
+    if p_slc.stride(-1) != 1:
+        p_slc = p_slc.contiguous()
+    nb_pad = max(16, _pow2_at_least(nKB))
+    block_r, warps = _rank_layout(nb_pad)
+    _select_rank[(_ceil_div(Tq, block_r), B * Hkv)](
+        p_slc, idx, cnt, full,
+        *p_slc.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
+        Tq, nKB, kv_len - Tq, Hkv, select_block, K, num_init_blocks, num_local_blocks,
+        BLOCK_R=block_r, NB_PAD=nb_pad, K_PAD=max(16, _pow2_at_least(K)), num_warps=warps,
+    )
+    return idx, cnt, full.view(torch.bool)
 
 
 def _check(q: Tensor, k_cmp: Tensor, v_cmp: Tensor | None, kv_len: int, l: int, d: int, ls: int | None) -> None:
@@ -204,5 +291,5 @@ def selection_scores(
     return out
 
 
-__all__ = ["compressed_attention", "selection_scores", "compressed_unsupported_reason",
-           "ROW_CAP", "CMP_BLOCK_N", "SLC_BLOCK_N"]
+__all__ = ["compressed_attention", "selection_scores", "compressed_unsupported_reason", "select_blocks",
+           "select_unsupported_reason", "ROW_CAP", "CMP_BLOCK_N", "SLC_BLOCK_N", "MAX_SELECT_BLOCKS"]

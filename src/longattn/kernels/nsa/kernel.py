@@ -173,3 +173,75 @@ def _slc_scores(
         j = t * NB + blk
         tl.store(s_base + j[None, :], carry, mask=o_ok[:, None] & ((blk < NB) & (j < n_blocks))[None, :])
         carry = tl.zeros([BLOCK_M, NBP], tl.float32)
+
+
+@triton.jit
+def _select_rank(
+    S, IDX, CNT, FULL,
+    ssb, ssh, sst, sib, sih, sit, scb, sch, sfb, sfh, sft,
+    q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local,
+    BLOCK_R: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """Per-token block selection of ``BLOCK_R`` consecutive queries of one ``(batch, KV head)``
+    from their scores ``S[b, kvh, t, :n_blocks]``: ``count = min(eligible, top_k)`` blocks --
+    the forced ones, then by score (NaN and -inf as the lowest float, +inf as the largest),
+    ties to the lower index -- written ascending to ``IDX[b, kvh, t, :count]`` (0 after, up
+    to ``top_k``), with ``FULL`` (block wholly at or before the query) and ``CNT``."""
+    pid_r = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // num_kv_heads).to(tl.int64)
+    kvh = (pid_bk % num_kv_heads).to(tl.int64)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] local query index
+    r_ok = r < q_len
+    pos = r + q_offset  # absolute query position
+    c = tl.arange(0, NB_PAD)  # block index
+    cb = c[None, :]
+    eligible = (cb * select_block <= pos[:, None]) & (cb < n_blocks) & r_ok[:, None]  # [BLOCK_R, NB_PAD]
+    own = pos // select_block
+    forced = eligible & ((cb < n_init) | ((cb <= own[:, None]) & (cb > own[:, None] - n_local)))
+    s = tl.load(S + b * ssb + kvh * ssh + r[:, None].to(tl.int64) * sst + cb, mask=eligible, other=0.0)
+    # order-preserving int32 keys from the float bits, in integer operations only (exact for
+    # subnormals whatever the float mode): non-negative floats keep their bits, negative ones
+    # flip the low 31 bits (a larger magnitude gives a smaller key). NaN -> -FLT_MAX (eligible,
+    # ties with the lowest float), +-inf -> +-FLT_MAX, -0 -> +0; forced blocks get the key of
+    # +inf, ineligible ones that of -inf (below every eligible key).
+    bits = s.to(tl.int32, bitcast=True)
+    bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, -8388609, bits)  # NaN -> -FLT_MAX (0xFF7FFFFF)
+    bits = tl.where(bits == 0x7F800000, 0x7F7FFFFF, bits)  # +inf -> FLT_MAX
+    bits = tl.where(bits == -8388608, -8388609, bits)  # -inf (0xFF800000) -> -FLT_MAX
+    bits = tl.where(bits == -2147483648, 0, bits)  # -0 -> +0
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(forced, 2139095040, tl.where(eligible, key, -2139095041))  # keys of +inf / -inf
+    n_elig = tl.sum(eligible.to(tl.int32), axis=1)  # [BLOCK_R]
+    count = tl.minimum(n_elig, top_k)
+
+    # per row, the threshold t: the largest int with count(key >= t) >= count. Invariant:
+    # count(key >= lo) >= count > count(key >= hi); 32 halvings of [-2^31, 2^31] leave
+    # hi = lo + 1. lo, hi are int64 (2^31 does not fit int32); mid lies in the int32 range.
+    # Eligible keys lie above the key of -inf, so no ineligible block reaches the threshold.
+    lo = tl.full([BLOCK_R], -2147483648, tl.int64)
+    hi = tl.full([BLOCK_R], 2147483648, tl.int64)
+    for _ in range(0, 32):
+        mid = lo + ((hi - lo) >> 1)
+        n_ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        ok = n_ge >= count
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    thr = lo.to(tl.int32)[:, None]
+    above = key > thr  # all kept: fewer than count of them
+    tie = key == thr  # the lowest-index ties fill the rest
+    n_above = tl.sum(above.to(tl.int32), axis=1)
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1)  # 1 for the lowest-index tie
+    kept = (above | (tie & (tie_rank <= (count - n_above)[:, None]))) & eligible
+
+    slot = tl.cumsum(kept.to(tl.int32), axis=1) - 1  # ascending order
+    i_row = IDX + b * sib + kvh * sih + r[:, None].to(tl.int64) * sit
+    f_row = FULL + b * sfb + kvh * sfh + r[:, None].to(tl.int64) * sft
+    full = (cb + 1) * select_block - 1 <= pos[:, None]
+    tl.store(i_row + slot, tl.broadcast_to(cb, [BLOCK_R, NB_PAD]).to(tl.int32), mask=kept)
+    tl.store(f_row + slot, full.to(tl.int8), mask=kept)
+    w = tl.arange(0, K_PAD)[None, :]
+    rest = (w >= count[:, None]) & (w < top_k) & r_ok[:, None]
+    tl.store(i_row + w, tl.zeros([BLOCK_R, K_PAD], tl.int32), mask=rest)
+    tl.store(f_row + w, tl.zeros([BLOCK_R, K_PAD], tl.int8), mask=rest)
+    tl.store(CNT + b * scb + kvh * sch + r, count.to(tl.int32), mask=r_ok)
