@@ -575,3 +575,28 @@ def test_attend_checks_the_query_shape():
     cache.update(k, v, 0)
     with pytest.raises(ValueError, match=r"query must be \[B, 4, 8, 8\]"):
         cache.attend(0, q[:, :, :3])
+
+
+def test_duo_and_lighttransfer_policies_from_calibration_files(tmp_path):
+    from longattn.analysis.calibrate import Calibration, save_calibration
+    from longattn.kv.duo import DuoPolicy
+    from longattn.kv.lighttransfer import LightTransferPolicy
+
+    flags = [[True, False], [False, False], [False, True]]
+    duo = Calibration(model="tiny", method="duo", ratio=0.33,
+                      data={"num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                            "alpha": [[0.9, 0.1], [0.2, 0.3], [0.1, 0.8]], "retrieval": flags,
+                            "sink": 4, "window": 16})
+    path = save_calibration(duo, tmp_path / "duo.json")
+    policy = DuoPolicy.from_calibration(path)
+    assert policy.retrieval_flags() == tuple(tuple(r) for r in flags)
+    assert (policy.sinks, policy.window) == (4, 16)
+    assert DuoPolicy.from_calibration(duo, window=32).window == 32
+
+    lazy = Calibration(model="tiny", method="lighttransfer", ratio=0.5,
+                       data={"num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                             "lazy_mass": [0.2, 0.9, 0.95], "lazy": [False, True, True], "sink": 4, "window": 60})
+    lt = LightTransferPolicy.from_calibration(save_calibration(lazy, tmp_path / "lt.json"))
+    assert lt.lazy_layers == (1, 2) and (lt.sinks, lt.window) == (4, 60)
+    with pytest.raises(ValueError, match="calibration is for method 'duo'"):
+        LightTransferPolicy.from_calibration(path)

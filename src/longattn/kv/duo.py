@@ -67,6 +67,15 @@ class DuoPolicy(KVPolicy):
     sinks: int = 64
     window: int = 256
 
+    @classmethod
+    def from_calibration(cls, calibration, *, sinks: int | None = None, window: int | None = None) -> "DuoPolicy":
+        """The policy a ``longattn calibrate --method duo`` file describes: its per-(layer, KV
+        head) retrieval flags, and its streaming ``sink``/``window`` unless given here.
+        ``calibration``: a path or a loaded :class:`longattn.analysis.calibrate.Calibration`."""
+        cal = _load_calibration(calibration, "duo")
+        return cls(retrieval=cal.data["retrieval"], sinks=int(cal.data["sink"]) if sinks is None else sinks,
+                   window=int(cal.data["window"]) if window is None else window)
+
     def __post_init__(self) -> None:
         if (self.retrieval is None) == (self.scores is None):
             raise ValueError("give exactly one of retrieval (per-layer head flags) or scores (per-layer head scores)")
@@ -110,6 +119,17 @@ class DuoPolicy(KVPolicy):
         return RuleLayer(layer_idx, shape, self, [
             Segment(retrieval), Segment(streaming, rule=(self.sinks, self.window)),
         ])
+
+
+def _load_calibration(calibration, method: str):
+    """A :class:`~longattn.analysis.calibrate.Calibration` from a path or itself, checked to be
+    of ``method``."""
+    from ..analysis.calibrate import Calibration, load_calibration
+
+    cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
+    if cal.method != method:
+        raise ValueError(f"calibration is for method {cal.method!r}; this policy needs a {method!r} calibration")
+    return cal
 
 
 __all__ = ["DuoPolicy"]

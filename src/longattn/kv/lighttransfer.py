@@ -34,6 +34,19 @@ class LightTransferPolicy(KVPolicy):
     sinks: int = 4
     window: int = 1020
 
+    @classmethod
+    def from_calibration(cls, calibration, *, sinks: int | None = None,
+                         window: int | None = None) -> "LightTransferPolicy":
+        """The policy a ``longattn calibrate --method lighttransfer`` file describes: its lazy
+        layers, and its ``sink``/``window`` unless given here. ``calibration``: a path or a
+        loaded :class:`longattn.analysis.calibrate.Calibration`."""
+        from .duo import _load_calibration
+
+        cal = _load_calibration(calibration, "lighttransfer")
+        lazy = [i for i, flag in enumerate(cal.data["lazy"]) if flag]
+        return cls(lazy_layers=tuple(lazy), sinks=int(cal.data["sink"]) if sinks is None else sinks,
+                   window=int(cal.data["window"]) if window is None else window)
+
     def __post_init__(self) -> None:
         layers = self.lazy_layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
