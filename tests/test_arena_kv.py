@@ -341,3 +341,20 @@ def test_report_of_a_store_with_policy_rows_only(tmp_path):
     paths = render(tmp_path / "o.sqlite", tmp_path / "r")
     assert set(p for p in paths if p.endswith(".png")) == {"accuracy_vs_kv_memory_passkey.png"}
     assert "| streaming | 25% |" in paths["report.md"].read_text()
+
+
+def test_calibrate_files_feed_duo_and_lighttransfer_cells(tmp_path):
+    from longattn.analysis.calibrate import Calibration, save_calibration
+    from longattn.arena.budget import duo_scores, lighttransfer_layers
+
+    alpha = [[0.9, 0.1], [0.2, 0.3], [0.1, 0.8]]
+    duo = save_calibration(Calibration(model="tiny", method="duo", ratio=0.5, data={
+        "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "alpha": alpha,
+        "retrieval": [[True, False], [False, False], [False, True]], "sink": 4, "window": 16}), tmp_path / "duo.json")
+    assert duo_scores({"retrieval_heads": str(duo)}, 3, 2) == alpha
+    lazy = save_calibration(Calibration(model="tiny", method="lighttransfer", ratio=0.5, data={
+        "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "lazy_mass": [0.2, 0.9, 0.95],
+        "lazy": [False, True, True], "sink": 4, "window": 60}), tmp_path / "lt.json")
+    assert lighttransfer_layers({"lazy_ratio": 0.67, "lazy_scores": str(lazy)}, 3) == (1, 2)  # the laziest two
+    with pytest.raises(ValueError, match="is a 'lighttransfer' calibration; retrieval_heads needs 'duo'"):
+        duo_scores({"retrieval_heads": str(lazy)}, 3, 2)

@@ -35,7 +35,8 @@ the config known before the model runs, so it is part of the cell's store key):
 calibration. Give it as ``duo.retrieval_heads`` (per layer, per KV head, a score, higher = more
 retrieval-like: an inline list of lists or the path of a JSON file holding that list or
 ``{"scores": [...]}``) and ``lighttransfer.lazy_scores`` (per layer, higher = lazier; inline
-list or JSON file holding the list or ``{"scores": [...]}``). Without one the arena uses a
+list or JSON file holding the list or ``{"scores": [...]}``); a ``longattn calibrate`` file works
+for both (DuoAttention's gates ``alpha``, LightTransfer's ``lazy_mass``). Without one the arena uses a
 documented *uncalibrated* default and says so in the config (``"uncalibrated-uniform"`` /
 ``"uncalibrated-spread"``), which the report shows: DuoAttention's retrieval heads are spread
 evenly over layers, lowest-numbered KV heads first; LightTransfer's lazy layers are evenly
@@ -159,6 +160,16 @@ def _load_scores(name: str, value: Any) -> tuple[Any, dict[str, Any]]:
             raise ValueError(f"{name}={str(value)!r}: no such calibration file")
         raw = path.read_bytes()
         data = json.loads(raw)
+        if isinstance(data, dict) and data.get("format") == "longattn-calibration":
+            # a `longattn calibrate` file: DuoAttention's gates or LightTransfer's lazy masses
+            from ..analysis.calibrate import load_calibration
+
+            cal = load_calibration(path)
+            field = {"retrieval_heads": ("duo", "alpha"), "lazy_scores": ("lighttransfer", "lazy_mass")}.get(name)
+            if field is None or cal.method != field[0]:
+                raise ValueError(f"{name} file {str(path)!r} is a {cal.method!r} calibration; "
+                                 f"{name} needs {field[0] if field else 'a score list'!r}")
+            data = {"scores": cal.data[field[1]]}
         if isinstance(data, dict):
             if "scores" not in data:
                 raise ValueError(f"{name} file {str(path)!r} must hold a list of scores or {{\"scores\": [...]}}")
