@@ -1,7 +1,7 @@
 """Time each phase of NSA's forward (inference, backend "triton") on the GPU.
 
 Phases: compression (mean pooling), compressed branch kernel (output + LSE), selection-score
-kernel, top-k selection on the host, selected branch (block-sparse kernel over the per-token
+kernel, top-k selection (PyTorch, and the ranking kernel the inference path uses), selected branch (block-sparse kernel over the per-token
 selection), window branch, gated sum; and the whole ``longattn.attention(method="nsa")`` call.
 Median of CUDA-event timings; one JSON object to ``--out`` and a table on stdout.
 
@@ -12,23 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
-
-
-def _ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from _timing import median_ms
 
 
 def main() -> None:
@@ -40,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import longattn
-    from longattn.kernels.nsa import compressed_attention, selection_scores
+    from longattn.kernels.nsa import compressed_attention, select_blocks, selection_scores
     from longattn.methods import nsa as m
 
     dev = torch.device("cuda")
@@ -55,26 +41,29 @@ def main() -> None:
     res: dict[str, float] = {}
     with torch.no_grad():
         k_cmp, v_cmp = m.nsa_compress(k, v, cfg)
-        res["compress"] = _ms(lambda: m.nsa_compress(k, v, cfg), args.reps)
+        res["compress"] = median_ms(lambda: m.nsa_compress(k, v, cfg), args.reps)
         o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=T, compress_block=l, compress_stride=d, scale=scale)
-        res["compressed_branch_kernel"] = _ms(lambda: compressed_attention(
+        res["compressed_branch_kernel"] = median_ms(lambda: compressed_attention(
             q, k_cmp, v_cmp, kv_len=T, compress_block=l, compress_stride=d, scale=scale), args.reps)
         p = selection_scores(q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d,
                              select_block=cfg.select_block, scale=scale)
-        res["selection_scores_kernel"] = _ms(lambda: selection_scores(
+        res["selection_scores_kernel"] = median_ms(lambda: selection_scores(
             q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d, select_block=cfg.select_block,
             scale=scale), args.reps)
         sel = m.select_from_scores(p, cfg, kv_len=T, num_heads=H)
-        res["topk_selection_host"] = _ms(lambda: m.select_from_scores(p, cfg, kv_len=T, num_heads=H), args.reps)
-        res["selected_branch"] = _ms(lambda: m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton"),
+        res["topk_selection_host"] = median_ms(lambda: m.select_from_scores(p, cfg, kv_len=T, num_heads=H), args.reps)
+        res["topk_selection_kernel"] = median_ms(lambda: select_blocks(
+            p, kv_len=T, select_block=cfg.select_block, num_selected=cfg.num_selected,
+            num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks), args.reps)
+        res["selected_branch"] = median_ms(lambda: m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton"),
                                      args.reps)
-        res["window_branch"] = _ms(lambda: m.nsa_window_branch(q, k, v, cfg, scale=scale, backend="triton"),
+        res["window_branch"] = median_ms(lambda: m.nsa_window_branch(q, k, v, cfg, scale=scale, backend="triton"),
                                    args.reps)
         o_slc = m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton")
         o_win = m.nsa_window_branch(q, k, v, cfg, scale=scale, backend="triton")
-        res["combine"] = _ms(lambda: m.nsa_combine(o_cmp, o_slc, o_win, cfg.gates), args.reps)
-        res["whole_call"] = _ms(lambda: longattn.attention(q, k, v, method="nsa", backend="triton"), args.reps)
-        res["sdpa_cudnn_dense"] = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        res["combine"] = median_ms(lambda: m.nsa_combine(o_cmp, o_slc, o_win, cfg.gates), args.reps)
+        res["whole_call"] = median_ms(lambda: longattn.attention(q, k, v, method="nsa", backend="triton"), args.reps)
+        res["sdpa_cudnn_dense"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True), args.reps)
     rec = {"T": T, "H": H, "Hkv": args.hkv, "D": D, "dtype": "bfloat16", "config": str(cfg),
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "median_ms": res}

@@ -60,7 +60,6 @@ the other lengths, Hkv 32, and FlexAttention at the other lengths.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib
 import importlib.util

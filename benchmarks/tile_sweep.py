@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
+from _timing import median_ms
 
 FWD = [  # (max rows, max block_n, num_warps, num_stages)
     (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3),
@@ -30,18 +30,6 @@ BWD = [
     (64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 2),
     (32, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (128, 32, 8, 2),
 ]
-
-
-def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -100,14 +88,14 @@ def main() -> None:
                         err = (fwd()[0].float() - ref_out).abs().max().item()
                         torch.cuda.synchronize()
                         rec["compile_s"] = time.time() - t0
-                        rec["median_ms"] = _median_ms(fwd, args.reps)
+                        rec["median_ms"] = median_ms(fwd, args.reps, warmup=False)
                     else:
                         grads = run_bwd(qg, kg, vg)
                         err = max((a.float() - b).abs().max().item() for a, b in zip(grads, ref_grads))
                         torch.cuda.synchronize()
                         rec["compile_s"] = time.time() - t0
                         # forward + backward minus the (default) forward
-                        rec["median_ms"] = _median_ms(lambda: run_bwd(qg, kg, vg), args.reps)
+                        rec["median_ms"] = median_ms(lambda: run_bwd(qg, kg, vg), args.reps, warmup=False)
                     rec["max_abs_diff_vs_default"] = err
                     rec["status"] = "ok" if err < 0.05 else "mismatch"
                 except Exception as exc:  # out of shared memory, compile errors: recorded, not fatal

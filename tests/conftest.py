@@ -37,6 +37,30 @@ def poison_device_memory(device: str, nbytes: int = 1 << 26) -> None:
         del junk
 
 
+def tiny_causal_lm(family: str = "llama", **extra):
+    """A tiny randomly initialised ``transformers`` causal LM (2 layers, 4 query / 2 KV heads,
+    head dim 16) of ``family`` ``llama``, ``qwen2`` or ``mistral``, seeded, in eval mode, on
+    SDPA, generating exactly ``max_new_tokens`` (no eos)."""
+    import transformers
+
+    common = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    )
+    common.update(extra)
+    cls_cfg, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    cfg = cls_cfg(**common)
+    cfg._attn_implementation = "sdpa"
+    model = cls_model(cfg).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

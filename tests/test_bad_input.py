@@ -3,7 +3,6 @@ argument and what is allowed."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -67,7 +67,6 @@ def _backends_here(name, device):
 
 
 def _run(q, k, v, name, backend, causal, config):
-    spec = longattn.get_method(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = longattn.attention(q, k, v, method=name, backend=backend, causal=causal, **config)

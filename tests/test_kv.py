@@ -69,23 +69,9 @@ def kept(cache, layer=0, seg=0):
     return cache.layers[layer].segments[seg].pos.tolist()
 
 
-def tiny(family: str = "llama", **extra):
-    common = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    )
-    common.update(extra)
-    cls_cfg, cls_model = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[family]
-    torch.manual_seed(0)
-    cfg = cls_cfg(**common)
-    cfg._attn_implementation = "sdpa"
-    model = cls_model(cfg).eval()
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    return model
+from .conftest import tiny_causal_lm  # noqa: E402
+
+tiny = tiny_causal_lm
 
 
 def ids(T, seed=0, B=1):

@@ -23,7 +23,6 @@ function serves the dense reference, the density count and FlexAttention's compi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
