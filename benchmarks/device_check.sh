@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU call that checks and times what the CPU cannot: run from the repository root on the
+# device machine, results under $OUT. Each step is time-boxed so one slow step cannot eat the
+# call; a step that times out leaves its partial log (and the suite's resumable JSON lines).
+#   STEPS="tests conformance prefill decode nsa sweep" bash benchmarks/device_check.sh
+# Steps:
+#   tests        the Triton kernel tests compiled on the GPU (block-sparse, decode, NSA, NSA decode)
+#   conformance  the conformance cases that have not yet run on a GPU (docs/results/gpu-conformance-not-yet-run.txt)
+#   prefill      suite: top-k forward/backward at 8k-128k (ours, Flex, cuDNN, FlashAttention): break-even lengths
+#   decode       suite: top-k and Quest decoding at 128k (B = 1 and 4)
+#   nsa          suite NSA forward at 64k and benchmarks/nsa_phases.py
+#   sweep        benchmarks/tile_sweep.py at 64k
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+STEPS=${STEPS:-tests conformance prefill decode nsa}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} TORCHINDUCTOR_COMPILE_THREADS=1
+T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch,triton,transformers,sys;print(sys.version.split()[0],torch.__version__,triton.__version__,transformers.__version__)"
+  date -u; } > "$OUT/env.txt" 2>&1
+for step in $STEPS; do
+  el "$step"
+  case $step in
+    tests) LONGATTN_TEST_DEVICE=cuda timeout 120 python3 -m pytest tests/test_block_sparse_kernel.py tests/test_decode.py \
+             tests/test_nsa_kernel.py $(ls tests/test_decode_nsa.py 2>/dev/null) -o addopts="" -p no:cacheprovider -q -n 8 \
+             > "$OUT/tests.log" 2>&1; echo "rc=$?" >> "$OUT/tests.log"; tail -2 "$OUT/tests.log" ;;
+    conformance) LONGATTN_TEST_DEVICE=cuda timeout 240 python3 -m pytest $(cat docs/results/gpu-conformance-not-yet-run.txt) \
+             -o addopts="" -p no:cacheprovider -v -n 14 > "$OUT/conformance.log" 2>&1; echo "rc=$?" >> "$OUT/conformance.log"
+             grep -c PASSED "$OUT/conformance.log"; grep -E "^FAILED" "$OUT/conformance.log" | head ;;
+    prefill) timeout 240 python3 benchmarks/suite.py --out "$OUT" --sizes 8k,16k,32k,64k,128k --hkv 8 --methods full,topk \
+             --ops fwd,bwd --max-seconds 230 > "$OUT/suite_prefill.log" 2>&1; tail -20 "$OUT/suite_prefill.log" ;;
+    decode) timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 128k --hkv 8 --methods full,topk,quest --ops decode \
+             --max-seconds 55 > "$OUT/suite_decode.log" 2>&1; grep -E "^decode" "$OUT/suite_decode.log" | tail -20 ;;
+    nsa) timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 64k --hkv 8 --methods nsa --ops fwd --backends ours \
+             --max-seconds 55 > "$OUT/suite_nsa.log" 2>&1
+         timeout 45 python3 benchmarks/nsa_phases.py --T 65536 --out "$OUT/nsa_phases.json" > "$OUT/nsa_phases.log" 2>&1
+         tail -14 "$OUT/nsa_phases.log" ;;
+    sweep) timeout 90 python3 benchmarks/tile_sweep.py --out "$OUT/tiles.jsonl" --max-seconds 80 > "$OUT/tiles.log" 2>&1
+           tail -24 "$OUT/tiles.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+el done
