@@ -1,8 +1,10 @@
 """Time each phase of NSA's forward (inference, backend "triton") on the GPU.
 
 Phases: compression (mean pooling), compressed branch kernel (output + LSE), selection-score
-kernel, top-k selection (PyTorch, and the ranking kernel the inference path uses), selected branch (block-sparse kernel over the per-token
-selection), window branch, gated sum; and the whole ``longattn.attention(method="nsa")`` call.
+kernel, top-k selection (PyTorch, and the ranking kernel the inference path uses), selected
+branch (block-sparse kernel over the per-token selection), window branch, gated sum; the whole
+``longattn.attention(method="nsa")`` call; and one decoding step (``longattn.decode_nsa``)
+against SDPA decoding over the same keys.
 Median of CUDA-event timings; one JSON object to ``--out`` and a table on stdout.
 
     python3 benchmarks/nsa_phases.py --T 65536 --out $OUT/nsa_phases.json
@@ -65,6 +67,17 @@ def main() -> None:
         res["whole_call"] = median_ms(lambda: longattn.attention(q, k, v, method="nsa", backend="triton"), args.reps)
         res["sdpa_cudnn_dense"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True), args.reps)
+        # one decoding step over the same T keys (compressed tokens kept by the cache, as a
+        # serving loop would), against SDPA decoding over all of them
+        from longattn.decode_nsa import nsa_decode, nsa_decode_compress
+
+        q1 = q[:, :, -1:].contiguous()
+        lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+        kc, vc = nsa_decode_compress(k, v, lens, cfg)
+        res["decode_step_nsa"] = median_ms(lambda: nsa_decode(q1, k, v, lens, config=cfg, k_cmp=kc, v_cmp=vc,
+                                                              backend="triton"), args.reps)
+        res["decode_step_sdpa_dense"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q1, k, v, enable_gqa=True), args.reps)
     rec = {"T": T, "H": H, "Hkv": args.hkv, "D": D, "dtype": "bfloat16", "config": str(cfg),
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "median_ms": res}
     with open(args.out, "w") as fh:
