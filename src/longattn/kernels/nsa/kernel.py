@@ -43,8 +43,8 @@ def _group_rows(pid_m, pid_bk, num_kv_heads, q_len, G: tl.constexpr, BLOCK_M: tl
     """Batch, KV head, per-row query head offset / local query index / validity of program
     ``(pid_m, pid_bk)``: row ``r`` is head ``r // BLOCK_M`` of the group, query
     ``pid_m * BLOCK_M + r % BLOCK_M``."""
-    b = pid_bk // num_kv_heads
-    kvh = pid_bk % num_kv_heads
+    b = (pid_bk // num_kv_heads).to(tl.int64)  # int64: offsets pass 2^31 at long T x many heads
+    kvh = (pid_bk % num_kv_heads).to(tl.int64)
     rows = tl.arange(0, ROWS)
     r_head = rows // BLOCK_M
     r_tok = pid_m * BLOCK_M + rows % BLOCK_M
