@@ -62,8 +62,9 @@ def _query_rows(pid_m, pid_bh, num_heads, heads_per_kv, heads_per_sel, q_block, 
     query head ``h0``, its KV head and selection head, the selection row of the tile, and per
     row its head offset, local query index and validity."""
     groups = num_heads // P
-    b = pid_bh // groups
-    h0 = (pid_bh % groups) * P
+    # int64: batch and head offsets pass 2^31 elements at long T with several sequences
+    b = (pid_bh // groups).to(tl.int64)
+    h0 = ((pid_bh % groups) * P).to(tl.int64)
     q_start = pid_m * BLOCK_M
     rows = tl.arange(0, ROWS)
     r_head = rows // BLOCK_M
@@ -211,8 +212,8 @@ def _bwd_dkdv(
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     num_kv_heads = num_heads // heads_per_kv
-    b = pid_bk // num_kv_heads
-    kvh = pid_bk % num_kv_heads
+    b = (pid_bk // num_kv_heads).to(tl.int64)  # int64 offsets, as in _query_rows
+    kvh = (pid_bk % num_kv_heads).to(tl.int64)
     CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
     kb = pid_n // CHUNKS
     k_pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -226,7 +227,7 @@ def _bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     sm_scale_log2 = sm_scale * 1.4426950408889634
-    sel_b = b if sel_batch > 1 else 0
+    sel_b = b % sel_batch  # the selection batch is 1 (shared) or B: 0 or b, without a branch
 
     rows = tl.arange(0, ROWS)
     r_head = rows // BLOCK_M
