@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..online_softmax import finish_rows, online_softmax_step
+
 @triton.jit
 def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with fp32 accumulation. ``IEEE``: exact fp32 products for fp32 inputs (not
@@ -126,18 +128,11 @@ def _fwd(
         keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
         keep = keep & row_ok[:, None]
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
-        m_i = m_new
 
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, lse = finish_rows(acc, m_i, l_i)
     o_ptr = O + b * sob + (h0 + r_head)[:, None] * soh + r_tok[:, None] * sot + dims[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + (h0 + r_head) * slh + r_tok, lse, mask=row_ok)

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..online_softmax import online_softmax_step
+
 _LOG2E = 1.4426950408889634
 
 # dtypes the kernel reads (fp64 has no tensor-core dot; the reference serves it)
@@ -199,16 +201,11 @@ def _decode_split_kernel(
         s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         ok = key_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(v_base + pos[:, None] * stride_vt + d[None, :] * stride_vd,
                     mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
         pv = _dot(p.to(v.dtype), v, DOT_MODE)  # P rounded to the V dtype, as flash attention does
         acc = acc * alpha[:, None] + pv
-        m_i = m_new
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..online_softmax import finish_rows, online_softmax_step
+
 
 @triton.jit
 def _mm(a, b, F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -93,18 +95,11 @@ def _cmp_fwd(
         s = _mm(q, kt, F32, PREC, UPCAST) * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
         keep = (cols[None, :] * cmp_stride + cmp_block - 1 <= q_abs[:, None]) & c_ok[None, :] & row_ok[:, None]
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * svt + dims[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, PREC, UPCAST)
-        m_i = m_new
 
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, lse = finish_rows(acc, m_i, l_i)
     tl.store(O + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + heads * slh + r_tok, lse, mask=row_ok)
