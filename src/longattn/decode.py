@@ -403,18 +403,26 @@ def _keep_top(scores: Tensor, eligible: Tensor, forced: Tensor, counts: Tensor, 
     return idx.to(torch.int32), counts.to(torch.int32)
 
 
-def _selector_setup(q: Tensor, k_cache: Tensor, cache_seqlens: Tensor, block: int, top_k: int, block_name: str):
+def _selector_setup(q: Tensor, k_cache: Tensor, cache_seqlens: Tensor, block: int, top_k: int, block_name: str) -> int:
+    """The selectors' argument checks (no tensor work, no host sync); returns the number of
+    blocks of the cache, ``ceil(Tmax / block)``."""
     _check_q_cache(q, k_cache, cache_seqlens)
     _check_int(block_name, block, 1)
     _check_int("top_k", top_k, 1)
-    Tmax = k_cache.shape[2]
-    nb_max = _ceil_div(Tmax, block)
-    # lengths are checked by sparse_decode (one sync); here they are only clamped so that a
-    # bad length cannot index outside the cache
-    lens = cache_seqlens.long().clamp(1, Tmax)
-    nb = _ceil_div(lens, block)  # [B] blocks holding valid keys
-    c = torch.arange(nb_max, device=q.device)
-    return lens, nb, c, nb_max
+    return _ceil_div(k_cache.shape[2], block)
+
+
+def _clamped_lengths(cache_seqlens: Tensor, k_cache: Tensor) -> Tensor:
+    """Lengths are checked by sparse_decode (one sync); the selectors only clamp them to
+    ``[1, Tmax]`` so that a bad length cannot index outside the cache."""
+    return cache_seqlens.long().clamp(1, k_cache.shape[2])
+
+
+def _valid_blocks(cache_seqlens: Tensor, k_cache: Tensor, block: int, n_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lens [B], blocks holding valid keys [B], block ids [n_blocks])`` for the PyTorch
+    selectors (the selection kernel derives these itself, so its path skips them)."""
+    lens = _clamped_lengths(cache_seqlens, k_cache)
+    return lens, _ceil_div(lens, block), torch.arange(n_blocks, device=k_cache.device)
 
 
 def _selector_backend(backend: str, q: Tensor, k_cache: Tensor, n_blocks: int) -> bool:
@@ -478,7 +486,7 @@ def select_topk_blocks(
     ``key_means``); never ``O(T^2)``. Lengths are not checked here (no host sync): pass the
     same ``cache_seqlens`` to :func:`sparse_decode`, which checks them.
     """
-    lens, nb, c, nb_max = _selector_setup(q, k_cache, cache_seqlens, block_size, top_k, "block_size")
+    nb_max = _selector_setup(q, k_cache, cache_seqlens, block_size, top_k, "block_size")
     _check_int("sink_blocks", sink_blocks, 0)
     _check_int("local_blocks", local_blocks, 0)
     if sink_blocks + local_blocks > top_k:
@@ -489,13 +497,14 @@ def select_topk_blocks(
     Hkv = k_cache.shape[1]
     use_kernel = _selector_backend(backend, q, k_cache, nb_max)
     if key_means is None:
-        key_means = block_key_means(k_cache, lens, block_size)
+        key_means = block_key_means(k_cache, _clamped_lengths(cache_seqlens, k_cache), block_size)
     _check_summary("key_means", key_means, k_cache, nb_max)
     if use_kernel:
         from .kernels.decode.select import select_blocks_triton
 
         return select_blocks_triton(q, cache_seqlens, block_size=block_size, top_k=top_k, width=min(top_k, nb_max),
                                     n_sink=sink_blocks, n_local=local_blocks, key_means=key_means)
+    _, nb, c = _valid_blocks(cache_seqlens, k_cache, block_size, nb_max)
     acc = key_means.dtype
     q_mean = _group_sum(q.to(acc).mean(2), Hkv)  # [B, Hkv, D]: sum over the group of each head's query mean
     scores = torch.einsum("bhd,bhnd->bhn", q_mean, key_means)  # [B, Hkv, nB]
@@ -539,11 +548,11 @@ def select_quest_pages(
         ``block_counts int32 [B, Hkv]``. Cost ``O(B * H * Tq * nPages * D)`` given the bounds.
         Lengths are not checked here (no host sync); :func:`sparse_decode` checks them.
     """
-    lens, npg, c, np_max = _selector_setup(q, k_cache, cache_seqlens, page_size, top_k, "page_size")
+    np_max = _selector_setup(q, k_cache, cache_seqlens, page_size, top_k, "page_size")
     Hkv = k_cache.shape[1]
     use_kernel = _selector_backend(backend, q, k_cache, np_max)
     if bounds is None:
-        bounds = page_bounds(k_cache, lens, page_size)
+        bounds = page_bounds(k_cache, _clamped_lengths(cache_seqlens, k_cache), page_size)
     kmin, kmax = bounds
     if kmin.shape != kmax.shape or kmin.shape[:2] != k_cache.shape[:2] or kmin.shape[2] != np_max:
         raise ValueError(
@@ -557,6 +566,7 @@ def select_quest_pages(
             raise TypeError(f"bounds must be in q's dtype {q.dtype} (as page_bounds makes them), got {kmin.dtype}")
         return select_blocks_triton(q, cache_seqlens, block_size=page_size, top_k=top_k, width=min(top_k, np_max),
                                     n_sink=0, n_local=1, bounds=(kmin.contiguous(), kmax.contiguous()))
+    _, npg, c = _valid_blocks(cache_seqlens, k_cache, page_size, np_max)
     ub = quest_upper_bounds(q, kmin, kmax)  # [B, H, Tq, nP]
     scores = _group_sum(ub.sum(2), Hkv)  # [B, Hkv, nP]
     eligible = (c[None, :] < npg[:, None])[:, None, :]
@@ -596,7 +606,8 @@ def select_moba_blocks(
         ascending) and ``block_counts int32 [B, Hkv]``. Lengths are not checked here (no host
         sync); :func:`sparse_decode` checks them.
     """
-    lens, nb, c, nb_max = _selector_setup(q, k_cache, cache_seqlens, block_size, top_k, "block_size")
+    nb_max = _selector_setup(q, k_cache, cache_seqlens, block_size, top_k, "block_size")
+    lens, nb, c = _valid_blocks(cache_seqlens, k_cache, block_size, nb_max)
     B, H, Tq, _ = q.shape
     Hkv = k_cache.shape[1]
     if key_means is None:
