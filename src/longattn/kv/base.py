@@ -110,4 +110,15 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     return value
 
 
-__all__ = ["KVPolicy", "ModelShape", "check_choice", "check_int", "check_tokens_or_fraction"]
+def load_policy_calibration(calibration, method: str):
+    """A :class:`~longattn.analysis.calibrate.Calibration` from a path or itself, checked to be
+    of ``method``."""
+    from ..analysis.calibrate import Calibration, load_calibration
+
+    cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
+    if cal.method != method:
+        raise ValueError(f"calibration is for method {cal.method!r}; this policy needs a {method!r} calibration")
+    return cal
+
+
+__all__ = ["load_policy_calibration", "KVPolicy", "ModelShape", "check_choice", "check_int", "check_tokens_or_fraction"]

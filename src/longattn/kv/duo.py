@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import KVPolicy, ModelShape, check_int
+from .base import KVPolicy, ModelShape, check_int, load_policy_calibration
 from .cache import KVLayer, RuleLayer, Segment
 
 
@@ -72,7 +72,7 @@ class DuoPolicy(KVPolicy):
         """The policy a ``longattn calibrate --method duo`` file describes: its per-(layer, KV
         head) retrieval flags, and its streaming ``sink``/``window`` unless given here.
         ``calibration``: a path or a loaded :class:`longattn.analysis.calibrate.Calibration`."""
-        cal = _load_calibration(calibration, "duo")
+        cal = load_policy_calibration(calibration, "duo")
         return cls(retrieval=cal.data["retrieval"], sinks=int(cal.data["sink"]) if sinks is None else sinks,
                    window=int(cal.data["window"]) if window is None else window)
 
@@ -119,17 +119,6 @@ class DuoPolicy(KVPolicy):
         return RuleLayer(layer_idx, shape, self, [
             Segment(retrieval), Segment(streaming, rule=(self.sinks, self.window)),
         ])
-
-
-def _load_calibration(calibration, method: str):
-    """A :class:`~longattn.analysis.calibrate.Calibration` from a path or itself, checked to be
-    of ``method``."""
-    from ..analysis.calibrate import Calibration, load_calibration
-
-    cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
-    if cal.method != method:
-        raise ValueError(f"calibration is for method {cal.method!r}; this policy needs a {method!r} calibration")
-    return cal
 
 
 __all__ = ["DuoPolicy"]

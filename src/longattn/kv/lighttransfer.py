@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import KVPolicy, ModelShape, check_int
+from .base import KVPolicy, ModelShape, check_int, load_policy_calibration
 from .cache import KVLayer, RuleLayer, Segment
 
 
@@ -40,9 +40,7 @@ class LightTransferPolicy(KVPolicy):
         """The policy a ``longattn calibrate --method lighttransfer`` file describes: its lazy
         layers, and its ``sink``/``window`` unless given here. ``calibration``: a path or a
         loaded :class:`longattn.analysis.calibrate.Calibration`."""
-        from .duo import _load_calibration
-
-        cal = _load_calibration(calibration, "lighttransfer")
+        cal = load_policy_calibration(calibration, "lighttransfer")
         lazy = [i for i, flag in enumerate(cal.data["lazy"]) if flag]
         return cls(lazy_layers=tuple(lazy), sinks=int(cal.data["sink"]) if sinks is None else sinks,
                    window=int(cal.data["window"]) if window is None else window)
