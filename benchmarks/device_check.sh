@@ -5,8 +5,10 @@
 #   STEPS="tests conformance prefill decode nsa sweep" bash benchmarks/device_check.sh
 # Steps:
 #   tests        the Triton kernel tests compiled on the GPU (block-sparse, decode, NSA, NSA decode)
-#   conformance  the conformance cases that have not yet run on a GPU (docs/results/gpu-conformance-not-yet-run.txt)
-#   prefill      suite: top-k forward/backward at 8k-128k (ours, Flex, cuDNN, FlashAttention): break-even lengths
+#   conformance  the conformance cases that have not yet run on a GPU (docs/results/gpu-conformance-not-yet-run.txt),
+#                then the sparse methods' dense-masked sdpa path
+#   prefill      suite: full/top-k/MoBA/window forward+backward at 2k-32k (ours, dense masked, cuDNN,
+#                FlashAttention; then Flex top-k at 4k-16k): the break-even lengths of `auto`
 #   decode       suite: top-k and Quest decoding at 128k (B = 1 and 4)
 #   nsa          suite NSA forward at 64k and benchmarks/nsa_phases.py
 #   sweep        benchmarks/tile_sweep.py at 64k
@@ -26,9 +28,19 @@ for step in $STEPS; do
              > "$OUT/tests.log" 2>&1; echo "rc=$?" >> "$OUT/tests.log"; tail -2 "$OUT/tests.log" ;;
     conformance) LONGATTN_TEST_DEVICE=cuda timeout 240 python3 -m pytest $(cat docs/results/gpu-conformance-not-yet-run.txt) \
              -o addopts="" -p no:cacheprovider -v -n 14 > "$OUT/conformance.log" 2>&1; echo "rc=$?" >> "$OUT/conformance.log"
-             grep -c PASSED "$OUT/conformance.log"; grep -E "^FAILED" "$OUT/conformance.log" | head ;;
-    prefill) timeout 240 python3 benchmarks/suite.py --out "$OUT" --sizes 8k,16k,32k,64k,128k --hkv 8 --methods full,topk \
-             --ops fwd,bwd --max-seconds 230 > "$OUT/suite_prefill.log" 2>&1; tail -20 "$OUT/suite_prefill.log" ;;
+             grep -c PASSED "$OUT/conformance.log"; grep -E "^FAILED" "$OUT/conformance.log" | head
+             # the dense-masked sdpa path of the sparse methods (new; no compilation)
+             LONGATTN_TEST_DEVICE=cuda timeout 90 python3 -m pytest tests/test_conformance.py tests/test_properties.py \
+             -k "sdpa and not full" -o addopts="" -p no:cacheprovider -q -n 14 > "$OUT/conformance_sdpa.log" 2>&1
+             echo "rc=$?" >> "$OUT/conformance_sdpa.log"; tail -3 "$OUT/conformance_sdpa.log" ;;
+    prefill) # ours, dense masked (a sparse method's sdpa path) and dense at 2k-32k: the break-even lengths of
+             # `auto` (64k and 128k are in docs/results/suite-2026-11-29.jsonl); then Flex top-k with what is left
+             timeout 180 python3 benchmarks/suite.py --out "$OUT" --sizes 2k,4k,8k,16k,32k --hkv 8 \
+             --methods full,topk,moba,window --backends ours,sdpa-cudnn,sdpa-flash,dense-mask --ops fwd,bwd \
+             --max-seconds 170 > "$OUT/suite_prefill.log" 2>&1
+             timeout 80 python3 benchmarks/suite.py --out "$OUT" --sizes 4k,8k,16k --hkv 8 --methods topk \
+             --backends flex --ops fwd,bwd --max-seconds 70 >> "$OUT/suite_prefill.log" 2>&1
+             tail -40 "$OUT/suite_prefill.log" ;;
     decode) timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 128k --hkv 8 --methods full,topk,quest --ops decode \
              --max-seconds 55 > "$OUT/suite_decode.log" 2>&1; grep -E "^decode" "$OUT/suite_decode.log" | tail -20 ;;
     nsa) timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 64k --hkv 8 --methods nsa --ops fwd --backends ours \

@@ -106,11 +106,16 @@ DECODE_SELECTORS = {  # label -> (function of longattn.decode, block argument na
 SUMMARY_FN = {"topk": "block_key_means", "quest": "page_bounds"}
 ALL_METHODS = ["full", *PREFILL_METHODS, "quest"]
 ALL_OPS = ("fwd", "bwd", "decode")
-ALL_BACKENDS = ("ours", "flex", "sdpa-cudnn", "sdpa-flash", "reference")
-SPARSE_BACKENDS = ("ours", "flex", "reference")
+ALL_BACKENDS = ("ours", "flex", "sdpa-cudnn", "sdpa-flash", "dense-mask", "reference")
+SPARSE_BACKENDS = ("ours", "flex", "dense-mask", "reference")
 DENSE_BACKENDS = ("sdpa-cudnn", "sdpa-flash", "reference")
 DECODE_PARTS = ("attend", "select", "both", "summary")
-LONGATTN_BACKEND = {"ours": "triton", "flex": "flex", "reference": "reference"}
+LONGATTN_BACKEND = {"ours": "triton", "flex": "flex", "dense-mask": "sdpa", "reference": "reference"}
+# ``dense-mask`` (a sparse method's ``sdpa`` path: SDPA under its materialised [B, H, T, T] token
+# mask) is what ``auto`` takes below the break-even length; the library declines it past
+# longattn.backends.dense.DENSE_MASK_MAX_BYTES, the suite lifts that cap to this to find the
+# break-even (16k at H = 32 in bf16 fits, 32k does not).
+DENSE_MASK_SUITE_BYTES = 40 << 30
 DEFAULT_SIZES = [8192, 16384, 32768, 65536, 131072]
 QUICK_SIZES = [8192, 65536]
 HEADLINE_T = 65536
@@ -276,7 +281,7 @@ def build_plan(o) -> list[Case]:
     h0, hrest = o.hkv[0], o.hkv[1:]
     ops = [op for op in ("fwd", "bwd") if op in o.ops]
     mk = lambda op, m, T, B, hkv, be, part="": Case(op, m, T, B, o.heads, hkv, o.head_dim, o.dtype, be, part)
-    no_flex = ("ours", "sdpa-cudnn", "sdpa-flash", "reference")
+    no_flex = ("ours", "sdpa-cudnn", "sdpa-flash", "dense-mask", "reference")
 
     def prefill(T: int, hkv: int, backends, methods=("full", *PRIMARY, *SECONDARY)) -> list[Case]:
         out = []
@@ -447,6 +452,8 @@ class CostModel:
             return {"attend": 0.04, "select": 0.15, "both": 0.2, "summary": kv / 2 / 2.5e12 * 1e3 + 0.05}[c.part]
         if c.backend == "reference":
             return 1e3 * 8 * c.B * c.H * T * T * 4 / 3e12
+        if c.backend == "dense-mask":  # masked memory-efficient SDPA plus building the mask
+            return 2 * dense * (3.0 if c.op == "bwd" else 1.0) + 1e3 * c.B * c.H * T * T * 3 / 2e12
         if c.method == "full":
             f = {"sdpa-cudnn": 1.0, "sdpa-flash": 1.77}[c.backend]
             return dense * f * ({"sdpa-cudnn": 2.83, "sdpa-flash": 2.65}[c.backend] if c.op == "bwd" else 1.0)
@@ -925,6 +932,10 @@ class Runner:
                     f"(it has: {', '.join(sorted(spec.all_backends()))})")
         if c.backend == "reference" and c.B * c.H * c.T * c.T * 4 > REFERENCE_MAX_BYTES and c.T > self.o.gate_len:
             return f"the reference materialises B*H*T*T fp32 scores ({c.B * c.H * c.T * c.T * 4 / 2**30:.0f} GiB)"
+        mask_bytes = c.B * c.H * c.T * c.T * (1 + self.elt)
+        if c.backend == "dense-mask" and mask_bytes > DENSE_MASK_SUITE_BYTES:
+            return (f"the dense-mask path materialises a B*H*T*T token mask ({mask_bytes / 2**30:.0f} GiB with SDPA's "
+                    f"additive copy > {DENSE_MASK_SUITE_BYTES / 2**30:.0f} GiB)")
         from longattn.api import validate_inputs
 
         needs_grad = c.op in ("bwd", "gate-bwd")
@@ -982,6 +993,10 @@ class Runner:
             return (lambda q, k, v: (q, k, v)), call, call, layout, c.Hkv
         name, cfg = method_config(c.method, c.op)
         be = LONGATTN_BACKEND[c.backend]
+        if c.backend == "dense-mask":
+            from longattn.backends import dense
+
+            dense.DENSE_MASK_MAX_BYTES = max(dense.DENSE_MASK_MAX_BYTES, DENSE_MASK_SUITE_BYTES)
         call = lambda q, k, v: longattn.attention(q, k, v, method=name, backend=be, **cfg)
         return (lambda q, k, v: (q, k, v)), call, call, "native", c.Hkv
 
@@ -1368,7 +1383,7 @@ def summary_table(records: list[dict], limit_chars: int = 8000) -> str:
         rows.setdefault(key, {})[r["backend"]] = r
     present = {r["backend"] for r in ok}
     cols = [b for b in render.BACKEND_ORDER if b in present] or ["ours", "flex", "sdpa-cudnn", "sdpa-flash"]
-    short = {"sdpa-cudnn": "cudnn", "sdpa-flash": "flash", "reference": "ref"}
+    short = {"sdpa-cudnn": "cudnn", "sdpa-flash": "flash", "dense-mask": "mask", "reference": "ref"}
     head = (f"{'op':6} {'method':18} {'T':>5} {'B':>2} {'Hkv':>3} | "
             + " ".join(f"{short.get(b, b):>8}" for b in cols)
             + f" | {'ours/cu':>7} {'flex/cu':>7} | {'ours xfl':>8} {'flex xfl':>8}")

@@ -126,8 +126,26 @@ def test_unknown_backend():
 
 def test_backend_the_method_lacks():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"method 'moba' has no 'sdpa' backend; allowed: \['flex', 'reference', 'triton'\]"):
-        longattn.attention(q, k, v, method="moba", backend="sdpa")
+    with pytest.raises(ValueError, match=r"method 'nsa' has no 'sdpa' backend; allowed: \['flex', 'reference', 'triton'\]"):
+        longattn.attention(q, k, v, method="nsa", backend="sdpa")
+
+
+def test_sdpa_of_a_sparse_method_declines_a_mask_too_large():
+    # the dense-mask path of a sparse method declines past its memory cap: an explicit request
+    # warns and falls back (to an exact path), never allocating the mask
+    from longattn.backends import dense
+
+    q, k, v = qkv()
+    old = dense.DENSE_MASK_MAX_BYTES
+    dense.DENSE_MASK_MAX_BYTES = 8
+    try:
+        with pytest.warns(RuntimeWarning, match=r"backend 'sdpa' cannot serve this call \(the dense token mask .* GiB > "
+                          r"longattn.backends.dense.DENSE_MASK_MAX_BYTES"):
+            out = longattn.attention(q, k, v, method="window", backend="sdpa", window=4)
+    finally:
+        dense.DENSE_MASK_MAX_BYTES = old
+    ref = longattn.attention(q, k, v, method="window", backend="reference", window=4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_unknown_config_key():

@@ -13,7 +13,7 @@ import longattn
 
 from .conftest import rand_qkv
 
-BACKENDS = ["reference", "flex"]
+BACKENDS = ["reference", "sdpa", "flex"]
 
 
 def masked_attention_fp64(q, k, v, mask):
@@ -48,6 +48,32 @@ def test_full_equals_sdpa_fp64(causal, Tq, Tk):
     for backend in ["reference", "sdpa"]:
         out = longattn.attention(q, k, v, method="full", causal=causal, backend=backend)
         assert (out - expected).abs().max().item() < 1e-12, backend
+
+
+def test_sdpa_under_a_mask_with_empty_rows_matches_fp64():
+    # the dense-mask SDPA path of the sparse methods: rows that see no key give 0 (not NaN),
+    # and gradients are finite and equal to plain fp64 attention's (empty rows contribute 0)
+    from longattn.backends import sdpa_masked_attention
+    from longattn.registry import AttnInputs
+
+    q, k, v = rand_qkv(2, 4, 2, 40, 56, 16, dtype=torch.float64, seed=3, requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 2, 40, 56, generator=g) < 0.3  # per KV-head group (Hs = 2 of H = 4)
+    mask[:, :, ::7] = False  # every 7th query sees nothing
+    out, lse = sdpa_masked_attention(AttnInputs(q=q, k=k, v=v, causal=False, scale=16 ** -0.5), mask)
+    assert lse is None
+    full_mask = mask.repeat_interleave(2, 1)
+    empty = ~full_mask.any(-1, keepdim=True)
+    expected = torch.where(empty, 0.0, masked_attention_fp64(q, k, v, full_mask | empty))
+    assert (out - expected).abs().max().item() < 1e-12
+    assert (out[:, :, ::7] == 0).all()
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(expected, (q, k, v), dout)
+    for name, a, b in zip("qkv", got, want):
+        assert torch.isfinite(a).all(), name
+        assert (a - b).abs().max().item() < 1e-12, name
+    assert (got[0][:, :, ::7] == 0).all()  # an empty row's query gets no gradient
 
 
 # ---------------------------------------------------------------------------- window

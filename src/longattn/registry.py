@@ -154,9 +154,11 @@ def register_selection_method(
     needs_finite: bool = False,
 ) -> MethodSpec:
     """Register a method defined by a selector: reference = dense softmax under the
-    selection's token mask; ``flex`` = FlexAttention with the selection's BlockMask;
-    ``triton`` = longattn's block-sparse kernels over the selection."""
-    from .backends import dense_masked_attention, flex_can_serve, flex_selection_attention
+    selection's token mask; ``sdpa`` = PyTorch SDPA under the same mask (short inputs: the mask
+    is materialised); ``flex`` = FlexAttention with the selection's BlockMask; ``triton`` =
+    longattn's block-sparse kernels over the selection."""
+    from .backends import (dense_masked_attention, flex_can_serve, flex_selection_attention, sdpa_mask_can_serve,
+                           sdpa_masked_attention)
     from .backends.triton import triton_can_serve, triton_selection_attention
 
     def reference(inputs: AttnInputs, config) -> tuple[Tensor, Tensor]:
@@ -166,6 +168,10 @@ def register_selection_method(
     def flex(inputs: AttnInputs, config) -> tuple[Tensor, Tensor]:
         sel = selector(inputs.q, inputs.k, inputs.causal, config)
         return flex_selection_attention(inputs, sel)
+
+    def sdpa(inputs: AttnInputs, config) -> tuple[Tensor, Tensor]:
+        sel = selector(inputs.q, inputs.k, inputs.causal, config)
+        return sdpa_masked_attention(inputs, sel.to_dense_mask())
 
     def triton(inputs: AttnInputs, config) -> tuple[Tensor, Tensor]:
         sel = selector(inputs.q, inputs.k, inputs.causal, config)
@@ -179,7 +185,8 @@ def register_selection_method(
             summary=summary,
             config_cls=config_cls,
             reference=reference,
-            backends={"flex": Backend(flex, flex_can_serve), "triton": Backend(triton, triton_can_serve)},
+            backends={"sdpa": Backend(sdpa, sdpa_mask_can_serve), "flex": Backend(flex, flex_can_serve),
+                      "triton": Backend(triton, triton_can_serve)},
             selector=selector,
             bidirectional=bidirectional,
             needs_finite=needs_finite,

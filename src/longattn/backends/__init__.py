@@ -1,5 +1,6 @@
 """Backends that execute attention: ``reference`` (dense, fp32 accumulation), ``sdpa``
-(PyTorch's fused dense kernels) and ``flex`` (FlexAttention)."""
+(PyTorch's fused dense kernels; for sparse methods under their dense token mask, short inputs
+only) and ``flex`` (FlexAttention)."""
 
 from .dense import (
     causal_token_mask,
@@ -9,6 +10,8 @@ from .dense import (
     plain_precision,
     sdpa_can_serve,
     sdpa_full,
+    sdpa_mask_can_serve,
+    sdpa_masked_attention,
 )
 from .flex import flex_call, flex_can_serve, flex_selection_attention
 
@@ -23,4 +26,6 @@ __all__ = [
     "plain_precision",
     "sdpa_can_serve",
     "sdpa_full",
+    "sdpa_mask_can_serve",
+    "sdpa_masked_attention",
 ]

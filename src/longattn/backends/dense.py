@@ -1,4 +1,6 @@
-"""Dense backends: the fp32-accumulating reference (the specification) and PyTorch SDPA."""
+"""Dense backends: the fp32-accumulating reference (the specification), PyTorch SDPA, and
+SDPA under a sparse method's token mask (the dense path ``auto`` takes below the break-even
+length, where masked dense attention is faster than the block-sparse kernels)."""
 
 from __future__ import annotations
 
@@ -99,3 +101,40 @@ def sdpa_can_serve(inputs: AttnInputs, config=None) -> str | None:
     if inputs.return_lse:
         return "SDPA does not return the log-sum-exp (return_lse=True)"
     return None
+
+
+# The ``sdpa`` path of a sparse method materialises its [B, H, Tq, Tk] token mask (and SDPA an
+# additive copy of it in the input dtype). It is meant for short inputs, where it is the fastest
+# exact path; past this many bytes it declines and the block-sparse backends serve.
+DENSE_MASK_MAX_BYTES = 1 << 30
+
+
+def sdpa_mask_can_serve(inputs: AttnInputs, config=None) -> str | None:
+    """``None`` when :func:`sdpa_masked_attention` may serve ``inputs``, else why not."""
+    reason = sdpa_can_serve(inputs)
+    if reason:
+        return reason
+    pairs = inputs.batch * inputs.num_heads * inputs.q_len * inputs.kv_len
+    need = pairs * (1 + inputs.q.element_size())  # bool mask + SDPA's additive mask
+    if need > DENSE_MASK_MAX_BYTES:
+        return (f"the dense token mask of {inputs.batch}x{inputs.num_heads}x{inputs.q_len}x{inputs.kv_len} "
+                f"pairs would take {need / 2**30:.2f} GiB > longattn.backends.dense.DENSE_MASK_MAX_BYTES "
+                f"({DENSE_MASK_MAX_BYTES / 2**30:.2f} GiB)")
+    return None
+
+
+def sdpa_masked_attention(inputs: AttnInputs, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.scaled_dot_product_attention`` under an explicit boolean token mask ``bool [B or 1,
+    Hs, Tq, Tk]`` (``Hs`` dividing ``H``, as in :func:`dense_masked_attention`), with the same
+    result: a query row with no visible key gets output 0 (SDPA alone would give NaN there).
+    K/V heads are expanded for GQA so PyTorch can use its fused masked kernel (memory-efficient
+    attention) instead of the math path. Returns ``(out [B, H, Tq, D], None)`` (no LSE)."""
+    H = inputs.num_heads
+    if mask.shape[1] not in (1, H):
+        mask = expand_kv_heads(mask, H)
+    empty = ~mask.any(dim=-1, keepdim=True)  # [B|1, Hs, Tq, 1]
+    # an empty row attends to every key (no NaN, also in the backward) and is zeroed after
+    mask = mask | empty
+    k, v = expand_kv_heads(inputs.k, H), expand_kv_heads(inputs.v, H)
+    out = F.scaled_dot_product_attention(inputs.q, k, v, attn_mask=mask, scale=inputs.scale)
+    return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out), None  # type: ignore[return-value]
