@@ -10,7 +10,7 @@
 #   prefill      suite: full/top-k/MoBA/window forward+backward at 2k-32k (ours, dense masked, cuDNN,
 #                FlashAttention; then Flex top-k at 4k-16k): the break-even lengths of `auto`
 #   decode       suite: top-k and Quest decoding at 128k (B = 1 and 4)
-#   nsa          suite NSA forward at 64k and benchmarks/nsa_phases.py
+#   nsa          suite NSA forward at 8k-64k (Flex at 8k) and benchmarks/nsa_phases.py
 #   sweep        benchmarks/tile_sweep.py at 64k
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -43,8 +43,10 @@ for step in $STEPS; do
              tail -40 "$OUT/suite_prefill.log" ;;
     decode) timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 128k --hkv 8 --methods full,topk,quest --ops decode \
              --max-seconds 55 > "$OUT/suite_decode.log" 2>&1; grep -E "^decode" "$OUT/suite_decode.log" | tail -20 ;;
-    nsa) timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 64k --hkv 8 --methods nsa --ops fwd --backends ours \
-             --max-seconds 55 > "$OUT/suite_nsa.log" 2>&1
+    nsa) timeout 90 python3 benchmarks/suite.py --out "$OUT" --sizes 8k,16k,32k,64k --hkv 8 --methods nsa --ops fwd \
+             --backends ours --max-seconds 80 > "$OUT/suite_nsa.log" 2>&1
+         timeout 45 python3 benchmarks/suite.py --out "$OUT" --sizes 8k --hkv 8 --methods nsa --ops fwd --backends flex \
+             --max-seconds 40 >> "$OUT/suite_nsa.log" 2>&1
          timeout 45 python3 benchmarks/nsa_phases.py --T 65536 --out "$OUT/nsa_phases.json" > "$OUT/nsa_phases.log" 2>&1
          tail -14 "$OUT/nsa_phases.log" ;;
     sweep) timeout 90 python3 benchmarks/tile_sweep.py --out "$OUT/tiles.jsonl" --max-seconds 80 > "$OUT/tiles.log" 2>&1
