@@ -79,17 +79,10 @@ def check_finite(**tensors: Tensor) -> None:
             )
 
 
-# Up to this many queries (decoding, small chunks) the dense reference costs O(Tq * Tk) and
-# needs no compilation, while compiled FlexAttention would recompile for every new key length.
-SMALL_QUERY = 16
-
-
 def _auto_order(spec: MethodSpec, inputs: AttnInputs) -> list[str]:
-    if inputs.q.device.type == "cuda" and inputs.q_len > SMALL_QUERY:
-        order = ["sdpa", "flex", "reference"]
-    else:  # CPU (FlexAttention runs its dense eager path there) or a few queries
-        order = ["sdpa", "reference"]
-    return [b for b in order if b in spec.all_backends()]
+    from .auto import auto_order
+
+    return auto_order(spec, inputs)
 
 
 def resolve_backend(spec: MethodSpec, inputs: AttnInputs, config: Any, backend: str) -> str:
@@ -139,8 +132,10 @@ def attention(
         method: a name from :func:`longattn.list_methods`.
         causal: causal (aligned to the end of ``k``) or bidirectional.
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"``, ``"reference"``, ``"sdpa"``, ``"flex"`` or ``"triton"`` (own
-            kernels; chosen explicitly until GPU measurements put it in ``auto``'s order).
+        backend: ``"auto"`` (the path measured fastest for this method, mode and length on
+            an H200, see :mod:`longattn.auto`), ``"reference"``, ``"sdpa"`` (for sparse methods:
+            SDPA under the materialised token mask, short inputs only), ``"flex"`` or
+            ``"triton"`` (longattn's own kernels).
         return_lse: also return the log-sum-exp ``float32 [B, H, Tq]``.
         **config: fields of the method's Config dataclass (e.g. ``window=512``).
 

@@ -15,6 +15,7 @@ import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import AttnInputs
@@ -80,8 +81,26 @@ def _limit_hit_errors() -> tuple[type, ...]:
     )
 
 
+def flex_head_dim(d: int) -> int:
+    """The head dim FlexAttention runs at for inputs of head dim ``d``: the next power of two
+    (at least 16)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
 def flex_call(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tuple[Tensor, Tensor]:
-    """Run FlexAttention and return ``(out [B, H, Tq, D], lse float32 [B, H, Tq])``."""
+    """Run FlexAttention and return ``(out [B, H, Tq, D], lse float32 [B, H, Tq])``.
+
+    A head dim that is not a power of two is zero-padded to :func:`flex_head_dim` and the
+    output sliced back: zero columns change neither ``q . k`` nor the softmax (``scale`` is
+    explicit), and add only zero output columns. Inductor's FlexAttention template finds no
+    kernel configuration for some such head dims (D = 40 in fp32 under torch 2.11 raises
+    ``NoValidChoicesError``); powers of two are what it is tuned and tested for."""
+    d = q.shape[-1]
+    dp = flex_head_dim(d)
+    if dp != d:
+        pad = (0, dp - d)
+        out, lse = flex_call(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask, scale)
+        return out[..., :d].contiguous(), lse
     enable_gqa = q.shape[1] != k.shape[1]
     aux = _aux_kwargs()
     if q.device.type == "cpu":

@@ -1,0 +1,70 @@
+"""How ``backend="auto"`` orders the backends: per method, mode (inference or training) and key
+length, the path measured fastest on an NVIDIA H200 (``docs/benchmarks.md``, section "auto").
+
+Measured with B = 1, H = 32, Hkv = 8, D = 128, bf16, causal prefill, each method at the
+configuration the benchmark suite uses (top-k 16 of 128-token blocks, MoBA and NSA paper
+defaults, window 4096): ``benchmarks/suite.py`` runs of 2026-11-29 (64k, 128k) and 2026-11-30
+(2k-32k), in ``docs/results/``. Between measured lengths the step at or below the length
+applies; below the shortest measured length, the first step. ``sdpa`` for a sparse method is
+dense SDPA under its materialised token mask: it declines past
+``longattn.backends.dense.DENSE_MASK_MAX_BYTES`` (1 GiB: about 3.3k tokens at B = 1, H = 32), and
+the next backend in the order serves. A backend that cannot serve an input is skipped; the
+reference is always last.
+
+Methods not listed (``sink``, ``bigbird``: not measured yet) keep ``sdpa`` (within its cap),
+then ``flex``. On CPU, and for at most :data:`SMALL_QUERY` queries (decoding, small chunks: the
+dense reference needs no compilation, while compiled FlexAttention would recompile for every
+new key length), the order is ``sdpa``, then the reference.
+"""
+
+from __future__ import annotations
+
+from .registry import AttnInputs, MethodSpec
+
+SMALL_QUERY = 16
+
+Order = tuple[str, ...]
+Steps = tuple[tuple[int, Order], ...]
+
+_MASK_FIRST: Order = ("sdpa", "triton", "flex")
+_OURS_FIRST: Order = ("triton", "flex", "sdpa")
+
+#: method -> mode ("infer": no autograd, "train": forward + backward) -> steps (from key length, order)
+GPU_STEPS: dict[str, dict[str, Steps]] = {
+    # fwd: ours 1.38 ms vs masked 3.13 at 2k; ours ahead of Flex at 4k-64k (2.09 vs 3.35 ... 10.13 vs 11.88)
+    # fwd+bwd: masked 1.77 vs ours 2.68 at 2k, ours 4.09 vs masked 10.33 at 4k; ours vs Flex: 5.56 vs 5.73
+    # at 8k, 8.48 vs 9.56 at 16k
+    "topk": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
+             "train": ((0, _MASK_FIRST), (4096, _OURS_FIRST))},
+    # fwd: ours 0.75 vs masked 1.09 at 2k, ours 5.72 vs Flex 7.96 at 32k
+    # fwd+bwd: masked 1.77 vs ours 2.39 at 2k; ours 3.12 vs masked 3.78 at 4k; ours 24.1 vs Flex 23.9 at 32k
+    "window": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
+               "train": ((0, _MASK_FIRST), (4096, _OURS_FIRST))},
+    # per-token gates: masked fastest at 2k-8k (fwd 2.78 / 7.35 / 26.5 ms vs ours 7.1 / 14.5 / 29.6);
+    # Flex ahead of ours at 32k (fwd 60.8 vs 124.0, bwd 84.2 vs 259.4) and 64k
+    "moba": {"infer": ((0, ("sdpa", "flex", "triton")),),
+             "train": ((0, ("sdpa", "flex", "triton")),)},
+    # NSA's own kernels: fwd 68.3 ms vs Flex 284.1 at 32k, 216.9 vs 1224 at 64k; training (the
+    # chunked scan) fwd+bwd 2242 vs Flex 2754 at 64k
+    "nsa": {"infer": ((0, ("triton", "flex")),), "train": ((0, ("triton", "flex")),)},
+}
+
+_DEFAULT_GPU: Order = ("sdpa", "flex")
+_SMALL: Order = ("sdpa",)
+
+
+def auto_order(spec: MethodSpec, inputs: AttnInputs) -> list[str]:
+    """The backends ``auto`` tries for ``inputs``, in order (only those ``spec`` has)."""
+    if inputs.q.device.type != "cuda" or inputs.q_len <= SMALL_QUERY:
+        order = _SMALL
+    else:
+        steps = GPU_STEPS.get(spec.name, {}).get("train" if inputs.needs_grad else "infer")
+        if steps:
+            order = steps[0][1]
+            for start, o in steps:
+                if inputs.kv_len >= start:
+                    order = o
+        else:
+            order = _DEFAULT_GPU
+    have = spec.all_backends()
+    return [b for b in (*order, "reference") if b in have]

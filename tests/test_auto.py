@@ -1,0 +1,84 @@
+"""``backend="auto"``: the order of backends per device, method, mode and key length."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import longattn
+from longattn.api import resolve_backend
+from longattn.auto import GPU_STEPS, SMALL_QUERY, auto_order
+from longattn.registry import AttnInputs
+
+from .conftest import rand_qkv
+
+
+def fake_inputs(device: str, q_len: int, kv_len: int, grad: bool = False):
+    """What auto_order reads from AttnInputs, on a device this machine may not have."""
+    return types.SimpleNamespace(q=types.SimpleNamespace(device=torch.device(device)), q_len=q_len, kv_len=kv_len,
+                                 needs_grad=grad)
+
+
+def order(name, device="cuda", q_len=4096, kv_len=4096, grad=False):
+    return auto_order(longattn.get_method(name), fake_inputs(device, q_len, kv_len, grad))
+
+
+def test_cpu_and_few_queries_take_sdpa_then_the_reference():
+    for name in longattn.list_methods():
+        has_sdpa = "sdpa" in longattn.get_method(name).all_backends()
+        want = ["sdpa", "reference"] if has_sdpa else ["reference"]
+        assert order(name, device="cpu") == want, name
+        assert order(name, q_len=SMALL_QUERY, kv_len=100_000) == want, name
+    assert order("topk", q_len=SMALL_QUERY + 1, kv_len=100_000)[0] == "triton"
+
+
+@pytest.mark.parametrize("name", ["topk", "window"])
+def test_block_sparse_kernels_take_over_at_the_break_even_length(name):
+    # inference: the dense masked path below 2k, the kernels from 2k; training: from 4k
+    assert order(name, kv_len=2047) == ["sdpa", "triton", "flex", "reference"]
+    assert order(name, kv_len=2048) == order(name, kv_len=1 << 20) == ["triton", "flex", "sdpa", "reference"]
+    assert order(name, kv_len=2048, grad=True)[0] == "sdpa"
+    assert order(name, kv_len=4096, grad=True) == ["triton", "flex", "sdpa", "reference"]
+    # chunked prefill: the key length decides, not the number of queries
+    assert order(name, q_len=64, kv_len=8192)[0] == "triton"
+
+
+def test_measured_orders_of_moba_nsa_and_the_unmeasured_methods():
+    assert order("moba", kv_len=1 << 17) == ["sdpa", "flex", "triton", "reference"]
+    assert order("nsa", kv_len=1024) == order("nsa", kv_len=1 << 17, grad=True) == ["triton", "flex", "reference"]
+    for name in ("full", "sink", "bigbird"):
+        assert name not in GPU_STEPS
+        assert order(name) == ["sdpa", "flex", "reference"], name
+
+
+def test_every_step_names_real_backends_in_increasing_length():
+    for name, modes in GPU_STEPS.items():
+        have = longattn.get_method(name).all_backends()
+        assert set(modes) == {"infer", "train"}, name
+        for steps in modes.values():
+            starts = [s for s, _ in steps]
+            assert starts[0] == 0 and starts == sorted(set(starts)), name
+            for _, o in steps:
+                assert o and set(o) <= set(have) and len(set(o)) == len(o), (name, o)
+
+
+def test_auto_on_cpu_runs_the_sparse_method_through_its_masked_sdpa_path():
+    q, k, v = rand_qkv(1, 4, 2, 300, 300, 32, seed=2)
+    spec = longattn.get_method("topk")
+    cfg = spec.make_config(block_size=64, top_k=2)
+    inputs = AttnInputs(q=q, k=k, v=v, causal=True, scale=32 ** -0.5)
+    assert resolve_backend(spec, inputs, cfg, "auto") == "sdpa"
+    out = longattn.attention(q, k, v, method="topk", block_size=64, top_k=2)
+    ref = longattn.attention(q, k, v, method="topk", block_size=64, top_k=2, backend="reference")
+    assert (out - ref).abs().max().item() < 1e-5
+    # past the mask's memory cap auto moves on to the reference (no warning: auto chose)
+    from longattn.backends import dense
+
+    old = dense.DENSE_MASK_MAX_BYTES
+    dense.DENSE_MASK_MAX_BYTES = 1024
+    try:
+        assert resolve_backend(spec, inputs, cfg, "auto") == "reference"
+    finally:
+        dense.DENSE_MASK_MAX_BYTES = old
