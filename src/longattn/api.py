@@ -85,12 +85,15 @@ def _auto_order(spec: MethodSpec, inputs: AttnInputs) -> list[str]:
     return auto_order(spec, inputs)
 
 
-def resolve_backend(spec: MethodSpec, inputs: AttnInputs, config: Any, backend: str) -> str:
+def resolve_backend(
+    spec: MethodSpec, inputs: AttnInputs, config: Any, backend: str, exclude: tuple[str, ...] = ()
+) -> str:
     """The backend that will run: ``backend`` itself, or the first in the fallback order that
-    can serve these inputs (warning when an explicitly requested one cannot)."""
+    can serve these inputs (warning when an explicitly requested one cannot). ``exclude``:
+    backends already found unable to run these inputs (skipped)."""
     available = spec.all_backends()
     if backend == "auto":
-        candidates = _auto_order(spec, inputs)
+        candidates = [b for b in _auto_order(spec, inputs) if b not in exclude]
     else:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: 'auto', {', '.join(map(repr, BACKENDS))}")
@@ -99,11 +102,12 @@ def resolve_backend(spec: MethodSpec, inputs: AttnInputs, config: Any, backend: 
                 f"method {spec.name!r} has no {backend!r} backend; allowed: {sorted(available)} or 'auto'"
             )
         candidates = [backend] + [b for b in _auto_order(spec, inputs) if b != backend]
+        candidates = [b for b in candidates if b not in exclude]
     for i, name in enumerate(candidates):
         reason = available[name].can_serve(inputs, config)
         if reason is None:
             return name
-        if backend != "auto" and i == 0:
+        if backend != "auto" and i == 0 and backend not in exclude:
             warnings.warn(
                 f"backend {backend!r} cannot serve this call ({reason}); falling back",
                 RuntimeWarning,
@@ -156,6 +160,17 @@ def attention(
         )
     if spec.needs_finite:
         check_finite(q=q, k=k, v=v)
-    name = resolve_backend(spec, inputs, cfg, backend)
-    out, lse = spec.all_backends()[name].impl(inputs, cfg)
+    from .backends.flex import FlexCompileError
+
+    failed: tuple[str, ...] = ()
+    while True:
+        name = resolve_backend(spec, inputs, cfg, backend, failed)
+        try:
+            out, lse = spec.all_backends()[name].impl(inputs, cfg)
+            break
+        except FlexCompileError as err:  # known only once compiled: the next backend serves
+            if name == "reference":
+                raise
+            warnings.warn(f"backend {name!r} failed on this call ({err}); falling back", RuntimeWarning, stacklevel=2)
+            failed += (name,)
     return (out, lse) if return_lse else out

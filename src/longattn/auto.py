@@ -4,8 +4,9 @@ length, the path measured fastest on an NVIDIA H200 (``docs/benchmarks.md``, sec
 Measured with B = 1, H = 32, Hkv = 8, D = 128, bf16, causal prefill, each method at the
 configuration the benchmark suite uses (top-k 16 of 128-token blocks, MoBA and NSA paper
 defaults, window 4096): ``benchmarks/suite.py`` runs of 2026-11-29 (64k, 128k) and 2026-11-30
-(2k-32k), in ``docs/results/``. Between measured lengths the step at or below the length
-applies; below the shortest measured length, the first step. ``sdpa`` for a sparse method is
+(2k-32k, top-k backward at 64k), in ``docs/results/``, and ``benchmarks/auto_check.py`` (1k-16k,
+every backend beside what ``auto`` chose). Between measured lengths the step at or below the length
+applies; below the shortest measured length (1k), the first step. ``sdpa`` for a sparse method is
 dense SDPA under its materialised token mask: it declines past
 ``longattn.backends.dense.DENSE_MASK_MAX_BYTES`` (1 GiB: about 3.3k tokens at B = 1, H = 32), and
 the next backend in the order serves. A backend that cannot serve an input is skipped; the
@@ -31,11 +32,11 @@ _OURS_FIRST: Order = ("triton", "flex", "sdpa")
 
 #: method -> mode ("infer": no autograd, "train": forward + backward) -> steps (from key length, order)
 GPU_STEPS: dict[str, dict[str, Steps]] = {
-    # fwd: ours 1.38 ms vs masked 3.13 at 2k; ours ahead of Flex at 4k-64k (2.09 vs 3.35 ... 10.13 vs 11.88)
-    # fwd+bwd: masked 1.77 vs ours 2.68 at 2k, ours 4.09 vs masked 10.33 at 4k; ours vs Flex: 5.56 vs 5.73
-    # at 8k, 8.48 vs 9.56 at 16k
-    "topk": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
-             "train": ((0, _MASK_FIRST), (4096, _OURS_FIRST))},
+    # fwd: ours 1.38 ms vs masked 3.13 at 2k (2.17 vs 2.36 at 1k), ahead of Flex at 4k-64k (2.09 vs
+    # 3.35 ... 10.13 vs 11.88). fwd+bwd: ours 2.68 vs masked 3.85 at 2k (3.12 vs 3.47 at 1k); ours vs
+    # Flex 5.56 vs 5.73 at 8k, 8.48 vs 9.56 at 16k, but 29.6 vs 27.4 at 64k (bwd 19.50 vs 15.54)
+    "topk": {"infer": ((0, _OURS_FIRST),),
+             "train": ((0, _OURS_FIRST), (65536, ("flex", "triton", "sdpa")))},
     # fwd: ours 0.75 vs masked 1.09 at 2k, ours 5.72 vs Flex 7.96 at 32k
     # fwd+bwd: masked 1.77 vs ours 2.39 at 2k; ours 3.12 vs masked 3.78 at 4k; ours 24.1 vs Flex 23.9 at 32k
     "window": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),

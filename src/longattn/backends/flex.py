@@ -15,7 +15,6 @@ import types
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import AttnInputs
@@ -81,26 +80,9 @@ def _limit_hit_errors() -> tuple[type, ...]:
     )
 
 
-def flex_head_dim(d: int) -> int:
-    """The head dim FlexAttention runs at for inputs of head dim ``d``: the next power of two
-    (at least 16)."""
-    return max(16, 1 << (d - 1).bit_length())
-
-
 def flex_call(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tuple[Tensor, Tensor]:
-    """Run FlexAttention and return ``(out [B, H, Tq, D], lse float32 [B, H, Tq])``.
-
-    A head dim that is not a power of two is zero-padded to :func:`flex_head_dim` and the
-    output sliced back: zero columns change neither ``q . k`` nor the softmax (``scale`` is
-    explicit), and add only zero output columns. Inductor's FlexAttention template finds no
-    kernel configuration for some such head dims (D = 40 in fp32 under torch 2.11 raises
-    ``NoValidChoicesError``); powers of two are what it is tuned and tested for."""
-    d = q.shape[-1]
-    dp = flex_head_dim(d)
-    if dp != d:
-        pad = (0, dp - d)
-        out, lse = flex_call(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask, scale)
-        return out[..., :d].contiguous(), lse
+    """Run FlexAttention and return ``(out [B, H, Tq, D], lse float32 [B, H, Tq])``. On GPU,
+    raises :class:`FlexCompileError` when Inductor finds no kernel for the inputs."""
     enable_gqa = q.shape[1] != k.shape[1]
     aux = _aux_kwargs()
     if q.device.type == "cpu":
@@ -112,6 +94,16 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tupl
                 _flex_fn()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, **aux)
             )
     return compiled_flex_call(q, k, v, block_mask, scale, enable_gqa, aux)
+
+
+class FlexCompileError(RuntimeError):
+    """Inductor found no FlexAttention kernel for these inputs (``NoValidChoicesError``; seen on
+    the H200 with torch 2.11 for fp32 inputs of 100 queries over 257 keys, head dim 40 (also
+    when zero-padded to 64), under the token-level mask functions of full, window and sink). ``longattn.attention`` answers it by moving to the next backend."""
+
+
+def _no_kernel(err: BaseException) -> bool:
+    return "NoValidChoicesError" in f"{type(err).__name__}: {err}"
 
 
 def compiled_flex_call(q, k, v, block_mask, scale: float, enable_gqa: bool, aux: dict):
@@ -130,7 +122,13 @@ def compiled_flex_call(q, k, v, block_mask, scale: float, enable_gqa: bool, aux:
         try:
             with torch._dynamo.config.patch(**patch):
                 return _split(entry(q, k, v, block_mask, scale, enable_gqa, aux))
-        except _limit_hit_errors() as err:
+        except Exception as err:  # noqa: BLE001 - only the two known failures are translated
+            if _no_kernel(err):
+                raise FlexCompileError(
+                    f"Inductor found no FlexAttention kernel for q {tuple(q.shape)} and k {tuple(k.shape)} in "
+                    f"{q.dtype} (NoValidChoicesError)") from err
+            if not isinstance(err, _limit_hit_errors()):
+                raise
             if attempt == 1:
                 raise RuntimeError(
                     "FlexAttention hit torch.compile's recompile limit twice; refusing the eager "
