@@ -14,7 +14,8 @@ our Triton kernels run only under TRITON_INTERPRET=1, slowly; used by tests/test
 
     TRITON_INTERPRET=0 python benchmarks/suite.py --device cpu --sizes 256 --quick --out /tmp/suite
 
-Without git on the device machine, pass the commit in LONGATTN_COMMIT (it lands in every record).
+On the device machine, pass the commit in LONGATTN_COMMIT (it lands in every record and wins over
+git, whose metadata in the device's copy of the tree can be stale).
 
 What is timed (B=1, H=32, Hkv in {8, 32}, D=128, bf16, causal, T in {8k, 16k, 32k, 64k, 128k}):
 
@@ -571,7 +572,11 @@ def env_info(o, argv: list[str] | None) -> dict:
         dirty = bool(status.strip())
     except Exception:  # noqa: BLE001 - the device copy of the tree may have no git
         pass
-    commit = commit or os.environ.get("LONGATTN_COMMIT") or "unknown"
+    # LONGATTN_COMMIT wins: the device machine's copy of the tree can carry stale git metadata
+    # (then git's dirty flag is about that stale commit too, so it is not recorded)
+    if os.environ.get("LONGATTN_COMMIT"):
+        commit, dirty = os.environ["LONGATTN_COMMIT"], None
+    commit = commit or "unknown"
     cuda = o.device == "cuda"
     args = sys.argv[1:] if argv is None else argv
     return {
@@ -932,7 +937,9 @@ class Runner:
                     f"(it has: {', '.join(sorted(spec.all_backends()))})")
         if c.backend == "reference" and c.B * c.H * c.T * c.T * 4 > REFERENCE_MAX_BYTES and c.T > self.o.gate_len:
             return f"the reference materialises B*H*T*T fp32 scores ({c.B * c.H * c.T * c.T * 4 / 2**30:.0f} GiB)"
-        mask_bytes = c.B * c.H * c.T * c.T * (1 + self.elt)
+        from longattn.backends import dense_mask_bytes
+
+        mask_bytes = dense_mask_bytes(c.B, c.H, c.T, c.T, self.elt)
         if c.backend == "dense-mask" and mask_bytes > DENSE_MASK_SUITE_BYTES:
             return (f"the dense-mask path materialises a B*H*T*T token mask ({mask_bytes / 2**30:.0f} GiB with SDPA's "
                     f"additive copy > {DENSE_MASK_SUITE_BYTES / 2**30:.0f} GiB)")

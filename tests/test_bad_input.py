@@ -130,22 +130,36 @@ def test_backend_the_method_lacks():
         longattn.attention(q, k, v, method="nsa", backend="sdpa")
 
 
-def test_sdpa_of_a_sparse_method_declines_a_mask_too_large():
-    # the dense-mask path of a sparse method declines past its memory cap: an explicit request
-    # warns and falls back (to an exact path), never allocating the mask
+def test_sdpa_of_a_sparse_method_declines_a_mask_too_large_on_cuda():
+    # the dense-mask path of a sparse method declines past its memory cap on CUDA (where the
+    # kernels serve without a mask), naming the cap; on CPU it serves (the reference would
+    # materialise more); return_lse is declined everywhere
+    import types
+
     from longattn.backends import dense
 
+    def inputs(device, T, lse=False):
+        q = types.SimpleNamespace(device=torch.device(device), element_size=lambda: 2)
+        return types.SimpleNamespace(q=q, batch=1, num_heads=32, q_len=T, kv_len=T, return_lse=lse)
+
+    assert dense.dense_mask_bytes(1, 32, 3300, 3300, 2) < dense.DENSE_MASK_MAX_BYTES < dense.dense_mask_bytes(
+        1, 32, 3400, 3400, 2)
+    assert dense.sdpa_mask_can_serve(inputs("cuda", 3300)) is None
+    reason = dense.sdpa_mask_can_serve(inputs("cuda", 3400))
+    assert reason.startswith("the dense token mask of 1x32x3400x3400 pairs would take 1.03 GiB > "
+                             "longattn.backends.dense.DENSE_MASK_MAX_BYTES (1.00 GiB)"), reason
+    assert dense.sdpa_mask_can_serve(inputs("cpu", 100_000)) is None
+    assert "return_lse=True" in dense.sdpa_mask_can_serve(inputs("cpu", 10, lse=True))
+
+
+def test_sdpa_of_a_sparse_method_with_return_lse_falls_back_with_a_warning():
     q, k, v = qkv()
-    old = dense.DENSE_MASK_MAX_BYTES
-    dense.DENSE_MASK_MAX_BYTES = 8
-    try:
-        with pytest.warns(RuntimeWarning, match=r"backend 'sdpa' cannot serve this call \(the dense token mask .* GiB > "
-                          r"longattn.backends.dense.DENSE_MASK_MAX_BYTES"):
-            out = longattn.attention(q, k, v, method="window", backend="sdpa", window=4)
-    finally:
-        dense.DENSE_MASK_MAX_BYTES = old
-    ref = longattn.attention(q, k, v, method="window", backend="reference", window=4)
+    with pytest.warns(RuntimeWarning, match=r"backend 'sdpa' cannot serve this call \(SDPA does not return the "
+                      r"log-sum-exp"):
+        out, lse = longattn.attention(q, k, v, method="window", backend="sdpa", window=4, return_lse=True)
+    ref, ref_lse = longattn.attention(q, k, v, method="window", backend="reference", window=4, return_lse=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
 
 
 def test_unknown_config_key():

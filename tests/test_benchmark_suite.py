@@ -458,3 +458,15 @@ def test_summary_table_pivot():
     row = next(line for line in table.splitlines() if line.startswith("fwd    topk"))
     assert "4.000" in row and "15.00x" in row and "1.50x" in row
     assert len(suite.summary_table(render.final_records(_synthetic()), limit_chars=300).splitlines()) < 6
+
+
+def test_longattn_commit_wins_over_git(tmp_path, monkeypatch):
+    # the device machine's copy of the tree can carry stale git metadata: the commit passed in
+    # LONGATTN_COMMIT is recorded, and git's dirty flag (about the stale commit) is not
+    o = suite.parse_args(["--device", "cpu", "--quick", "--plan", "--out", str(tmp_path)])
+    monkeypatch.delenv("LONGATTN_COMMIT", raising=False)
+    from_git = suite.env_info(o, [])
+    monkeypatch.setenv("LONGATTN_COMMIT", "abc1234")
+    env = suite.env_info(o, [])
+    assert env["commit"] == "abc1234" and env["dirty"] is None
+    assert from_git["commit"] != "abc1234"

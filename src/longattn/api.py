@@ -107,7 +107,7 @@ def resolve_backend(
         reason = available[name].can_serve(inputs, config)
         if reason is None:
             return name
-        if backend != "auto" and i == 0 and backend not in exclude:
+        if backend != "auto" and i == 0 and not exclude:  # once, on the first pass
             warnings.warn(
                 f"backend {backend!r} cannot serve this call ({reason}); falling back",
                 RuntimeWarning,
@@ -136,8 +136,9 @@ def attention(
         method: a name from :func:`longattn.list_methods`.
         causal: causal (aligned to the end of ``k``) or bidirectional.
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (the path measured fastest for this method, mode and length on
-            an H200, see :mod:`longattn.auto`), ``"reference"``, ``"sdpa"`` (for sparse methods:
+        backend: ``"auto"`` (on CUDA, the path measured fastest for this method, mode and
+            length on an H200; on CPU the masked ``sdpa`` path, then the reference; see
+            :mod:`longattn.auto`), ``"reference"``, ``"sdpa"`` (for sparse methods:
             SDPA under the materialised token mask, short inputs only), ``"flex"`` or
             ``"triton"`` (longattn's own kernels).
         return_lse: also return the log-sum-exp ``float32 [B, H, Tq]``.
@@ -160,7 +161,7 @@ def attention(
         )
     if spec.needs_finite:
         check_finite(q=q, k=k, v=v)
-    from .backends.flex import FlexCompileError
+    from .backends.flex import FlexCompileError, remember_compile_failure
 
     failed: tuple[str, ...] = ()
     while True:
@@ -171,6 +172,8 @@ def attention(
         except FlexCompileError as err:  # known only once compiled: the next backend serves
             if name == "reference":
                 raise
+            if name == "flex":
+                remember_compile_failure(inputs, cfg)
             warnings.warn(f"backend {name!r} failed on this call ({err}); falling back", RuntimeWarning, stacklevel=2)
             failed += (name,)
     return (out, lse) if return_lse else out

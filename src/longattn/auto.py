@@ -7,15 +7,18 @@ defaults, window 4096): ``benchmarks/suite.py`` runs of 2026-11-29 (64k, 128k) a
 (2k-32k, top-k backward at 64k), in ``docs/results/``, and ``benchmarks/auto_check.py`` (1k-16k,
 every backend beside what ``auto`` chose). Between measured lengths the step at or below the length
 applies; below the shortest measured length (1k), the first step. ``sdpa`` for a sparse method is
-dense SDPA under its materialised token mask: it declines past
-``longattn.backends.dense.DENSE_MASK_MAX_BYTES`` (1 GiB: about 3.3k tokens at B = 1, H = 32), and
-the next backend in the order serves. A backend that cannot serve an input is skipped; the
-reference is always last.
+dense SDPA under its materialised token mask: on CUDA it declines past
+``longattn.backends.dense.DENSE_MASK_MAX_BYTES`` (1 GiB: about 3.3k tokens at B = 1, H = 32 in
+bf16, 2.6k in fp32), and the next backend in the order serves. So where the table puts ``sdpa``
+first up to a longer length (``window`` in training up to 4k, ``moba``), the cap decides the
+switch at B = 1, H = 32: ours (window) or Flex (MoBA) from about 3.3k. A backend that cannot
+serve an input is skipped; the reference is always last.
 
 Methods not listed (``sink``, ``bigbird``: not measured yet) keep ``sdpa`` (within its cap),
-then ``flex``. On CPU, and for at most :data:`SMALL_QUERY` queries (decoding, small chunks: the
-dense reference needs no compilation, while compiled FlexAttention would recompile for every
-new key length), the order is ``sdpa``, then the reference.
+then ``flex``. For at most :data:`SMALL_QUERY` queries (decoding, small chunks: compiled
+FlexAttention would recompile for every new key length) the order is ``sdpa``, then on CUDA
+``triton`` (past the mask cap: a 16-query mask over a million keys), then the reference. On CPU:
+``sdpa``, then the reference.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ GPU_STEPS: dict[str, dict[str, Steps]] = {
     # fwd+bwd: masked 1.77 vs ours 2.39 at 2k; ours 3.12 vs masked 3.78 at 4k; ours 24.1 vs Flex 23.9 at 32k
     "window": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
                "train": ((0, _MASK_FIRST), (4096, _OURS_FIRST))},
-    # per-token gates: masked fastest at 2k-8k (fwd 2.78 / 7.35 / 26.5 ms vs ours 7.1 / 14.5 / 29.6);
-    # Flex ahead of ours at 32k (fwd 60.8 vs 124.0, bwd 84.2 vs 259.4) and 64k
+    # per-token gates: masked fastest at 2k-8k (fwd 2.78 / 7.35 / 26.5 ms vs ours 7.1 / 14.5 / 29.6;
+    # its cap stops it at about 3.3k); Flex ahead of ours at 4k (auto_check: 4.17 vs 14.51 ms), 32k
+    # (fwd 60.8 vs 124.0, bwd 84.2 vs 259.4) and 64k
     "moba": {"infer": ((0, ("sdpa", "flex", "triton")),),
              "train": ((0, ("sdpa", "flex", "triton")),)},
     # NSA's own kernels: fwd 68.3 ms vs Flex 284.1 at 32k, 216.9 vs 1224 at 64k; training (the
@@ -52,12 +56,15 @@ GPU_STEPS: dict[str, dict[str, Steps]] = {
 
 _DEFAULT_GPU: Order = ("sdpa", "flex")
 _SMALL: Order = ("sdpa",)
+_SMALL_GPU: Order = ("sdpa", "triton")
 
 
 def auto_order(spec: MethodSpec, inputs: AttnInputs) -> list[str]:
     """The backends ``auto`` tries for ``inputs``, in order (only those ``spec`` has)."""
-    if inputs.q.device.type != "cuda" or inputs.q_len <= SMALL_QUERY:
+    if inputs.q.device.type != "cuda":
         order = _SMALL
+    elif inputs.q_len <= SMALL_QUERY:
+        order = _SMALL_GPU
     else:
         steps = GPU_STEPS.get(spec.name, {}).get("train" if inputs.needs_grad else "infer")
         if steps:

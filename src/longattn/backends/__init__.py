@@ -4,6 +4,7 @@ only) and ``flex`` (FlexAttention)."""
 
 from .dense import (
     causal_token_mask,
+    dense_mask_bytes,
     dense_masked_attention,
     expand_kv_heads,
     full_reference,
@@ -17,6 +18,7 @@ from .flex import flex_call, flex_can_serve, flex_selection_attention
 
 __all__ = [
     "causal_token_mask",
+    "dense_mask_bytes",
     "dense_masked_attention",
     "expand_kv_heads",
     "flex_call",

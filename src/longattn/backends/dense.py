@@ -105,8 +105,17 @@ def sdpa_can_serve(inputs: AttnInputs, config=None) -> str | None:
 
 # The ``sdpa`` path of a sparse method materialises its [B, H, Tq, Tk] token mask (and SDPA an
 # additive copy of it in the input dtype). It is meant for short inputs, where it is the fastest
-# exact path; past this many bytes it declines and the block-sparse backends serve.
+# exact path. On CUDA, past this many bytes it declines and the block-sparse backends (Triton,
+# Flex) serve without any mask; on CPU it always serves, because the only other exact path there
+# (the reference) materialises more (fp32 scores and probabilities: 8 bytes per pair).
 DENSE_MASK_MAX_BYTES = 1 << 30
+
+
+def dense_mask_bytes(batch: int, heads: int, q_len: int, kv_len: int, element_size: int) -> int:
+    """Bytes the ``sdpa`` path of a sparse method allocates for its mask: one bool per pair plus
+    SDPA's additive copy in the input dtype. Matches the H200 measurement of top-k at 8k and 16k
+    (B = 1, H = 32, bf16: peaks of 6.6 and 24.9 GiB with the inputs, 3.1 bytes per pair)."""
+    return batch * heads * q_len * kv_len * (1 + element_size)
 
 
 def sdpa_mask_can_serve(inputs: AttnInputs, config=None) -> str | None:
@@ -114,8 +123,9 @@ def sdpa_mask_can_serve(inputs: AttnInputs, config=None) -> str | None:
     reason = sdpa_can_serve(inputs)
     if reason:
         return reason
-    pairs = inputs.batch * inputs.num_heads * inputs.q_len * inputs.kv_len
-    need = pairs * (1 + inputs.q.element_size())  # bool mask + SDPA's additive mask
+    if inputs.q.device.type != "cuda":
+        return None
+    need = dense_mask_bytes(inputs.batch, inputs.num_heads, inputs.q_len, inputs.kv_len, inputs.q.element_size())
     if need > DENSE_MASK_MAX_BYTES:
         return (f"the dense token mask of {inputs.batch}x{inputs.num_heads}x{inputs.q_len}x{inputs.kv_len} "
                 f"pairs would take {need / 2**30:.2f} GiB > longattn.backends.dense.DENSE_MASK_MAX_BYTES "
@@ -132,7 +142,7 @@ def sdpa_masked_attention(inputs: AttnInputs, mask: Tensor) -> tuple[Tensor, Ten
     H = inputs.num_heads
     if mask.shape[1] not in (1, H):
         mask = expand_kv_heads(mask, H)
-    empty = ~mask.any(dim=-1, keepdim=True)  # [B|1, Hs, Tq, 1]
+    empty = ~mask.any(dim=-1, keepdim=True)  # [B|1, 1|H, Tq, 1]
     # an empty row attends to every key (no NaN, also in the backward) and is zeroed after
     mask = mask | empty
     k, v = expand_kv_heads(inputs.k, H), expand_kv_heads(inputs.v, H)

@@ -97,9 +97,34 @@ def flex_call(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tupl
 
 
 class FlexCompileError(RuntimeError):
-    """Inductor found no FlexAttention kernel for these inputs (``NoValidChoicesError``; seen on
-    the H200 with torch 2.11 for fp32 inputs of 100 queries over 257 keys, head dim 40 (also
-    when zero-padded to 64), under the token-level mask functions of full, window and sink). ``longattn.attention`` answers it by moving to the next backend."""
+    """Inductor found no FlexAttention kernel for these inputs (``NoValidChoicesError``).
+
+    Seen on the H200 with torch 2.11 for fp32 inputs of 100 queries over 257 keys, head dim 40
+    (also when zero-padded to 64), under the token-level mask functions of full, window and sink.
+    ``longattn.attention`` answers it by moving to the next backend, and
+    :func:`remember_compile_failure` makes ``flex`` decline the same call afterwards (a failed
+    compilation is not cached by torch.compile and would be retried on every call). It covers
+    failures of the forward's compilation; the backward compiles lazily, at ``.backward()``,
+    where a failure surfaces as Inductor's own error."""
+
+
+_FAILED: set = set()
+
+
+def _failure_key(inputs: AttnInputs, config) -> tuple:
+    try:
+        hash(config)
+        cfg = config
+    except TypeError:
+        cfg = repr(config)
+    return (cfg, tuple(inputs.q.shape), tuple(inputs.k.shape), inputs.q.dtype, inputs.q.device.type,
+            inputs.causal, inputs.needs_grad)
+
+
+def remember_compile_failure(inputs: AttnInputs, config) -> None:
+    """Record that compiled FlexAttention failed for this method config, shapes, dtype, device,
+    causality and grad mode, so :func:`flex_can_serve` declines it from now on."""
+    _FAILED.add(_failure_key(inputs, config))
 
 
 def _no_kernel(err: BaseException) -> bool:
@@ -158,4 +183,6 @@ def flex_can_serve(inputs: AttnInputs, config=None) -> str | None:
         return f"FlexAttention does not run on device type {dev!r}"
     if dev == "cuda" and inputs.q.dtype == torch.float64:
         return "compiled FlexAttention on GPU is not used for float64"
+    if _FAILED and _failure_key(inputs, config) in _FAILED:
+        return "Inductor found no FlexAttention kernel for this call earlier in this process"
     return None
