@@ -9,6 +9,7 @@ math run in that dtype) plus a small floor. Forward and backward; T in {1, 63, 1
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -77,6 +78,23 @@ def _error(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+# The fp32 reference and the plain same-dtype computation depend on the case, not on the backend
+# under test: each is computed once per case and reused by that case's backends (conftest.py
+# keeps a case's backends on one xdist worker). For fp32 inputs the plain computation is the
+# reference itself (both accumulate in fp32), so it is not run twice.
+_REFS: OrderedDict = OrderedDict()
+
+
+def _cached(key, compute):
+    if key in _REFS:
+        _REFS.move_to_end(key)
+        return _REFS[key]
+    _REFS[key] = value = compute()
+    while len(_REFS) > 8:
+        _REFS.popitem(last=False)
+    return value
+
+
 @pytest.mark.parametrize("name,backend", method_backend_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("H,Hkv", HEADS, ids=["mha", "gqa"])
@@ -89,9 +107,16 @@ def test_forward_matches_reference(device, name, backend, dtype, H, Hkv, D, Tq, 
     causal_modes = [True, False] if spec.bidirectional and Tq == Tk else [True]
     for i, causal in enumerate(causal_modes):
         q, k, v = rand_qkv(2, H, Hkv, Tq, Tk, D, dtype=dtype, device=device, seed=stable_seed(name, D, Tq, i))
-        ref = longattn.attention(q.float(), k.float(), v.float(), method=name, backend="reference", causal=causal, **config)
-        with plain_precision():
-            plain = longattn.attention(q, k, v, method=name, backend="reference", causal=causal, **config)
+
+        def references():
+            ref = longattn.attention(q.float(), k.float(), v.float(), method=name, backend="reference", causal=causal,
+                                     **config)
+            if dtype == torch.float32:
+                return ref, ref
+            with plain_precision():
+                return ref, longattn.attention(q, k, v, method=name, backend="reference", causal=causal, **config)
+
+        ref, plain = _cached(("fwd", device, name, dtype, H, Hkv, D, Tq, Tk, causal, i), references)
         poison_device_memory(device)
         out, _ = _run(q, k, v, name, backend, causal, config)
         assert out.shape == q.shape and out.dtype == dtype
@@ -115,10 +140,15 @@ def test_backward_matches_reference(device, name, backend, dtype, H, Hkv, D, Tq,
         out = longattn.attention(qq, kk, vv, method=name, **config, **kw)
         return torch.autograd.grad(out, (qq, kk, vv), g.to(out.dtype))
 
-    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    ref = grads(q32, k32, v32, backend="reference")
-    with plain_precision():
-        plain = grads(q, k, v, backend="reference")
+    def references():
+        q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref = grads(q32, k32, v32, backend="reference")
+        if dtype == torch.float32:
+            return ref, ref
+        with plain_precision():
+            return ref, grads(q, k, v, backend="reference")
+
+    ref, plain = _cached(("bwd", device, name, dtype, H, Hkv, D, Tq, Tk), references)
     poison_device_memory(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
