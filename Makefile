@@ -39,7 +39,7 @@ demo: $(STAMP) data
 	$(VENV)/bin/longattn report --store $(DEMO_DIR)/arena.sqlite --out $(DEMO_DIR)/report
 
 test: $(STAMP) data
-	$(VPY) -m pytest tests -p no:cacheprovider --timeout=600 -n 2 --dist loadgroup
+	$(VPY) -m pytest tests -p no:cacheprovider --timeout=600 -n 2
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -65,12 +65,3 @@ def tiny_causal_lm(family: str = "llama", **extra):
 def device(request):
     return request.param
 
-
-def pytest_collection_modifyitems(config, items):
-    """Keep the backends of one conformance case on one xdist worker (``--dist loadgroup``), so
-    the case's reference is computed once (tests/test_conformance.py caches it)."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if item.module.__name__.endswith("test_conformance") and callspec and "backend" in callspec.params:
-            case = sorted((k, repr(v)) for k, v in callspec.params.items() if k != "backend")
-            item.add_marker(pytest.mark.xdist_group(f"{item.originalname}:{case}"))

@@ -79,8 +79,8 @@ def _error(a, b):
 
 
 # The fp32 reference and the plain same-dtype computation depend on the case, not on the backend
-# under test: each is computed once per case and reused by that case's backends (conftest.py
-# keeps a case's backends on one xdist worker). For fp32 inputs the plain computation is the
+# under test: a worker that runs a case's backends one after another (the usual order: the backend
+# is the innermost parameter) computes them once. For fp32 inputs the plain computation is the
 # reference itself (both accumulate in fp32), so it is not run twice.
 _REFS: OrderedDict = OrderedDict()
 

@@ -114,7 +114,7 @@ DENSE_MASK_MAX_BYTES = 1 << 30
 def dense_mask_bytes(batch: int, heads: int, q_len: int, kv_len: int, element_size: int) -> int:
     """Bytes the ``sdpa`` path of a sparse method allocates for its mask: one bool per pair plus
     SDPA's additive copy in the input dtype. Matches the H200 measurement of top-k at 8k and 16k
-    (B = 1, H = 32, bf16: peaks of 6.6 and 24.9 GiB with the inputs, 3.1 bytes per pair)."""
+    (B = 1, H = 32, bf16: peaks of 6.6 and 24.9 GiB with the inputs, 3.3 and 3.1 bytes per pair)."""
     return batch * heads * q_len * kv_len * (1 + element_size)
 
 
