@@ -116,7 +116,8 @@ def run_demo(
     console.print(table)
     if device == "cpu":
         console.print(
-            "On the CPU the sparse methods run the dense reference (FlexAttention has no fused CPU "
-            "kernel), so these times say nothing about speed: GPU numbers are in docs/benchmarks.md."
+            "On the CPU the sparse methods run dense SDPA under their token mask (NSA: the dense "
+            "reference; FlexAttention has no fused CPU kernel), so these times say nothing about "
+            "speed: GPU numbers are in docs/benchmarks.md."
         )
     return rows
