@@ -1,24 +1,19 @@
 """What ``backend="auto"`` resolves to on this GPU, and its time beside every explicit backend
 (median of 5 CUDA-event-timed calls after one warm-up; ``train`` times forward + backward).
 B = 1, H = 32, Hkv = 8, D = 128, bf16, causal, T in {1k, 2k, 4k, 16k}; the explicit Flex column for
-MoBA and NSA only up to 4k (compilation time; ``auto`` itself may still choose Flex above). Writes ``$OUT/auto_check.json``; one JSON line per case on stdout.
+MoBA and NSA only up to 4k (compilation time; ``auto`` itself may still choose Flex above).
+Writes ``$OUT/auto_check.json``; one JSON line per case on stdout.
 
     PYTHONPATH=src python3 benchmarks/auto_check.py
 """
-import json, os, sys, time, warnings
+import json, os, sys, warnings
 import torch
 sys.path.insert(0, "src")
 import longattn
 from longattn.api import resolve_backend, validate_inputs
+from _timing import median_ms  # benchmarks/_timing.py
 
 CFG = {"topk": {"block_size": 128, "top_k": 16}, "window": {"window": 4096}, "moba": {}, "nsa": {}}
-def med(fn, n=10):
-    fn(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    return sorted(ts)[len(ts) // 2]
 rows = []
 for name, cfg in CFG.items():
     for T in (1024, 2048, 4096, 16384):
@@ -45,7 +40,7 @@ for name, cfg in CFG.items():
                         else:
                             f = lambda be=be: longattn.attention(q, k, v, method=name, backend=be, **cfg)
                         with torch.set_grad_enabled(grad):
-                            times[be] = round(med(f, 5), 3)
+                            times[be] = round(median_ms(f, 5), 3)
                     if any("cannot serve" in str(x.message) or "failed on this call" in str(x.message) for x in w):
                         times[be] = f"{times[be]} (fell back)"
                 except Exception as ex:

@@ -937,12 +937,13 @@ class Runner:
                     f"(it has: {', '.join(sorted(spec.all_backends()))})")
         if c.backend == "reference" and c.B * c.H * c.T * c.T * 4 > REFERENCE_MAX_BYTES and c.T > self.o.gate_len:
             return f"the reference materialises B*H*T*T fp32 scores ({c.B * c.H * c.T * c.T * 4 / 2**30:.0f} GiB)"
-        from longattn.backends import dense_mask_bytes
+        if c.backend == "dense-mask":
+            from longattn.backends import dense_mask_bytes
 
-        mask_bytes = dense_mask_bytes(c.B, c.H, c.T, c.T, self.elt)
-        if c.backend == "dense-mask" and mask_bytes > DENSE_MASK_SUITE_BYTES:
-            return (f"the dense-mask path materialises a B*H*T*T token mask ({mask_bytes / 2**30:.0f} GiB with SDPA's "
-                    f"additive copy > {DENSE_MASK_SUITE_BYTES / 2**30:.0f} GiB)")
+            mask_bytes = dense_mask_bytes(c.B, c.H, c.T, c.T, self.elt)
+            if mask_bytes > DENSE_MASK_SUITE_BYTES:
+                return (f"the dense-mask path materialises a B*H*T*T token mask ({mask_bytes / 2**30:.0f} GiB with "
+                        f"SDPA's additive copy > {DENSE_MASK_SUITE_BYTES / 2**30:.0f} GiB)")
         from longattn.api import validate_inputs
 
         needs_grad = c.op in ("bwd", "gate-bwd")

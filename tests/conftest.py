@@ -76,4 +76,3 @@ def tiny_causal_lm(family: str = "llama", **extra):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
-

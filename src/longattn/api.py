@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .auto import auto_order
 from .registry import BACKENDS, AttnInputs, MethodSpec, get_method
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -79,12 +80,6 @@ def check_finite(**tensors: Tensor) -> None:
             )
 
 
-def _auto_order(spec: MethodSpec, inputs: AttnInputs) -> list[str]:
-    from .auto import auto_order
-
-    return auto_order(spec, inputs)
-
-
 def resolve_backend(
     spec: MethodSpec, inputs: AttnInputs, config: Any, backend: str, exclude: tuple[str, ...] = ()
 ) -> str:
@@ -93,7 +88,7 @@ def resolve_backend(
     backends already found unable to run these inputs (skipped)."""
     available = spec.all_backends()
     if backend == "auto":
-        candidates = [b for b in _auto_order(spec, inputs) if b not in exclude]
+        candidates = [b for b in auto_order(spec, inputs) if b not in exclude]
     else:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: 'auto', {', '.join(map(repr, BACKENDS))}")
@@ -101,7 +96,7 @@ def resolve_backend(
             raise ValueError(
                 f"method {spec.name!r} has no {backend!r} backend; allowed: {sorted(available)} or 'auto'"
             )
-        candidates = [backend] + [b for b in _auto_order(spec, inputs) if b != backend]
+        candidates = [backend] + [b for b in auto_order(spec, inputs) if b != backend]
         candidates = [b for b in candidates if b not in exclude]
     for i, name in enumerate(candidates):
         reason = available[name].can_serve(inputs, config)
