@@ -1,25 +1,38 @@
 """What ``backend="auto"`` resolves to on this GPU, and its time beside every explicit backend
 (median of 5 CUDA-event-timed calls after one warm-up; ``train`` times forward + backward).
-B = 1, H = 32, Hkv = 8, D = 128, bf16, causal, T in {1k, 2k, 4k, 16k}; the explicit Flex column for
-MoBA and NSA only up to 4k (compilation time; ``auto`` itself may still choose Flex above).
-Writes ``$OUT/auto_check.json``; one JSON line per case on stdout.
+B = 1, H = 32, Hkv = 8, D = 128, bf16, causal; lengths and methods from the arguments (default:
+top-k, window, MoBA and NSA at 1k, 2k, 4k, 16k; NSA from 4k); the explicit Flex column for
+MoBA and NSA only up to ``--flex-max`` (compilation time; ``auto`` itself may still choose Flex
+above). Writes ``$OUT/<--name>`` (default ``auto_check.json``) at the end; one JSON line per case on stdout.
 
     PYTHONPATH=src python3 benchmarks/auto_check.py
+    PYTHONPATH=src python3 benchmarks/auto_check.py --methods sink,bigbird --lengths 256,512,1k,2k,4k,16k
 """
-import json, os, sys, warnings
+import argparse, json, os, sys, warnings
 import torch
 sys.path.insert(0, "src")
 import longattn
 from longattn.api import resolve_backend, validate_inputs
 from _timing import median_ms  # benchmarks/_timing.py
 
-CFG = {"topk": {"block_size": 128, "top_k": 16}, "window": {"window": 4096}, "moba": {}, "nsa": {}}
+# the suite's configurations (top-k 16 of 128, window 4096, MoBA / NSA paper defaults); sink and
+# BigBird at their defaults
+CFG = {"topk": {"block_size": 128, "top_k": 16}, "window": {"window": 4096}, "moba": {}, "nsa": {},
+       "sink": {}, "bigbird": {}}
+ap = argparse.ArgumentParser()
+ap.add_argument("--methods", default="topk,window,moba,nsa")
+ap.add_argument("--lengths", default="1k,2k,4k,16k")
+ap.add_argument("--modes", default="infer,train")
+ap.add_argument("--flex-max", type=int, default=4096, help="longest T of the explicit Flex column for moba/nsa")
+ap.add_argument("--name", default="auto_check.json")
+a = ap.parse_args()
+LENGTHS = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in a.lengths.split(",")]
+MODES = a.modes.split(",")
 rows = []
-for name, cfg in CFG.items():
-    for T in (1024, 2048, 4096, 16384):
-        if name == "nsa" and T < 4096: continue
-        for grad in (False, True):
-            if name == "nsa" and grad: continue
+for name in a.methods.split(","):
+    cfg = CFG[name]
+    for T in LENGTHS:
+        for grad in [m == "train" for m in MODES]:
             g = torch.Generator(device="cuda").manual_seed(0)
             q = torch.randn(1, 32, T, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(grad)
             k = torch.randn(1, 8, T, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(grad)
@@ -30,7 +43,7 @@ for name, cfg in CFG.items():
                 chosen = resolve_backend(spec, inp, spec.make_config(**cfg), "auto")
             times = {}
             for be in ["auto"] + [b for b in spec.all_backends() if b != "reference"]:
-                if be == "flex" and name in ("moba", "nsa") and T > 4096: continue  # compile time
+                if be == "flex" and name in ("moba", "nsa") and T > a.flex_max: continue  # compile time
                 try:
                     with warnings.catch_warnings(record=True) as w:
                         warnings.simplefilter("always")
@@ -48,4 +61,4 @@ for name, cfg in CFG.items():
             row = dict(method=name, T=T, mode="train" if grad else "infer", auto=chosen, ms=times)
             rows.append(row); print(json.dumps(row), flush=True)
             del q, k, v; torch.cuda.empty_cache()
-json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "auto_check.json"), "w"), indent=1)
+json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), a.name), "w"), indent=1)

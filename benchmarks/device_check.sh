@@ -12,6 +12,10 @@
 #   decode       suite: top-k and Quest decoding at 128k (B = 1 and 4)
 #   nsa          suite NSA forward at 8k-64k (Flex at 8k) and benchmarks/nsa_phases.py
 #   sweep        benchmarks/tile_sweep.py at 64k
+#   nsatrain     NSA training: benchmarks/nsa_train_phases.py at 64k, then the suite's NSA and dense
+#                forward + backward at 16k and 64k
+#   auto2        benchmarks/auto_check.py for sink and BigBird (512-16k), the other methods below 1k,
+#                NSA training at 4k and 16k
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests conformance prefill decode nsa}
@@ -51,6 +55,17 @@ for step in $STEPS; do
          tail -14 "$OUT/nsa_phases.log" ;;
     sweep) timeout 90 python3 benchmarks/tile_sweep.py --out "$OUT/tiles.jsonl" --max-seconds 80 > "$OUT/tiles.log" 2>&1
            tail -24 "$OUT/tiles.log" ;;
+    nsatrain) timeout 150 python3 benchmarks/nsa_train_phases.py --T 65536 --out "$OUT/nsa_train_phases.json" \
+             > "$OUT/nsa_train_phases.log" 2>&1; tail -8 "$OUT/nsa_train_phases.log"
+         timeout 120 python3 benchmarks/suite.py --out "$OUT" --sizes 16k,64k --hkv 8 --methods full,nsa \
+             --backends ours,sdpa-cudnn,sdpa-flash --ops fwd,bwd --max-seconds 110 > "$OUT/suite_nsatrain.log" 2>&1
+         tail -16 "$OUT/suite_nsatrain.log" ;;
+    auto2) export OUT
+         { timeout 150 python3 benchmarks/auto_check.py --methods sink,bigbird --lengths 512,1k,2k,4k,16k \
+             --name auto_check_sink_bigbird.json
+           timeout 60 python3 benchmarks/auto_check.py --methods topk,window,moba --lengths 256,512 --name auto_check_short.json
+           timeout 60 python3 benchmarks/auto_check.py --methods nsa --lengths 4k,16k --modes train \
+             --name auto_check_nsa_train.json; } > "$OUT/auto2.log" 2>&1; tail -40 "$OUT/auto2.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -59,9 +59,9 @@ Backends: ``reference`` (dense boolean masks, fp32 accumulation: the specificati
 computed in query chunks of memory ``O(chunk * nC)``, the selected branch runs FlexAttention
 with the per-token :class:`~longattn.selection.BlockSelection`, the window branch
 FlexAttention with :func:`~longattn.methods.window.select_window`), and ``triton`` (as
-``flex`` but with longattn's block-sparse kernels; at inference, when no input requires grad,
-the compressed branch and the block scores come from the NSA kernels of
-:mod:`longattn.kernels.nsa` -- online softmax over the compressed tokens, then the scores
+``flex`` but with longattn's block-sparse kernels, forward and backward; the compressed
+branch and the block scores come from the NSA kernels of :mod:`longattn.kernels.nsa` --
+online softmax over the compressed tokens (with its own backward kernels), then the scores
 recomputed from its log-sum-exp, never an ``[Tq, nC]`` tensor -- and the per-token top-k
 from its ranking kernel :func:`~longattn.kernels.nsa.select_blocks`). All select by the same
 rule (:func:`_select_chunk`, which the ranking kernel matches exactly) from fp32 scores, so they
@@ -443,15 +443,16 @@ def _kernel_unsupported_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig) -> s
 def _kernel_compressed(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, config: NSAConfig, *, kv_len: int, scale: float
 ) -> tuple[Tensor, BlockSelection]:
-    """Inference path of ``backend="triton"``: the compressed branch, the selection scores and
-    the per-token top-k from longattn's NSA kernels. Returns ``(o_cmp, selection)``. Scores
-    the ranking kernel cannot take (more than ``MAX_SELECT_BLOCKS`` selection blocks) are
-    ranked by :func:`select_from_scores` (same result, slower)."""
+    """``backend="triton"``: the compressed branch (differentiable: its backward runs the NSA
+    backward kernels), the selection scores and the per-token top-k (no gradient) from
+    longattn's NSA kernels. Returns ``(o_cmp, selection)``. Scores the ranking kernel cannot
+    take (more than ``MAX_SELECT_BLOCKS`` selection blocks) are ranked by
+    :func:`select_from_scores` (same result, slower)."""
     from ..kernels.nsa import compressed_attention, select_blocks, select_unsupported_reason, selection_scores
 
     l, d = config.compress_block, config.compress_stride
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=kv_len, compress_block=l, compress_stride=d, scale=scale)
-    p_slc = selection_scores(q, k_cmp, lse, kv_len=kv_len, compress_block=l, compress_stride=d,
+    p_slc = selection_scores(q.detach(), k_cmp.detach(), lse, kv_len=kv_len, compress_block=l, compress_stride=d,
                              select_block=config.select_block, scale=scale)
     if select_unsupported_reason(p_slc) is not None:
         return o_cmp, select_from_scores(p_slc, config, kv_len=kv_len, num_heads=q.shape[1])
@@ -596,11 +597,9 @@ def nsa_combine(
 
 # ---------------------------------------------------------------------- whole method
 def _triton_kernels_serve(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, config: NSAConfig) -> bool:
-    """Whether ``backend="triton"`` runs the compressed branch and the selection scores with
-    the NSA kernels: inference only (training keeps the differentiable chunked scan, no
-    warning); inputs the kernels cannot take fall back to the scan with a ``RuntimeWarning``."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cmp, v_cmp)):
-        return False
+    """Whether ``backend="triton"`` runs the compressed branch (forward and backward) and the
+    selection scores with the NSA kernels; inputs the kernels cannot take fall back to the
+    chunked PyTorch scan with a ``RuntimeWarning``."""
     reason = _kernel_unsupported_reason(q, k_cmp, config)
     if reason:
         warnings.warn(f"NSA kernels cannot serve these inputs ({reason}); the compressed branch and the "

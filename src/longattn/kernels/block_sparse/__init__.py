@@ -220,13 +220,18 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
     )
     t_off, t_qb = transposed_selection(kvn, kvi, num_kv_blocks)
     chunks = kv_block // plan.BLOCK_N
+    if q_block == 1:
+        # per-token selections: gather as many selecting tokens per step as the rows allow
+        gather = max(1, TILE_CAPS[("bwd", q.dtype == torch.float32)][0] // plan.P)
+        rows = max(16, 1 << (plan.P * gather - 1).bit_length())
+        common.update(BLOCK_M=gather, ROWS=rows)
     _bwd_dkdv[(num_kv_blocks * chunks, B * Hkv)](
         q, k, v, dout, dk, dv, lse, delta, t_off, t_qb,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
         kvn.shape[0], kvn.shape[1], num_kv_blocks,
         Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
-        scale, plan.window or 0, plan.sink, **common,
+        scale, plan.window or 0, plan.sink, TOKEN_LIST=q_block == 1, **common,
     )
     return dq, dk, dv
 

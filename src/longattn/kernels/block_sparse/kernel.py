@@ -13,7 +13,9 @@ Three kernels, FlashAttention-2 style (online softmax in fp32, scores never stor
 * ``_bwd_dkdv`` -- key-major. One program owns ``BLOCK_N`` keys of one key block and one KV head
   and visits every query block that selected that key block (a transposed, CSR copy of the
   selection built in plain PyTorch), for every query head of the KV head: ``dK`` and ``dV``
-  are summed in registers, no atomics.
+  are summed in registers, no atomics. For per-token selections (``q_block = 1``, NSA) each
+  step gathers ``BLOCK_M`` of the selecting tokens, so the tile is full even though no two
+  consecutive tokens need share a selection.
 
 Token-level rules inside selected blocks (the selection's :class:`TokenRule`): end-aligned
 causality, a window (one- or two-sided) with sink tokens; out-of-range queries and keys are
@@ -189,6 +191,28 @@ def _bwd_dq(
 
 
 @triton.jit
+def _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
+               sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2, window, sink,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Adds to ``dk, dv [BLOCK_N, HEAD_DIM]`` the contribution of the query rows ``(heads,
+    r_tok)`` (masked by ``row_ok``) to the keys ``k_pos``."""
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
+    do = tl.load(DO + b * sdob + heads[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
+    lse2, delta = _row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
+    s = _mm(q, tl.trans(k), IEEE, UPCAST)
+    dp = _mm(do, tl.trans(v), IEEE, UPCAST)
+    keep = _token_mask(r_tok + q_offset, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
+    keep = keep & row_ok[:, None]
+    p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)  # [ROWS, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+    dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, T_OFF, T_QB,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
@@ -199,11 +223,13 @@ def _bwd_dkdv(
     D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, TOKEN_LIST: tl.constexpr,
 ):
     """Program ``(n, b * Hkv + kvh)``: keys ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of KV head
     ``kvh``. ``T_OFF [sel_batch * sel_heads * num_kv_blocks + 1]`` / ``T_QB``: for each
-    (selection batch, selection head, key block), the query blocks that selected it."""
+    (selection batch, selection head, key block), the query blocks that selected it.
+    ``TOKEN_LIST`` (per-token selections, ``q_block = 1``, as NSA's): each step gathers the next
+    ``BLOCK_M`` query tokens of that list (not one token per step)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     num_kv_heads = num_heads // heads_per_kv
@@ -235,23 +261,23 @@ def _bwd_dkdv(
         key = (sel_b * sel_heads + hs) * num_kv_blocks + kb
         start = tl.load(T_OFF + key)
         stop = tl.load(T_OFF + key + 1)
-        for e in range((stop - start) * tiles_per_qblock):
-            qb = tl.load(T_QB + start + e // tiles_per_qblock)
-            r_tok = qb * q_block + (e % tiles_per_qblock) * BLOCK_M + r_in
-            row_ok = (r_head < P) & (r_tok < q_len) & (r_tok < (qb + 1) * q_block)
-            tile_ok = row_ok[:, None] & d_ok[None, :]
-            heads = h0 + r_head
-            q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
-            do = tl.load(DO + b * sdob + heads[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
-            lse2, delta = _row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
-            s = _mm(q, tl.trans(k), IEEE, UPCAST)
-            dp = _mm(do, tl.trans(v), IEEE, UPCAST)
-            keep = _token_mask(r_tok + q_offset, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
-            keep = keep & row_ok[:, None]
-            p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)  # [ROWS, BLOCK_N]
-            ds = p * (dp - delta[:, None])
-            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
+        heads = h0 + r_head
+        if TOKEN_LIST:
+            for e0 in range(0, stop - start, BLOCK_M):
+                ent_ok = (e0 + r_in) < (stop - start)
+                r_tok = tl.load(T_QB + start + e0 + r_in, mask=ent_ok, other=0)
+                row_ok = (r_head < P) & ent_ok & (r_tok < q_len)
+                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
+                                    sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
+                                    window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
+        else:
+            for e in range((stop - start) * tiles_per_qblock):
+                qb = tl.load(T_QB + start + e // tiles_per_qblock)
+                r_tok = qb * q_block + (e % tiles_per_qblock) * BLOCK_M + r_in
+                row_ok = (r_head < P) & (r_tok < q_len) & (r_tok < (qb + 1) * q_block)
+                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
+                                    sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
+                                    window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_tile_ok)
     tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_tile_ok)

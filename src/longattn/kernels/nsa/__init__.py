@@ -1,4 +1,4 @@
-"""NSA's compressed branch with longattn's own Triton kernels (forward / inference only).
+"""NSA's compressed branch with longattn's own Triton kernels (forward and backward).
 
 Native Sparse Attention (Yuan et al., 2025) scores its selection blocks with the compressed
 branch's attention probabilities. Plain PyTorch computes them as ``[chunk, nC]`` score
@@ -23,7 +23,8 @@ matrices, a softmax and a gather per chunk; here two kernels do it without ever 
   independent of ``num_selected``. Same result as the PyTorch reference
   :func:`longattn.methods.nsa.select_from_scores`, bit for bit.
 
-No autograd: training uses the differentiable chunked scan in :mod:`longattn.methods.nsa`.
+:func:`compressed_attention` is differentiable (backward kernels in :mod:`.backward`); the
+scores and the ranking carry no gradient (NSA's selection is discrete).
 
 Precision: scores are computed with the compressed keys in their own dtype; fp32 compressed
 keys (the mean ``phi`` output) against 16-bit queries upcast the queries (exact), and fp32
@@ -54,6 +55,10 @@ CMP_BLOCK_N = 64
 SLC_BLOCK_N = 64
 FP32_DOT_PRECISION = "tf32x3"  # on GPUs; the interpreter always uses IEEE fp32
 NUM_STAGES = 2
+# Backward tiles (rows of the query tiles, compressed tokens per step), fp32 operands? -> size:
+# the backward holds two more accumulators (dK, dV or dQ with dP, dS) than the forward.
+BWD_ROWS = {False: 64, True: 64}
+BWD_BLOCK_N = {False: 64, True: 32}
 
 
 def _pow2_at_least(n: int) -> int:
@@ -119,7 +124,7 @@ def _rank_layout(nb_pad: int) -> tuple[int, int]:
 
 def select_blocks(
     p_slc: Tensor, *, kv_len: int, select_block: int, num_selected: int, num_init_blocks: int,
-    num_local_blocks: int,
+    num_local_blocks: int, kv_lens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """NSA's per-token block selection from the block scores ``p_slc [B, Hkv, Tq, nKB]``
     (float32, :func:`selection_scores`) of queries at absolute positions ``p = t + kv_len -
@@ -133,7 +138,12 @@ def select_blocks(
     int32 [B, Hkv, Tq]`` and ``block_full bool [B, Hkv, Tq, K]`` (selected block wholly at or
     before the query), exactly as :func:`longattn.methods.nsa.select_from_scores`. Raises
     ``ValueError`` on inconsistent arguments or scores the kernel cannot rank
-    (:func:`select_unsupported_reason`)."""
+    (:func:`select_unsupported_reason`).
+
+    ``kv_lens``: optional ``int32/int64 [B]`` per-sequence key counts (decoding over a cache
+    whose length differs per sequence): query ``t`` of sequence ``b`` then sits at ``p = t +
+    kv_lens[b] - Tq`` and ``kv_len`` is the cache capacity (it only fixes ``nKB``). The values
+    are not checked (that would need a host sync): each must lie in ``[Tq, kv_len]``."""
     from .kernel import _select_rank
 
     reason = select_unsupported_reason(p_slc)
@@ -150,6 +160,12 @@ def select_blocks(
     if nKB != _ceil_div(kv_len, select_block):
         raise ValueError(f"p_slc has {nKB} blocks, but {kv_len} keys make {_ceil_div(kv_len, select_block)} "
                          f"blocks of {select_block}")
+    if kv_lens is not None:
+        if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"kv_lens must be an int32/int64 torch.Tensor or None, got {kv_lens!r}")
+        if kv_lens.shape != (B,) or kv_lens.device != p_slc.device:
+            raise ValueError(f"kv_lens must have shape [B]=({B},) on {p_slc.device}, got {tuple(kv_lens.shape)} "
+                             f"on {kv_lens.device}")
     K = min(num_selected, nKB)
     dev = p_slc.device
     idx = torch.empty(B, Hkv, Tq, K, dtype=torch.int32, device=dev)
@@ -164,8 +180,9 @@ def select_blocks(
     _select_rank[(_ceil_div(Tq, block_r), B * Hkv)](
         p_slc, idx, cnt, full,
         *p_slc.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
-        Tq, nKB, kv_len - Tq, Hkv, select_block, K, num_init_blocks, num_local_blocks,
+        Tq, nKB, kv_len - Tq if kv_lens is None else -Tq, Hkv, select_block, K, num_init_blocks, num_local_blocks,
         BLOCK_R=block_r, NB_PAD=nb_pad, K_PAD=max(16, _pow2_at_least(K)), num_warps=warps,
+        KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None,
     )
     return idx, cnt, full.view(torch.bool)
 
@@ -212,6 +229,84 @@ def _dot_args(q: Tensor, dtype: torch.dtype) -> dict:
     return dict(F32=fp32, PREC="ieee" if interp else FP32_DOT_PRECISION, UPCAST=interp and not fp32)
 
 
+def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The forward launch on checked inputs (``k_cmp``/``v_cmp`` already in the common dtype)."""
+    from .kernel import _cmp_fwd
+
+    B, H, Tq, D = q.shape
+    Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
+    out = torch.zeros_like(q)
+    lse = torch.full((B, H, Tq), float("-inf"), device=q.device, dtype=torch.float32)
+    if B == 0 or Tq == 0 or nC == 0 or H == 0:
+        return out, lse
+    G, GP, block_m, head_dim = _layout(q, Hkv, k_cmp.dtype == torch.float32)
+    rows = GP * block_m
+    _cmp_fwd[(_ceil_div(Tq, block_m), B * Hkv)](
+        q, k_cmp, v_cmp, out, lse,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
+        D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=CMP_BLOCK_N,
+        **_dot_args(q, k_cmp.dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
+    )
+    return out, lse
+
+
+def _cmp_backward(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, out: Tensor, lse: Tensor, dout: Tensor, kv_len: int, l: int, d: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk_cmp, dv_cmp)`` of the compressed branch from the saved forward (``lse``:
+    natural log); ``dq`` in q's dtype, ``dk_cmp``/``dv_cmp`` in the compressed tokens' dtype."""
+    from .backward import _cmp_bwd_dkdv, _cmp_bwd_dq
+
+    B, H, Tq, D = q.shape
+    Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k_cmp)
+    dv = torch.zeros_like(v_cmp)
+    if B == 0 or Tq == 0 or nC == 0 or H == 0:
+        return dq, dk, dv
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # [B, H, Tq]
+    fp32 = k_cmp.dtype == torch.float32
+    G, GP, _, head_dim = _layout(q, Hkv, fp32)
+    block_m = max(1, BWD_ROWS[fp32] // GP)
+    block_m = min(block_m, _pow2_at_least(Tq))
+    block_m = max(block_m, 16 // GP if GP < 16 else 1)
+    rows = GP * block_m
+    block_n = BWD_BLOCK_N[fp32]
+    common = dict(D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=block_n,
+                  **_dot_args(q, k_cmp.dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES)
+    args = (Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e), float(scale))
+    _cmp_bwd_dq[(_ceil_div(Tq, block_m), B * Hkv)](
+        q, k_cmp, v_cmp, dout, dq, lse, delta,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+        *lse.stride()[:2], *delta.stride()[:2], *args, **common,
+    )
+    _cmp_bwd_dkdv[(_ceil_div(nC, block_n), B * Hkv)](
+        q, k_cmp, v_cmp, dout, dk, dv, lse, delta,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *delta.stride()[:2], *args, **common,
+    )
+    return dq, dk, dv
+
+
+class _CompressedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, kv_len, l, d, scale):
+        out, lse = _cmp_forward(q, k_cmp, v_cmp, kv_len, l, d, scale)
+        ctx.save_for_backward(q, k_cmp, v_cmp, out, lse)
+        ctx.meta = (kv_len, l, d, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
+        dq, dk, dv = _cmp_backward(q, k_cmp, v_cmp, out, lse, dout, *ctx.meta)
+        return dq, dk, dv, None, None, None, None
+
+
 def compressed_attention(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, *, kv_len: int, compress_block: int, compress_stride: int,
     scale: float,
@@ -221,31 +316,17 @@ def compressed_attention(
     sees token ``j`` iff ``j * compress_stride + compress_block - 1 <= p``.
 
     Returns ``(out [B, H, Tq, D] in q's dtype, lse float32 [B, H, Tq])`` (natural log; output
-    0 and lse ``-inf`` for a query that sees no token). No autograd. Raises ``ValueError`` on
+    0 and lse ``-inf`` for a query that sees no token). Differentiable in ``q``, ``k_cmp`` and
+    ``v_cmp`` (``lse`` carries no gradient): the backward runs the kernels of
+    :mod:`longattn.kernels.nsa.backward`, in the forward's precision. Raises ``ValueError`` on
     inconsistent shapes or inputs the kernels cannot take."""
-    from .kernel import _cmp_fwd
-
     _check(q, k_cmp, v_cmp, kv_len, compress_block, compress_stride, None)
-    B, H, Tq, D = q.shape
-    Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
-    out = torch.zeros_like(q)
-    lse = torch.full((B, H, Tq), float("-inf"), device=q.device, dtype=torch.float32)
-    if B == 0 or Tq == 0 or nC == 0 or H == 0:
-        return out, lse
     dtype = _common_dtype(q, k_cmp)
     q = q if q.stride(-1) == 1 else q.contiguous()
+    # the casts are differentiable: gradients return in k_cmp's / v_cmp's own dtype
     k_cmp, v_cmp = (t.to(dtype) if t.dtype != dtype else t for t in (k_cmp, v_cmp))
     k_cmp, v_cmp = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cmp, v_cmp))
-    G, GP, block_m, head_dim = _layout(q, Hkv, dtype == torch.float32)
-    rows = GP * block_m
-    _cmp_fwd[(_ceil_div(Tq, block_m), B * Hkv)](
-        q, k_cmp, v_cmp, out, lse,
-        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-        Tq, nC, kv_len - Tq, Hkv, compress_block, compress_stride, float(scale) * math.log2(math.e),
-        D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=CMP_BLOCK_N,
-        **_dot_args(q, dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
-    )
-    return out, lse
+    return _CompressedAttention.apply(q, k_cmp, v_cmp, kv_len, compress_block, compress_stride, float(scale))
 
 
 def selection_scores(
