@@ -22,3 +22,33 @@ def median_ms(fn, reps: int, *, warmup: bool = True) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_median_ms(fn, reps: int = 50, flush: torch.Tensor | None = None) -> float:
+    """Median milliseconds of ``reps`` CUDA-graph replays of ``fn`` (two eager warm-up calls on a
+    side stream, then one capture). ``flush``: a buffer larger than L2, zeroed before every
+    replay so each replay starts with a cold cache. Raises what the capture raises (e.g. a host
+    sync inside ``fn``)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        events.append((a, b))
+    torch.cuda.synchronize()
+    del g
+    return statistics.median(a.elapsed_time(b) for a, b in events)

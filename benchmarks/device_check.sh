@@ -14,6 +14,7 @@
 #   sweep        benchmarks/tile_sweep.py at 64k
 #   nsatrain     NSA training: benchmarks/nsa_train_phases.py at 64k, then the suite's NSA and dense
 #                forward + backward at 16k and 64k
+#   decodesweep  benchmarks/decode_sweep.py: sparse decoding at 128k, split-K counts, selection alone
 #   auto2        benchmarks/auto_check.py for sink and BigBird (512-16k), the other methods below 1k,
 #                NSA training at 4k and 16k
 cd "$(dirname "$0")/.."
@@ -30,9 +31,12 @@ for step in $STEPS; do
     tests) LONGATTN_TEST_DEVICE=cuda timeout 120 python3 -m pytest tests/test_block_sparse_kernel.py tests/test_decode.py \
              tests/test_nsa_kernel.py $(ls tests/test_decode_nsa.py 2>/dev/null) -o addopts="" -p no:cacheprovider -q -n 8 \
              > "$OUT/tests.log" 2>&1; echo "rc=$?" >> "$OUT/tests.log"; tail -2 "$OUT/tests.log" ;;
-    conformance) LONGATTN_TEST_DEVICE=cuda timeout 240 python3 -m pytest $(cat docs/results/gpu-conformance-not-yet-run.txt) \
+    conformance) ids=$(grep -v '^#' docs/results/gpu-conformance-not-yet-run.txt)
+             if [ -n "$ids" ]; then
+             LONGATTN_TEST_DEVICE=cuda timeout 240 python3 -m pytest $ids \
              -o addopts="" -p no:cacheprovider -v -n 14 > "$OUT/conformance.log" 2>&1; echo "rc=$?" >> "$OUT/conformance.log"
              grep -c PASSED "$OUT/conformance.log"; grep -E "^FAILED" "$OUT/conformance.log" | head
+             else echo "no conformance ids pending"; fi
              # the dense-masked sdpa path of the sparse methods (new; no compilation)
              LONGATTN_TEST_DEVICE=cuda timeout 90 python3 -m pytest tests/test_conformance.py \
              -k "sdpa and not full-sdpa" -o addopts="" -p no:cacheprovider -q -n 14 > "$OUT/conformance_sdpa.log" 2>&1
@@ -60,6 +64,8 @@ for step in $STEPS; do
          timeout 120 python3 benchmarks/suite.py --out "$OUT" --sizes 16k,64k --hkv 8 --methods full,nsa \
              --backends ours,sdpa-cudnn,sdpa-flash --ops fwd,bwd --max-seconds 110 > "$OUT/suite_nsatrain.log" 2>&1
          tail -16 "$OUT/suite_nsatrain.log" ;;
+    decodesweep) timeout 90 python3 benchmarks/decode_sweep.py --out "$OUT/decode_sweep.jsonl" > "$OUT/decode_sweep.log" 2>&1
+             tail -20 "$OUT/decode_sweep.log" ;;
     auto2) export OUT
          { timeout 150 python3 benchmarks/auto_check.py --methods sink,bigbird --lengths 512,1k,2k,4k,16k \
              --name auto_check_sink_bigbird.json

@@ -90,6 +90,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import render  # noqa: E402  (benchmarks/render.py)
+from _timing import graph_median_ms  # noqa: E402  (benchmarks/_timing.py)
 
 # ---------------------------------------------------------------------- what is measured
 PREFILL_METHODS: dict[str, tuple[str, dict]] = {  # label -> (registered method, config)
@@ -743,28 +744,7 @@ class Runner:
         if not self.cuda or self.o.no_graphs:
             return None, None
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            g.replay()
-            torch.cuda.synchronize()
-            events = []
-            for _ in range(n):
-                self.flush.zero_()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                events.append((a, b))
-            torch.cuda.synchronize()
-            del g
-            return statistics.median(a.elapsed_time(b) for a, b in events), None
+            return graph_median_ms(fn, n, self.flush), None
         except Exception as exc:  # noqa: BLE001 - capture may be impossible (host syncs)
             msg = f"{type(exc).__name__}: {exc}"[:300]
             try:

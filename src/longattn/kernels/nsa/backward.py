@@ -26,15 +26,13 @@ import triton.language as tl
 
 from .kernel import _group_rows, _mm, _visible_count
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _row_stats(LSE, DELTA, b, heads, r_tok, row_ok, slb, slh, sdb, sdh):
     """``lse`` in log2 units (``+inf`` for a row that sees nothing, so its ``exp2`` is 0) and
     ``delta`` of the rows."""
     lse = tl.load(LSE + b * slb + heads * slh + r_tok, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # log2(e)
     delta = tl.load(DELTA + b * sdb + heads * sdh + r_tok, mask=row_ok, other=0.0)
     return lse2, delta
 
