@@ -1,90 +1,226 @@
-"""Time each phase of NSA's forward (inference, backend "triton") on the GPU.
+"""Time each phase of NSA's forward (inference, backend "triton") and of one NSA decoding step on the GPU.
 
-Phases: compression (mean pooling), compressed branch kernel (output + LSE), selection-score
-kernel, top-k selection (PyTorch, and the ranking kernel the inference path uses), selected
-branch (block-sparse kernel over the per-token selection), window branch, gated sum; the whole
-``longattn.attention(method="nsa")`` call; and one decoding step (``longattn.decode_nsa``)
-against SDPA decoding over the same keys.
-Median of CUDA-event timings; one JSON object to ``--out`` and a table on stdout.
+Prefill phases: compression (mean pooling), compressed branch kernel (output + LSE),
+selection-score kernel, top-k selection (PyTorch, and the ranking kernel the inference path
+uses), selected branch (block-sparse kernel over the per-token selection), window branch, gated
+sum; the whole ``longattn.attention(method="nsa")`` call; dense cuDNN SDPA.
+
+Decoding (one query per sequence, B = 1, over a cache of T keys whose compressed tokens the cache
+keeps, as a serving loop does): ``longattn.decode_nsa.nsa_decode(backend="triton")`` eagerly with
+``validate=True`` (one host sync) and ``validate=False`` (none), its phases (the split-K
+compressed-branch + block-score kernels, the ranking kernel, the selected and the window
+branches), and dense SDPA decoding over the same cache -- then both steps again as CUDA-graph
+replays (``nsa_decode(..., validate=False)`` with ``k_cmp``/``v_cmp`` captured as
+``benchmarks/suite.py`` captures its decode graphs: two warm-up calls on a side stream, one
+capture, replays; L2 flushed before each replay, outside the timed region, since a real model
+runs other layers between two steps of one layer).
+
+Eager timings: median of CUDA-event timings (``_timing.median_ms``). One JSON object to
+``--out`` and a table on stdout (the decode rows last).
 
     python3 benchmarks/nsa_phases.py --T 65536 --out $OUT/nsa_phases.json
+    python3 benchmarks/nsa_phases.py --T 65536 --decode-only --out $OUT/nsa_decode.json
+
+CPU smoke run of every code path (tiny shapes, the Triton kernels through the interpreter,
+wall-clock timings, no CUDA graphs):
+
+    python3 benchmarks/nsa_phases.py --smoke --decode-only --out /tmp/nsa_phases.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import time
 
 import torch
-from _timing import median_ms
+
+L2_FLUSH_BYTES = 256 << 20  # larger than an H200's 50 MiB L2
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--T", type=int, default=65536)
-    ap.add_argument("--hkv", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--T", type=int, default=None, help="cached keys / prefill length (default 65536; --smoke: 256)")
+    ap.add_argument("--hkv", type=int, default=None, help="KV heads (default 8; --smoke: 2)")
+    ap.add_argument("--reps", type=int, default=5, help="eager timings per phase (median)")
+    ap.add_argument("--graph-reps", type=int, default=50, help="CUDA-graph replays per decode step (median)")
+    ap.add_argument("--decode-only", action="store_true", help="time the decoding step only (no prefill phases)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU check of the code paths: H=4, D=64, the Triton interpreter, wall-clock, no graphs")
     ap.add_argument("--out", default="nsa_phases.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.T is None:
+        args.T = 256 if args.smoke else 65536
+    if args.hkv is None:
+        args.hkv = 2 if args.smoke else 8
+    if args.T < 1 or args.hkv < 1 or args.reps < 1 or args.graph_reps < 1:
+        ap.error("--T, --hkv, --reps and --graph-reps must be >= 1")
+    return args
 
+
+def wall_ms(fn, reps: int) -> float:
+    """Median wall-clock milliseconds of ``reps`` calls (the CPU smoke run; one untimed call first)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_ms(fn, reps: int, flush: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Median milliseconds of ``reps`` CUDA-graph replays of ``fn`` (captured after two warm-up
+    calls on a side stream, as ``benchmarks/suite.py`` does), the L2 cache flushed before each
+    replay outside the timed region. Returns the median and the captured call's output."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        events.append((a, b))
+    torch.cuda.synchronize()
+    out = out.clone()  # the last replay's output, out of the graph's memory pool
+    del g
+    return statistics.median(a.elapsed_time(b) for a, b in events), out
+
+
+def prefill_phases(q, k, v, cfg, scale, timer) -> dict[str, float]:
     import longattn
     from longattn.kernels.nsa import compressed_attention, select_blocks, selection_scores
     from longattn.methods import nsa as m
 
-    dev = torch.device("cuda")
+    T, H = q.shape[2], q.shape[1]
+    l, d = cfg.compress_block, cfg.compress_stride
+    res: dict[str, float] = {}
+    k_cmp, v_cmp = m.nsa_compress(k, v, cfg)
+    res["compress"] = timer(lambda: m.nsa_compress(k, v, cfg))
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=T, compress_block=l, compress_stride=d, scale=scale)
+    res["compressed_branch_kernel"] = timer(lambda: compressed_attention(
+        q, k_cmp, v_cmp, kv_len=T, compress_block=l, compress_stride=d, scale=scale))
+    p = selection_scores(q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d,
+                         select_block=cfg.select_block, scale=scale)
+    res["selection_scores_kernel"] = timer(lambda: selection_scores(
+        q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d, select_block=cfg.select_block, scale=scale))
+    sel = m.select_from_scores(p, cfg, kv_len=T, num_heads=H)
+    res["topk_selection_host"] = timer(lambda: m.select_from_scores(p, cfg, kv_len=T, num_heads=H))
+    res["topk_selection_kernel"] = timer(lambda: select_blocks(
+        p, kv_len=T, select_block=cfg.select_block, num_selected=cfg.num_selected,
+        num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks))
+    res["selected_branch"] = timer(lambda: m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton"))
+    res["window_branch"] = timer(lambda: m.nsa_window_branch(q, k, v, cfg, scale=scale, backend="triton"))
+    o_slc = m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton")
+    o_win = m.nsa_window_branch(q, k, v, cfg, scale=scale, backend="triton")
+    res["combine"] = timer(lambda: m.nsa_combine(o_cmp, o_slc, o_win, cfg.gates))
+    res["whole_call"] = timer(lambda: longattn.attention(q, k, v, method="nsa", backend="triton"))
+    res["sdpa_cudnn_dense"] = timer(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True))
+    return res
+
+
+def decode_phases(q1, k, v, cfg, scale, timer, graph) -> tuple[dict[str, float], dict]:
+    """One decoding step over the T cached keys (the compressed tokens kept by the cache, as a
+    serving loop would), eagerly and under CUDA graphs, against SDPA decoding over all of them."""
+    from longattn import decode_nsa as dn
+    from longattn.decode import sparse_decode
+    from longattn.kernels.nsa import select_blocks
+    from longattn.kernels.nsa.decode import nsa_decode_compressed
+
+    B, H, Tq, D = q1.shape
+    T = k.shape[2]
+    lens = torch.full((B,), T, dtype=torch.int32, device=q1.device)
+    kc, vc = dn.nsa_decode_compress(k, v, lens, cfg)
+    n_blocks = -(-T // cfg.select_block)
+    step = lambda validate: dn.nsa_decode(q1, k, v, lens, config=cfg, k_cmp=kc, v_cmp=vc, scale=scale,  # noqa: E731
+                                          backend="triton", validate=validate)
+    dense = lambda: torch.nn.functional.scaled_dot_product_attention(q1, k, v, enable_gqa=True, scale=scale)  # noqa: E731
+    res: dict[str, float] = {}
+    res["decode_step_nsa"] = timer(lambda: step(True))
+    res["decode_step_nsa_nosync"] = timer(lambda: step(False))
+    kw = dict(compress_block=cfg.compress_block, compress_stride=cfg.compress_stride, select_block=cfg.select_block,
+              num_blocks=n_blocks, scale=scale)
+    _, _, p_slc = nsa_decode_compressed(q1, kc, vc, lens, **kw)
+    res["decode_cmp_and_scores_kernels"] = timer(lambda: nsa_decode_compressed(q1, kc, vc, lens, **kw))
+    rank_kw = dict(kv_len=T, kv_lens=lens, select_block=cfg.select_block, num_selected=cfg.num_selected,
+                   num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks)
+    idx, cnt, _ = select_blocks(p_slc, **rank_kw)
+    res["decode_rank_kernel"] = timer(lambda: select_blocks(p_slc, **rank_kw))
+    res["decode_selected_branch"] = timer(lambda: sparse_decode(
+        q1, k, v, lens, idx[:, :, 0].contiguous(), cnt[:, :, 0].contiguous(), block_size=cfg.select_block,
+        scale=scale, backend="triton", validate=False))
+    pos = lens.long()[:, None] - Tq + torch.arange(Tq, device=q1.device)
+    res["decode_window_branch"] = timer(lambda: dn._window_branch(q1, k, v, pos, cfg, scale, "triton"))
+    res["decode_step_sdpa_dense"] = timer(dense)
+    info: dict = {"decode_kv_len": T, "decode_B": B}
+    if graph is not None:
+        ms, out = graph(lambda: step(False))
+        res["decode_step_nsa_graph"] = ms
+        info["graph_matches_eager"] = bool(torch.equal(out, step(False)))
+        res["decode_step_sdpa_dense_graph"], _ = graph(dense)
+        info["graph_speedup_over_dense"] = res["decode_step_sdpa_dense_graph"] / res["decode_step_nsa_graph"]
+    else:
+        info["graphs"] = "not timed (no CUDA device)"
+    return res, info
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+    import longattn
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        raise SystemExit("nsa_phases.py times GPU kernels: run it on a CUDA machine, or pass --smoke for a CPU check")
+    dev = torch.device("cuda" if cuda else "cpu")
     g = torch.Generator(device=dev).manual_seed(0)
-    B, H, D, T = 1, 32, 128, args.T
+    B, H, D, T = 1, (32 if cuda else 4), 128 if cuda else 64, args.T
     q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
     k = torch.randn(B, args.hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
     v = torch.randn(B, args.hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
     cfg = longattn.get_method("nsa").make_config()
     scale = D ** -0.5
-    l, d = cfg.compress_block, cfg.compress_stride
+    if cuda:
+        from _timing import median_ms
+
+        timer = lambda fn: median_ms(fn, args.reps)  # noqa: E731
+        flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=dev)
+        graph = lambda fn: graph_ms(fn, args.graph_reps, flush)  # noqa: E731
+    else:
+        timer = lambda fn: wall_ms(fn, 1)  # noqa: E731
+        graph = None
     res: dict[str, float] = {}
     with torch.no_grad():
-        k_cmp, v_cmp = m.nsa_compress(k, v, cfg)
-        res["compress"] = median_ms(lambda: m.nsa_compress(k, v, cfg), args.reps)
-        o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=T, compress_block=l, compress_stride=d, scale=scale)
-        res["compressed_branch_kernel"] = median_ms(lambda: compressed_attention(
-            q, k_cmp, v_cmp, kv_len=T, compress_block=l, compress_stride=d, scale=scale), args.reps)
-        p = selection_scores(q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d,
-                             select_block=cfg.select_block, scale=scale)
-        res["selection_scores_kernel"] = median_ms(lambda: selection_scores(
-            q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d, select_block=cfg.select_block,
-            scale=scale), args.reps)
-        sel = m.select_from_scores(p, cfg, kv_len=T, num_heads=H)
-        res["topk_selection_host"] = median_ms(lambda: m.select_from_scores(p, cfg, kv_len=T, num_heads=H), args.reps)
-        res["topk_selection_kernel"] = median_ms(lambda: select_blocks(
-            p, kv_len=T, select_block=cfg.select_block, num_selected=cfg.num_selected,
-            num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks), args.reps)
-        res["selected_branch"] = median_ms(lambda: m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton"),
-                                     args.reps)
-        res["window_branch"] = median_ms(lambda: m.nsa_window_branch(q, k, v, cfg, scale=scale, backend="triton"),
-                                   args.reps)
-        o_slc = m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton")
-        o_win = m.nsa_window_branch(q, k, v, cfg, scale=scale, backend="triton")
-        res["combine"] = median_ms(lambda: m.nsa_combine(o_cmp, o_slc, o_win, cfg.gates), args.reps)
-        res["whole_call"] = median_ms(lambda: longattn.attention(q, k, v, method="nsa", backend="triton"), args.reps)
-        res["sdpa_cudnn_dense"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=True), args.reps)
-        # one decoding step over the same T keys (compressed tokens kept by the cache, as a
-        # serving loop would), against SDPA decoding over all of them
-        from longattn.decode_nsa import nsa_decode, nsa_decode_compress
-
-        q1 = q[:, :, -1:].contiguous()
-        lens = torch.full((B,), T, dtype=torch.int32, device=dev)
-        kc, vc = nsa_decode_compress(k, v, lens, cfg)
-        res["decode_step_nsa"] = median_ms(lambda: nsa_decode(q1, k, v, lens, config=cfg, k_cmp=kc, v_cmp=vc,
-                                                              backend="triton"), args.reps)
-        res["decode_step_sdpa_dense"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q1, k, v, enable_gqa=True), args.reps)
+        if not args.decode_only:
+            res.update(prefill_phases(q, k, v, cfg, scale, timer))
+        dec, info = decode_phases(q[:, :, -1:].contiguous(), k, v, cfg, scale, timer, graph)
+        res.update(dec)
     rec = {"T": T, "H": H, "Hkv": args.hkv, "D": D, "dtype": "bfloat16", "config": str(cfg),
-           "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "median_ms": res}
+           "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke: Triton interpreter, wall clock)",
+           "torch": torch.__version__, "median_ms": res, **info}
     with open(args.out, "w") as fh:
         json.dump(rec, fh, indent=1)
-    print(f"NSA forward phases, T={T} H={H} Hkv={args.hkv} D={D} bf16 ({rec['gpu']})")
+    print(f"NSA phases, T={T} H={H} Hkv={args.hkv} D={D} bf16 ({rec['gpu']})")
     for name, ms in res.items():
-        print(f"  {name:28s} {ms:9.3f} ms")
+        print(f"  {name:32s} {ms:9.3f} ms")
+    if "graph_speedup_over_dense" in info:
+        print(f"  decode step under CUDA graphs: {info['graph_speedup_over_dense']:.2f}x dense SDPA "
+              f"(graph output equals eager: {info['graph_matches_eager']})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 its specification is the per-sequence ``nsa_forward(..., backend="reference")`` over each valid
 cache prefix; checked for both backends (the Triton one through the interpreter on CPU),
 MHA/GQA, fp32/bf16, Tq in {1, 3}, with NaN garbage past every length; precomputed compressed
-tokens; bounded reads; one check per bad input."""
+tokens; bounded reads; one check per bad input. The Triton path's own kernels (compressed
+branch, block scores, ranking, ``validate=False``) are tested in test_nsa_decode_kernel.py."""
 
 from __future__ import annotations
 
@@ -131,9 +132,11 @@ def test_garbage_past_each_length_is_never_read(backend):
     assert torch.equal(nsa_decode(q, ki, vi, seqlens, config=CFG, backend=backend), clean)
 
 
-def test_reads_are_bounded_by_selection_and_window(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reads_are_bounded_by_selection_and_window(monkeypatch, backend):
     """Every sparse_decode call reads at most num_selected blocks of the cache, or a buffer of
-    at most ``window`` gathered keys."""
+    at most ``window`` gathered keys. ``backend="triton"`` computes the compressed branch and the
+    selection with the NSA decode kernels, never the PyTorch code."""
     import longattn.decode_nsa as mod
 
     calls = []
@@ -143,9 +146,14 @@ def test_reads_are_bounded_by_selection_and_window(monkeypatch):
         calls.append((k_cache.shape[2], block_indices.shape[-1], block_size, int(block_counts.max())))
         return real(q, k_cache, v_cache, cache_seqlens, block_indices, block_counts, block_size=block_size, **kw)
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("the PyTorch compressed branch ran on the triton path")
+
     monkeypatch.setattr(mod, "sparse_decode", spy)
+    if backend == "triton":
+        monkeypatch.setattr(mod, "_compressed_and_selection", refuse)
     q, k, v, seqlens = make_inputs(3, 4, 2, 3, seed=13)
-    nsa_decode(q, k, v, seqlens, config=CFG, backend="reference")
+    nsa_decode(q, k, v, seqlens, config=CFG, backend=backend)
     assert len(calls) == 3 + 1  # one selected-branch call per query row, one window call
     for T, K, bs, cmax in calls:
         if T == TMAX:  # the cache itself: the selected blocks only

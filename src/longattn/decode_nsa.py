@@ -22,11 +22,16 @@ serving cache maintains them incrementally instead -- one new compressed token e
 
 Branches (see :mod:`longattn.methods.nsa` for the rules, which are reused here unchanged):
 
-1. Compressed: query ``p`` attends the compressed tokens ``i`` with ``i*d + l - 1 <= p`` (plain
-   PyTorch, fp32, per query row; the same for both backends: it is ``O(nC)`` and small).
+1. Compressed: query ``p`` attends the compressed tokens ``i`` with ``i*d + l - 1 <= p``.
+   ``backend="reference"``: plain PyTorch, fp32, per query row (the specification).
+   ``backend="triton"``: the split-K kernels of :mod:`longattn.kernels.nsa.decode` (many
+   programs per ``(sequence, KV head)``, the ``G`` query heads and ``Tq`` rows of a KV head in
+   one program, partials merged through their log-sum-exp), which also produce the block scores.
 2. Selected: the compressed probabilities summed over the GQA group score the selection blocks
    (:func:`~longattn.methods.nsa.block_scores`); the forced initial and local blocks first, then
-   the best eligible blocks, ties to the lower block index. NSA selects per query token, so
+   the best eligible blocks, ties to the lower block index (``backend="triton"``: the ranking
+   kernel :func:`longattn.kernels.nsa.select_blocks` with per-sequence positions, which picks
+   exactly what the PyTorch rule picks from the same scores). NSA selects per query token, so
    for ``Tq > 1`` each query row has its own selection: the branch runs
    :func:`~longattn.decode.sparse_decode` once per query row (``Tq <= 16`` calls), the row ``t``
    call seeing the cache length ``cache_seqlens - Tq + t + 1`` so its query is the last
@@ -38,11 +43,16 @@ Branches (see :mod:`longattn.methods.nsa` for the rules, which are reused here u
    block attends causally.
 
 The outputs are mixed by :func:`~longattn.methods.nsa.nsa_combine` with ``config.gates``.
+
+Host synchronisation: the only one is the length/finiteness check (``validate=True``). With
+``validate=False`` and ``backend="triton"`` a step launches kernels only (no ``.item()``, no
+data-dependent shape), so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -222,9 +232,21 @@ def _compressed_and_selection(
     else:
         o_cmp = q.new_zeros(q.shape)
         p_slc = torch.zeros(B, Hkv, Tq, num_blocks, dtype=acc, device=dev)
+    idx, counts = _rank_blocks(p_slc, pos, config)
+    return o_cmp, idx, counts
 
-    # selection: forced (initial, local) blocks rank +inf, ineligible -inf, NaN as the lowest
-    # float; a stable descending sort keeps ties in index order (lower index first)
+
+def _rank_blocks(p_slc: Tensor, pos: Tensor, config: NSAConfig) -> tuple[Tensor, Tensor]:
+    """NSA's per-query selection from the block scores ``p_slc [B, Hkv, Tq, nKB]`` of queries
+    at ``pos int64 [B, Tq]`` (plain PyTorch, no host sync): eligible blocks start at or before
+    the query; the forced initial and local blocks first, then the best scores, ties to the
+    lower index. Returns ``block_indices int32 [B, Hkv, Tq, K]`` (ascending, unused slots 0)
+    and ``block_counts int32 [B, Hkv, Tq]``, ``K = min(num_selected, nKB)``."""
+    B, Hkv, Tq, num_blocks = p_slc.shape
+    ls = config.select_block
+    dev = p_slc.device
+    # forced (initial, local) blocks rank +inf, ineligible -inf, NaN as the lowest float; a
+    # stable descending sort keeps ties in index order (lower index first)
     K = min(config.num_selected, num_blocks)
     j = torch.arange(num_blocks, device=dev)
     eligible = j[None, None, :] * ls <= pos[:, :, None]  # [B, Tq, nKB]: blocks starting at or before p
@@ -238,7 +260,42 @@ def _compressed_and_selection(
     slot = torch.arange(K, device=dev) < counts[..., None]
     idx = torch.where(slot, order, num_blocks).sort(dim=-1).values  # kept blocks ascending
     idx = torch.where(slot, idx, 0)
-    return o_cmp, idx.to(torch.int32), counts.to(torch.int32).contiguous()
+    return idx.to(torch.int32), counts.to(torch.int32).contiguous()
+
+
+def _triton_compressed_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig) -> str | None:
+    """``None`` when the NSA decode kernels can compute the compressed branch and the scores."""
+    from .kernels.nsa.decode import decode_unsupported_reason
+
+    return decode_unsupported_reason(q, k_cmp, compress_block=config.compress_block,
+                                     compress_stride=config.compress_stride, select_block=config.select_block)
+
+
+def _compressed_and_selection_triton(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor, pos: Tensor, config: NSAConfig, scale: float,
+    num_blocks: int, Tmax: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What :func:`_compressed_and_selection` returns, from the Triton kernels: the split-K
+    compressed branch and block scores (:func:`longattn.kernels.nsa.decode.nsa_decode_compressed`),
+    then the ranking kernel :func:`longattn.kernels.nsa.select_blocks` with per-sequence
+    positions (:func:`_rank_blocks` on the kernel's scores beyond the ranking kernel's
+    ``MAX_SELECT_BLOCKS``). No host sync."""
+    from .kernels.nsa import select_blocks, select_unsupported_reason
+    from .kernels.nsa.decode import nsa_decode_compressed
+
+    o_cmp, _, p_slc = nsa_decode_compressed(
+        q, k_cmp, v_cmp, cache_seqlens, compress_block=config.compress_block,
+        compress_stride=config.compress_stride, select_block=config.select_block, num_blocks=num_blocks, scale=scale,
+    )
+    if select_unsupported_reason(p_slc) is not None:
+        idx, counts = _rank_blocks(p_slc, pos, config)
+        return o_cmp, idx, counts
+    idx, counts, _ = select_blocks(
+        p_slc, kv_len=Tmax, kv_lens=cache_seqlens, select_block=config.select_block,
+        num_selected=config.num_selected, num_init_blocks=config.num_init_blocks,
+        num_local_blocks=config.num_local_blocks,
+    )
+    return o_cmp, idx, counts
 
 
 def _selected_branch(
@@ -298,6 +355,7 @@ def nsa_decode(
     v_cmp: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> Tensor:
     """NSA (Native Sparse Attention, Yuan et al., 2025) decoding over a KV cache.
 
@@ -315,11 +373,25 @@ def nsa_decode(
             tokens past a sequence's length are ignored. Without them the cache is compressed
             here, which reads the whole cache (``O(T)``) -- pass them to avoid it.
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: ``"reference"`` (``sparse_decode(backend="reference")`` for the selected and
-            window branches), ``"triton"`` (its Triton split-K kernel: CUDA, or CPU with
-            ``TRITON_INTERPRET=1``; float16/bfloat16/float32, D a power of two in [16, 256], no
-            autograd -- otherwise ``ValueError``) or ``"auto"`` (triton when it can run). The
-            compressed branch and the selection are plain PyTorch (fp32) in all cases.
+        backend: ``"reference"`` (the compressed branch and the selection in plain PyTorch,
+            fp32, and ``sparse_decode(backend="reference")`` for the selected and window
+            branches: the specification), ``"triton"`` (the NSA decode kernels of
+            :mod:`longattn.kernels.nsa.decode` for the compressed branch and the block scores,
+            the ranking kernel :func:`longattn.kernels.nsa.select_blocks`, and the split-K
+            kernel of :func:`~longattn.decode.sparse_decode` for the selected and window
+            branches: CUDA, or CPU with ``TRITON_INTERPRET=1``; float16/bfloat16/float32, D a
+            power of two in [16, 256], no autograd -- otherwise ``ValueError``) or ``"auto"``
+            (triton when it can run, else reference). A config whose selection block overlaps
+            more compressed tokens than the decode kernels take runs the compressed branch and
+            the selection in PyTorch (``RuntimeWarning``). The two pick the same blocks from
+            scores equal up to fp32 rounding (see :mod:`longattn.kernels.nsa.decode`).
+        validate: check the lengths (in ``[Tq, Tmax]``) and that ``q`` is finite: ONE host
+            sync. ``False`` skips it: then, with ``backend="triton"``, the call does no host
+            synchronisation at all and can be captured in a CUDA graph -- and lengths outside
+            ``[Tq, Tmax]`` or a non-finite ``q`` are the caller's responsibility (the result is
+            then undefined, and the kernels may read past the cache), as with
+            :func:`longattn.decode.sparse_decode` ``(validate=False)``.
+            Shape, dtype and device checks always run (no sync).
 
     Returns:
         ``out [B, H, Tq, D]`` in q's dtype, equal for each ``b`` to
@@ -327,18 +399,22 @@ def nsa_decode(
         scale=scale, backend="reference")`` with ``L = cache_seqlens[b]``.
 
     Cost per (sequence, KV head) and query row: ``O(nC)`` for the compressed branch and the
-    scores, ``O(nKB log nKB)`` for the top-k, ``O(num_selected * select_block + window)`` keys
-    read. One host sync (the length and finiteness checks).
+    scores, ``O(nKB log nKB)`` for the top-k (``O(32 nKB)`` with the ranking kernel),
+    ``O(num_selected * select_block + window)`` keys read. One host sync with
+    ``validate=True`` (the length and finiteness checks), none otherwise on the triton path.
     """
     config = _check_config(config)
     _check_q_cache(q, k_cache, cache_seqlens, v_cache)
     _check_compressed(k_cmp, v_cmp, q, k_cache, config)
     scale = _check_scale(scale, q.shape[-1])
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {validate!r}")
     backend = _resolve_backend(backend, q, k_cache, v_cache)
     B, H, Tq, D = q.shape
     if B == 0:
         return q.new_empty(q.shape)
-    _check_lengths(q, k_cache, cache_seqlens)
+    if validate:
+        _check_lengths(q, k_cache, cache_seqlens)
 
     Tmax = k_cache.shape[2]
     lens = cache_seqlens.long()
@@ -346,9 +422,20 @@ def nsa_decode(
     if k_cmp is None:
         k_cmp, v_cmp = nsa_compress(k_cache, v_cache, config)  # O(T): pass k_cmp/v_cmp to avoid it
     assert v_cmp is not None
-    valid_tok = _valid_tokens(cache_seqlens, k_cmp.shape[2], config)
     num_blocks = _ceil_div(Tmax, config.select_block)
-    o_cmp, idx, counts = _compressed_and_selection(q, k_cmp, v_cmp, pos, valid_tok, config, scale, num_blocks)
+    kernels = backend == "triton"
+    if kernels:
+        reason = _triton_compressed_reason(q, k_cmp, config)
+        if reason is not None:
+            warnings.warn(f"NSA decode kernels cannot serve this call ({reason}); the compressed branch and the "
+                          "selection run in PyTorch", RuntimeWarning, stacklevel=2)
+            kernels = False
+    if kernels:
+        o_cmp, idx, counts = _compressed_and_selection_triton(
+            q, k_cmp, v_cmp, cache_seqlens, pos, config, scale, num_blocks, Tmax)
+    else:
+        valid_tok = _valid_tokens(cache_seqlens, k_cmp.shape[2], config)
+        o_cmp, idx, counts = _compressed_and_selection(q, k_cmp, v_cmp, pos, valid_tok, config, scale, num_blocks)
     o_slc = _selected_branch(q, k_cache, v_cache, cache_seqlens, idx, counts, config, scale, backend)
     o_win = _window_branch(q, k_cache, v_cache, pos, config, scale, backend)
     return nsa_combine(o_cmp, o_slc, o_win, config.gates)

@@ -176,12 +176,15 @@ def _select_rank(
     ssb, ssh, sst, sib, sih, sit, scb, sch, sfb, sfh, sft,
     q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local,
     BLOCK_R: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    KV_LENS=None, HAS_KV_LENS: tl.constexpr = False,
 ):
     """Per-token block selection of ``BLOCK_R`` consecutive queries of one ``(batch, KV head)``
     from their scores ``S[b, kvh, t, :n_blocks]``: ``count = min(eligible, top_k)`` blocks --
     the forced ones, then by score (NaN and -inf as the lowest float, +inf as the largest),
     ties to the lower index -- written ascending to ``IDX[b, kvh, t, :count]`` (0 after, up
-    to ``top_k``), with ``FULL`` (block wholly at or before the query) and ``CNT``."""
+    to ``top_k``), with ``FULL`` (block wholly at or before the query) and ``CNT``.
+    Query ``t`` sits at ``t + q_offset``, plus ``KV_LENS[b]`` when ``HAS_KV_LENS`` (per-sequence
+    lengths, as in decoding)."""
     pid_r = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // num_kv_heads).to(tl.int64)
@@ -189,6 +192,8 @@ def _select_rank(
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] local query index
     r_ok = r < q_len
     pos = r + q_offset  # absolute query position
+    if HAS_KV_LENS:
+        pos = pos + tl.load(KV_LENS + b).to(tl.int32)
     c = tl.arange(0, NB_PAD)  # block index
     cb = c[None, :]
     eligible = (cb * select_block <= pos[:, None]) & (cb < n_blocks) & r_ok[:, None]  # [BLOCK_R, NB_PAD]
