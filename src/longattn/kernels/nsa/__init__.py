@@ -241,12 +241,17 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
         return out, lse
     G, GP, block_m, head_dim = _layout(q, Hkv, k_cmp.dtype == torch.float32)
     rows = GP * block_m
+    # 16-bit queries: P V takes the values rounded to q's dtype (the output is 16-bit anyway);
+    # the scores, hence lse and the selection, keep the fp32 keys
+    v_dot = v_cmp.to(q.dtype) if q.dtype != torch.float32 else v_cmp
+    v_args = _dot_args(q, v_dot.dtype)
     _cmp_fwd[(_ceil_div(Tq, block_m), B * Hkv)](
-        q, k_cmp, v_cmp, out, lse,
-        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        q, k_cmp, v_dot, out, lse,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_dot.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=CMP_BLOCK_N,
-        **_dot_args(q, k_cmp.dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
+        **_dot_args(q, k_cmp.dtype), F32_V=v_args["F32"], UPCAST_V=v_args["UPCAST"],
+        num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
     )
     return out, lse
 
@@ -268,6 +273,11 @@ def _cmp_backward(
         return dq, dk, dv
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # [B, H, Tq]
+    if q.dtype != torch.float32:
+        # 16-bit queries: the gradient matmuls take the compressed tokens rounded to q's dtype
+        # (fp32 accumulation), as a 16-bit attention backward does, at the full tensor-core rate;
+        # the fp32 tokens only matter for the selection scores, which carry no gradient
+        k_cmp, v_cmp = k_cmp.to(q.dtype), v_cmp.to(q.dtype)
     fp32 = k_cmp.dtype == torch.float32
     G, GP, _, head_dim = _layout(q, Hkv, fp32)
     block_m = max(1, BWD_ROWS[fp32] // GP)
@@ -316,9 +326,13 @@ def compressed_attention(
     sees token ``j`` iff ``j * compress_stride + compress_block - 1 <= p``.
 
     Returns ``(out [B, H, Tq, D] in q's dtype, lse float32 [B, H, Tq])`` (natural log; output
-    0 and lse ``-inf`` for a query that sees no token). Differentiable in ``q``, ``k_cmp`` and
+    0 and lse ``-inf`` for a query that sees no token). The scores (hence ``lse``) use the
+    compressed keys in their own dtype; for 16-bit ``q`` the ``P V`` product takes the values
+    rounded to ``q``'s dtype (fp32 accumulation), the output being 16-bit. Differentiable in ``q``, ``k_cmp`` and
     ``v_cmp`` (``lse`` carries no gradient): the backward runs the kernels of
-    :mod:`longattn.kernels.nsa.backward`, in the forward's precision. Raises ``ValueError`` on
+    :mod:`longattn.kernels.nsa.backward`; for 16-bit ``q`` their matmuls take the compressed
+    tokens rounded to ``q``'s dtype (fp32 accumulation), as a 16-bit attention backward does;
+    fp32 ``q`` keeps fp32 throughout. Raises ``ValueError`` on
     inconsistent shapes or inputs the kernels cannot take."""
     _check(q, k_cmp, v_cmp, kv_len, compress_block, compress_stride, None)
     dtype = _common_dtype(q, k_cmp)

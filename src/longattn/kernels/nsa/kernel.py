@@ -70,8 +70,10 @@ def _cmp_fwd(
     q_len, n_cmp, q_offset, num_kv_heads, cmp_block, cmp_stride, sm_scale_log2,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, F32_V: tl.constexpr, UPCAST_V: tl.constexpr,
 ):
+    """``F32``/``UPCAST``: the score dot (Q and K); ``F32_V``/``UPCAST_V``: the P V dot (V may
+    be 16-bit while K is fp32)."""
     pid_m = tl.program_id(0)
     b, kvh, r_head, r_tok, row_ok = _group_rows(pid_m, tl.program_id(1), num_kv_heads, q_len, G, BLOCK_M, ROWS)
     heads = kvh * G + r_head
@@ -97,7 +99,7 @@ def _cmp_fwd(
         s = tl.where(keep, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * svt + dims[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, PREC, UPCAST)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_V, PREC, UPCAST_V)
 
     out, lse = finish_rows(acc, m_i, l_i)
     tl.store(O + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :],
