@@ -35,26 +35,36 @@ def test_cpu_and_few_queries_take_sdpa_then_the_reference():
     assert order("topk", q_len=SMALL_QUERY + 1, kv_len=100_000)[0] == "triton"
 
 
+MASK = ["sdpa", "triton", "flex", "reference"]
+OURS = ["triton", "flex", "sdpa", "reference"]
+
+
 def test_block_sparse_kernels_take_over_at_the_break_even_length():
-    # window: the dense masked path below 2k (inference) or 4k (training), the kernels from there
-    assert order("window", kv_len=2047) == ["sdpa", "triton", "flex", "reference"]
-    assert order("window", kv_len=2048) == order("window", kv_len=1 << 20) == ["triton", "flex", "sdpa", "reference"]
-    assert order("window", kv_len=2048, grad=True)[0] == "sdpa"
-    assert order("window", kv_len=4096, grad=True) == ["triton", "flex", "sdpa", "reference"]
-    # top-k: the kernels at every measured length; in training Flex from 64k
-    assert order("topk", kv_len=512) == order("topk", kv_len=1 << 20) == ["triton", "flex", "sdpa", "reference"]
-    assert order("topk", kv_len=65535, grad=True)[0] == "triton"
+    # window: the kernels at every length in inference; in training the masked path below 4k
+    assert order("window", kv_len=256) == order("window", kv_len=1 << 20) == OURS
+    assert order("window", kv_len=4095, grad=True) == MASK
+    assert order("window", kv_len=4096, grad=True) == OURS
+    # top-k: the masked path below 1k, the kernels from 1k; in training Flex from 64k
+    assert order("topk", kv_len=1023) == order("topk", kv_len=512, grad=True) == MASK
+    assert order("topk", kv_len=1024) == order("topk", kv_len=1 << 20) == OURS
+    assert order("topk", kv_len=65535, grad=True) == OURS
     assert order("topk", kv_len=65536, grad=True) == ["flex", "triton", "sdpa", "reference"]
+    # sink: the kernels in inference, the masked path below 4k in training
+    assert order("sink", kv_len=256) == order("sink", kv_len=1 << 20) == OURS
+    assert order("sink", kv_len=4095, grad=True) == MASK and order("sink", kv_len=4096, grad=True) == OURS
+    # BigBird: the kernels from 2k in inference, from 1k in training
+    assert order("bigbird", kv_len=2047) == MASK and order("bigbird", kv_len=2048) == OURS
+    assert order("bigbird", kv_len=1023, grad=True) == MASK and order("bigbird", kv_len=1024, grad=True) == OURS
     # chunked prefill: the key length decides, not the number of queries
-    assert order("window", q_len=64, kv_len=8192)[0] == "triton"
+    assert order("topk", q_len=64, kv_len=8192)[0] == "triton"
+    assert order("bigbird", q_len=64, kv_len=1024)[0] == "sdpa"
 
 
-def test_measured_orders_of_moba_nsa_and_the_unmeasured_methods():
+def test_measured_orders_of_moba_nsa_and_full():
     assert order("moba", kv_len=1 << 17) == ["sdpa", "flex", "triton", "reference"]
     assert order("nsa", kv_len=1024) == order("nsa", kv_len=1 << 17, grad=True) == ["triton", "flex", "reference"]
-    for name in ("full", "sink", "bigbird"):
-        assert name not in GPU_STEPS
-        assert order(name) == ["sdpa", "flex", "reference"], name
+    assert "full" not in GPU_STEPS
+    assert order("full") == ["sdpa", "flex", "reference"]
 
 
 def test_every_step_names_real_backends_in_increasing_length():

@@ -4,9 +4,9 @@ length, the path measured fastest on an NVIDIA H200 (``docs/benchmarks.md``, sec
 Measured with B = 1, H = 32, Hkv = 8, D = 128, bf16, causal prefill, each method at the
 configuration the benchmark suite uses (top-k 16 of 128-token blocks, MoBA and NSA paper
 defaults, window 4096): ``benchmarks/suite.py`` runs of 2026-11-29 (64k, 128k) and 2026-11-30
-(2k-32k, top-k backward at 64k), in ``docs/results/``, and ``benchmarks/auto_check.py`` (1k-16k,
+(2k-32k, top-k backward at 64k), in ``docs/results/``, and ``benchmarks/auto_check.py`` (256-16k,
 every backend beside what ``auto`` chose). Between measured lengths the step at or below the length
-applies; below the shortest measured length (1k), the first step. ``sdpa`` for a sparse method is
+applies; below the shortest measured length (256), the first step. ``sdpa`` for a sparse method is
 dense SDPA under its materialised token mask: on CUDA it declines past
 ``longattn.backends.dense.DENSE_MASK_MAX_BYTES`` (1 GiB: about 3.3k tokens at B = 1, H = 32 in
 bf16, 2.6k in fp32), and the next backend in the order serves. So where the table puts ``sdpa``
@@ -14,8 +14,7 @@ first up to a longer length (``window`` in training up to 4k, ``moba``), the cap
 switch at B = 1, H = 32: ours (window) or Flex (MoBA) from about 3.3k. A backend that cannot
 serve an input is skipped; the reference is always last.
 
-Methods not listed (``sink``, ``bigbird``: not measured yet) keep ``sdpa`` (within its cap),
-then ``flex``. For at most :data:`SMALL_QUERY` queries (decoding, small chunks: compiled
+Methods not listed (``full``) keep ``sdpa``, then ``flex``. For at most :data:`SMALL_QUERY` queries (decoding, small chunks: compiled
 FlexAttention would recompile for every new key length) the order is ``sdpa``, then on CUDA
 ``triton`` (past the mask cap: a 16-query mask over a million keys), then the reference. On CPU:
 ``sdpa``, then the reference.
@@ -35,22 +34,39 @@ _OURS_FIRST: Order = ("triton", "flex", "sdpa")
 
 #: method -> mode ("infer": no autograd, "train": forward + backward) -> steps (from key length, order)
 GPU_STEPS: dict[str, dict[str, Steps]] = {
-    # fwd: ours 1.38 ms vs masked 3.13 at 2k (2.17 vs 2.36 at 1k), ahead of Flex at 4k-64k (2.09 vs
-    # 3.35 ... 10.13 vs 11.88). fwd+bwd: ours 2.68 vs masked 3.85 at 2k (3.12 vs 3.47 at 1k); ours vs
-    # Flex 5.56 vs 5.73 at 8k, 8.48 vs 9.56 at 16k, but 29.6 vs 27.4 at 64k (bwd 19.50 vs 15.54)
-    "topk": {"infer": ((0, _OURS_FIRST),),
-             "train": ((0, _OURS_FIRST), (65536, ("flex", "triton", "sdpa")))},
-    # fwd: ours 0.75 vs masked 1.09 at 2k, ours 5.72 vs Flex 7.96 at 32k
-    # fwd+bwd: masked 1.77 vs ours 2.39 at 2k; ours 3.12 vs masked 3.78 at 4k; ours 24.1 vs Flex 23.9 at 32k
-    "window": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
+    # fwd: masked 1.61 / 1.76 ms vs ours 2.50 / 1.98 at 256 / 512 (auto_check 2026-11-30 11:2x);
+    # ours 1.38 ms vs masked 3.13 at 2k (2.17 vs 2.36 at 1k), ahead of Flex at 4k-64k (2.09 vs
+    # 3.35 ... 10.13 vs 11.88). fwd+bwd: masked 2.68 / 3.15 vs ours 3.63 / 4.51 at 256 / 512; ours
+    # 2.68 vs masked 3.85 at 2k (3.12 vs 3.47 at 1k); ours vs Flex 5.56 vs 5.73 at 8k, 8.48 vs 9.56
+    # at 16k, but 29.6 vs 27.4 at 64k (bwd 19.50 vs 15.54)
+    "topk": {"infer": ((0, _MASK_FIRST), (1024, _OURS_FIRST)),
+             "train": ((0, _MASK_FIRST), (1024, _OURS_FIRST), (65536, ("flex", "triton", "sdpa")))},
+    # fwd: ours 0.79 / 1.32 vs masked 1.67 / 1.83 at 256 / 512, equal at 1k (1.43 vs 1.44), ours
+    # 0.75 vs masked 1.09 at 2k, ours 5.72 vs Flex 7.96 at 32k
+    # fwd+bwd: masked 1.97 / 2.08 vs ours 3.45 / 3.24 at 256 / 512, masked 1.77 vs ours 2.39 at 2k;
+    # ours 3.12 vs masked 3.78 at 4k; ours 24.1 vs Flex 23.9 at 32k
+    "window": {"infer": ((0, _OURS_FIRST),),
                "train": ((0, _MASK_FIRST), (4096, _OURS_FIRST))},
-    # per-token gates: masked fastest at 2k-8k (fwd 2.78 / 7.35 / 26.5 ms vs ours 7.1 / 14.5 / 29.6;
-    # its cap stops it at about 3.3k); Flex ahead of ours at 4k (auto_check: 4.17 vs 14.51 ms), 32k
-    # (fwd 60.8 vs 124.0, bwd 84.2 vs 259.4) and 64k
+    # sink 4 + window 1020 (defaults), auto_check 2026-11-30: fwd ours 0.89 / 0.98 / 1.01 / 1.38 /
+    # 2.19 ms vs masked 1.20 / 1.14 / 1.41 at 512 / 1k / 2k and Flex 4.01 / 4.63 at 4k / 16k;
+    # fwd+bwd masked 2.30 / 2.18 / 2.69 vs ours 2.91 / 2.38 / 2.94 at 512 / 1k / 2k, ours 2.93 /
+    # 7.84 vs Flex 4.55 / 9.14 at 4k / 16k
+    "sink": {"infer": ((0, _OURS_FIRST),),
+             "train": ((0, _MASK_FIRST), (4096, _OURS_FIRST))},
+    # BigBird defaults (block 64; 3 window, 2 global, 3 random blocks), auto_check 2026-11-30: fwd
+    # masked 1.49 vs ours 1.69 at 1k (2.28 vs 1.86 at 512: noise at this size), ours 1.30 vs masked
+    # 3.22 at 2k, ours 1.23 / 1.62 vs Flex 3.41 / 4.65 at 4k / 16k; fwd+bwd masked 2.81 vs ours
+    # 3.82 at 512, ours 2.90 vs masked 3.07 at 1k, 3.03 vs 3.49 at 2k, ours 3.75 / 6.85 vs Flex
+    # 6.11 / 11.18 at 4k / 16k
+    "bigbird": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
+                "train": ((0, _MASK_FIRST), (1024, _OURS_FIRST))},
+    # per-token gates: masked fastest at 256-8k (fwd 2.29 / 2.78 / 7.35 / 26.5 ms vs ours 2.31 / 7.1 /
+    # 14.5 / 29.6; its cap stops it at about 3.3k); Flex ahead of ours at 4k (auto_check: 4.17 vs
+    # 14.51 ms), 32k (fwd 60.8 vs 124.0, bwd 84.2 vs 259.4) and 64k
     "moba": {"infer": ((0, ("sdpa", "flex", "triton")),),
              "train": ((0, ("sdpa", "flex", "triton")),)},
-    # NSA's own kernels: fwd 68.3 ms vs Flex 284.1 at 32k, 216.9 vs 1224 at 64k; training (the
-    # chunked scan) fwd+bwd 2242 vs Flex 2754 at 64k
+    # NSA's own kernels: fwd 68.3 ms vs Flex 284.1 at 32k, 216.9 vs 1224 at 64k; training (kernels
+    # with their backward, 2026-11-30) fwd+bwd 740.8 ms at 64k vs Flex 2754 (chunked scan: 2242)
     "nsa": {"infer": ((0, ("triton", "flex")),), "train": ((0, ("triton", "flex")),)},
 }
 
