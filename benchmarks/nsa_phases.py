@@ -10,10 +10,10 @@ keeps, as a serving loop does): ``longattn.decode_nsa.nsa_decode(backend="triton
 ``validate=True`` (one host sync) and ``validate=False`` (none), its phases (the split-K
 compressed-branch + block-score kernels, the ranking kernel, the selected and the window
 branches), and dense SDPA decoding over the same cache -- then both steps again as CUDA-graph
-replays (``nsa_decode(..., validate=False)`` with ``k_cmp``/``v_cmp`` captured as
-``benchmarks/suite.py`` captures its decode graphs: two warm-up calls on a side stream, one
-capture, replays; L2 flushed before each replay, outside the timed region, since a real model
-runs other layers between two steps of one layer).
+replays (``nsa_decode(..., validate=False)`` with ``k_cmp``/``v_cmp``, captured as
+``benchmarks/suite.py`` captures its decode graphs, through ``_timing.graph_median_ms``: two
+warm-up calls on a side stream, one capture, replays; L2 flushed before each replay, outside the
+timed region, since a real model runs other layers between two steps of one layer).
 
 Eager timings: median of CUDA-event timings (``_timing.median_ms``). One JSON object to
 ``--out`` and a table on stdout (the decode rows last).
@@ -69,35 +69,6 @@ def wall_ms(fn, reps: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def graph_ms(fn, reps: int, flush: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Median milliseconds of ``reps`` CUDA-graph replays of ``fn`` (captured after two warm-up
-    calls on a side stream, as ``benchmarks/suite.py`` does), the L2 cache flushed before each
-    replay outside the timed region. Returns the median and the captured call's output."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    g.replay()
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(reps):
-        flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        events.append((a, b))
-    torch.cuda.synchronize()
-    out = out.clone()  # the last replay's output, out of the graph's memory pool
-    del g
-    return statistics.median(a.elapsed_time(b) for a, b in events), out
 
 
 def prefill_phases(q, k, v, cfg, scale, timer) -> dict[str, float]:
@@ -168,11 +139,14 @@ def decode_phases(q1, k, v, cfg, scale, timer, graph) -> tuple[dict[str, float],
     res["decode_step_sdpa_dense"] = timer(dense)
     info: dict = {"decode_kv_len": T, "decode_B": B}
     if graph is not None:
-        ms, out = graph(lambda: step(False))
-        res["decode_step_nsa_graph"] = ms
-        info["graph_matches_eager"] = bool(torch.equal(out, step(False)))
-        res["decode_step_sdpa_dense_graph"], _ = graph(dense)
-        info["graph_speedup_over_dense"] = res["decode_step_sdpa_dense_graph"] / res["decode_step_nsa_graph"]
+        for name, fn in (("decode_step_nsa_graph", lambda: step(False)), ("decode_step_sdpa_dense_graph", dense)):
+            try:
+                res[name] = graph(fn)
+            except Exception as exc:  # noqa: BLE001 - a failed capture (e.g. a host sync) is a result too
+                info[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                torch.cuda.synchronize()
+        if "decode_step_nsa_graph" in res and "decode_step_sdpa_dense_graph" in res:
+            info["graph_speedup_over_dense"] = res["decode_step_sdpa_dense_graph"] / res["decode_step_nsa_graph"]
     else:
         info["graphs"] = "not timed (no CUDA device)"
     return res, info
@@ -196,11 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = longattn.get_method("nsa").make_config()
     scale = D ** -0.5
     if cuda:
-        from _timing import median_ms
+        from _timing import graph_median_ms, median_ms
 
         timer = lambda fn: median_ms(fn, args.reps)  # noqa: E731
         flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=dev)
-        graph = lambda fn: graph_ms(fn, args.graph_reps, flush)  # noqa: E731
+        graph = lambda fn: graph_median_ms(fn, args.graph_reps, flush)  # noqa: E731
     else:
         timer = lambda fn: wall_ms(fn, 1)  # noqa: E731
         graph = None
@@ -218,9 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"NSA phases, T={T} H={H} Hkv={args.hkv} D={D} bf16 ({rec['gpu']})")
     for name, ms in res.items():
         print(f"  {name:32s} {ms:9.3f} ms")
+    for key, msg in info.items():
+        if key.endswith("_error"):
+            print(f"  {key}: {msg}")
     if "graph_speedup_over_dense" in info:
-        print(f"  decode step under CUDA graphs: {info['graph_speedup_over_dense']:.2f}x dense SDPA "
-              f"(graph output equals eager: {info['graph_matches_eager']})")
+        print(f"  decode step under CUDA graphs: {info['graph_speedup_over_dense']:.2f}x faster than dense SDPA")
 
 
 if __name__ == "__main__":

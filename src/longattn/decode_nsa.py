@@ -383,8 +383,9 @@ def nsa_decode(
             power of two in [16, 256], no autograd -- otherwise ``ValueError``) or ``"auto"``
             (triton when it can run, else reference). A config whose selection block overlaps
             more compressed tokens than the decode kernels take runs the compressed branch and
-            the selection in PyTorch (``RuntimeWarning``). The two pick the same blocks from
-            scores equal up to fp32 rounding (see :mod:`longattn.kernels.nsa.decode`).
+            the selection in PyTorch (with a ``RuntimeWarning`` for ``"triton"``). The two pick
+            the same blocks from scores equal up to fp32 rounding (see
+            :mod:`longattn.kernels.nsa.decode`).
         validate: check the lengths (in ``[Tq, Tmax]``) and that ``q`` is finite: ONE host
             sync. ``False`` skips it: then, with ``backend="triton"``, the call does no host
             synchronisation at all and can be captured in a CUDA graph -- and lengths outside
@@ -409,7 +410,7 @@ def nsa_decode(
     scale = _check_scale(scale, q.shape[-1])
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {validate!r}")
-    backend = _resolve_backend(backend, q, k_cache, v_cache)
+    requested, backend = backend, _resolve_backend(backend, q, k_cache, v_cache)
     B, H, Tq, D = q.shape
     if B == 0:
         return q.new_empty(q.shape)
@@ -427,8 +428,9 @@ def nsa_decode(
     if kernels:
         reason = _triton_compressed_reason(q, k_cmp, config)
         if reason is not None:
-            warnings.warn(f"NSA decode kernels cannot serve this call ({reason}); the compressed branch and the "
-                          "selection run in PyTorch", RuntimeWarning, stacklevel=2)
+            if requested == "triton":  # "auto" falls back silently
+                warnings.warn(f"NSA decode kernels cannot serve this call ({reason}); the compressed branch and "
+                              "the selection run in PyTorch", RuntimeWarning, stacklevel=2)
             kernels = False
     if kernels:
         o_cmp, idx, counts = _compressed_and_selection_triton(

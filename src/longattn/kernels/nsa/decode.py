@@ -1,0 +1,529 @@
+"""NSA decoding kernels: the compressed branch and the selection-block scores of a few queries
+per sequence over a KV cache whose length differs per sequence (Native Sparse Attention, Yuan
+et al., 2025; used by :func:`longattn.decode_nsa.nsa_decode` for ``backend="triton"``).
+
+A decoding step has ``Tq <= 16`` queries per sequence and ``nC`` compressed tokens (thousands at
+long contexts) per ``(sequence, KV head)``: the prefill kernels of :mod:`longattn.kernels.nsa`
+(one program per query tile) would run ``B * Hkv`` programs, far too few for a GPU. Here the
+compressed tokens are split (split-K, as in :mod:`longattn.kernels.decode`):
+
+* ``_cmp_decode_split`` -- grid ``(B * Hkv, num_splits, row_tiles)``. A program owns the ``G =
+  H // Hkv`` query heads x ``Tq`` query rows of one ``(sequence, KV head)`` (``r = g * Tq +
+  t``, padded to >= 16 rows for ``tl.dot``; more than 16 (fp32 tokens) or 32 rows take more
+  row tiles) and a contiguous share of the selection blocks
+  whose compressed tokens the sequence's last query can see (the share is computed from
+  ``cache_seqlens[b]`` on the device: no host sync, and a short sequence uses few tiles). It
+  walks tiles of ``NB`` selection blocks; a tile loads the ``NB * R`` compressed tokens
+  *starting* in its blocks (``R = select_block / compress_stride``) plus the ``E = compress_block
+  / compress_stride - 1`` tokens before them that reach into its first block. Online softmax
+  (base 2, fp32) over the tokens the tile owns gives the split's partial output and LSE; for
+  the block scores, the tile's probabilities ``exp2(s - m)`` (``m``: the running row maximum,
+  which also covers the ``E`` spill tokens) are mapped onto its ``NB`` blocks with one
+  ``tl.dot`` against a fixed 0/1 overlap matrix and written, with ``m``, per query head
+  (``[B, H, Tq, nKB]`` fp32 each: what the split needs, ``nKB ~ nC * d / l'`` rather than
+  ``nC``). Every block is written by exactly one split, so nothing is summed twice.
+* ``_cmp_decode_merge`` -- grid ``(B * Hkv, G * Tq + chunks)``. The first ``G * Tq`` programs
+  of a ``(sequence, KV head)`` merge one row's split partials through their LSE (output in
+  q's dtype, natural-log LSE); the others each take a chunk of selection blocks, recompute the
+  rows' merged LSE and write ``p_slc[b, kvh, t, j] = sum_g bs[b, h, t, j] * exp2(m[b, h, t, j] -
+  lse2[b, h, t])`` (0 for blocks no visible token reaches).
+
+Query ``t`` of sequence ``b`` sits at ``p = cache_seqlens[b] - Tq + t`` and sees compressed
+token ``i`` iff ``i * compress_stride + compress_block - 1 <= p`` (so only tokens wholly inside
+the valid prefix are read: tokens past a sequence's end may hold anything). A row that sees
+nothing gets output 0, LSE ``-inf`` and scores 0.
+
+The per-row top-k over ``p_slc`` is :func:`longattn.kernels.nsa.select_blocks` with its
+``kv_lens`` argument (per-sequence positions).
+
+Cost (bytes set the floor: a few query rows per KV head, so the dots are small): the visible
+compressed keys and values once per ``(sequence, KV head)`` and row tile, plus ``E`` keys per
+tile read twice; per split a partial output row ``D`` fp32 per query row; block sums and maxima
+``2 x B x H x Tq x nKB`` fp32, written once and read once by the merge. At 64k keys with the
+paper's config (``nC = 4095``, fp32 tokens, ``Hkv = 8``, D = 128, ``Tq = 1``): 33.5 MB of
+compressed K/V, about 7 us at the H200's 4.8 TB/s; 0.3 MB of block sums; the partial rows
+about 0.5 MB.
+
+Precision: fp32 compressed keys (the mean compression's output) against 16-bit queries upcast
+the queries (exact); 16-bit keys in q's dtype use the native 16-bit dot (fp32 accumulation).
+fp32 products use ``tf32x3`` on GPUs (near-fp32 on tensor cores) and IEEE fp32 in the
+interpreter; the probabilities stay fp32 for ``P @ V`` (16-bit values upcast exactly) and for
+the probabilities-to-blocks product, which is IEEE fp32 (0/1 weights: exact products). The
+block scores equal the PyTorch path's (:func:`longattn.decode_nsa.nsa_decode` with
+``backend="reference"``) up to fp32 rounding, so both pick the same blocks except between
+scores that differ by about 1e-6 relative; exact ties (rows that see nothing, equal
+probabilities over equal counts of tokens) stay exact ties, broken toward the lower index.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...selection import _ceil_div
+from .. import interpreting, triton_unavailable_reason
+from ..decode import choose_num_splits
+from ..decode.kernel import _sm_count
+from .kernel import _mm
+
+_LOG2E = 1.4426950408889634
+
+MAX_DECODE_QUERIES = 16
+SUPPORTED_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP32_DOT_PRECISION = "tf32x3"  # fp32 operands on GPUs; the interpreter uses IEEE fp32
+# Split-kernel tiles, (fp32 compressed tokens?) -> max rows per program (G * Tq padded to a power
+# of two >= 16; more rows take more row tiles, grid axis 2) and compressed tokens per tile at
+# D <= 128 (halved at D = 256; 16-bit tokens with 32+ rows take half). Checked with the ptxas of
+# Triton 3.6 for sm_90a at D = 128, 8 warps: fp32 16 x 32 uses 216 registers, 16-bit 16 x 64 uses
+# 209 and 32 x 32 213, none spills (D = 64: 4 warps, about 185; fp32 D = 256: one pipeline stage,
+# spills at most 8 bytes); wider tiles spill. tests/test_nsa_decode_kernel.py compiles them for sm_90.
+MAX_ROWS = {True: 16, False: 32}
+BASE_BLOCK_N = {True: 32, False: 64}
+MAX_TILE_ELEMENTS = 128 * 128  # BLOCK_N * D of one K or V tile: geometries needing more fall back
+MERGE_TILE = 4096  # rows x blocks of one score-merge program
+
+# Tests set this to fill every buffer the kernels write (outputs and the split workspace) with
+# NaN before launching: an element left unwritten, or read before it is written, shows up as NaN.
+POISON_BUFFERS = False
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_n(head_dim: int, fp32: bool, block_m: int, R: int, E: int) -> int:
+    """Compressed tokens per tile: :data:`BASE_BLOCK_N` (halved for D = 256 and for 16-bit
+    tiles of more than 16 rows), at least ``R + E`` (one selection block and its spill)."""
+    base = BASE_BLOCK_N[fp32]
+    if head_dim > 128:
+        base //= 2
+    if not fp32 and block_m > 16:
+        base //= 2
+    return max(16, base, _pow2_at_least(R + E))
+
+
+def _geometry(compress_block: int, compress_stride: int, select_block: int) -> tuple[int, int]:
+    """``(R, E)``: compressed tokens starting in one selection block, and tokens starting in
+    earlier blocks that reach into it. Block ``j`` overlaps tokens ``[j*R - E, (j+1)*R)``."""
+    return select_block // compress_stride, compress_block // compress_stride - 1
+
+
+def decode_tile_config(
+    group: int, q_len: int, head_dim: int, *, fp32: bool, compress_block: int, compress_stride: int,
+    select_block: int, block_n: int | None = None,
+) -> dict[str, int]:
+    """Compile-time tile sizes of the split kernel for one call shape (``fp32``: the compressed
+    tokens are fp32, else 16-bit in q's dtype).
+
+    ``BLOCK_M``: rows per program (``G * Tq`` padded to a power of two in [16, MAX_ROWS]; more
+    rows take more row tiles, grid axis 2, each re-reading the tokens). ``BLOCK_N``: compressed
+    tokens per tile (:func:`_block_n`, or ``block_n``). ``NB = (BLOCK_N - E) // R`` selection
+    blocks per tile, ``NBP`` = ``NB`` padded to a power of two >= 16."""
+    R, E = _geometry(compress_block, compress_stride, select_block)
+    rows = group * q_len
+    block_m = min(MAX_ROWS[fp32], max(16, _pow2_at_least(rows)))
+    if block_n is None:
+        block_n = _block_n(head_dim, fp32, block_m, R, E)
+    nb = (block_n - E) // R
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "R": R,
+        "E": E,
+        "NB": nb,
+        "NBP": max(16, _pow2_at_least(nb)),
+        "row_tiles": _ceil_div(rows, block_m),
+        "num_warps": 8 if head_dim >= 128 else 4,
+        "num_stages": 1 if fp32 and head_dim > 128 else 2,  # fp32 D = 256: no room for a second stage
+    }
+
+
+def decode_unsupported_reason(
+    q: Tensor, k_cmp: Tensor, *, compress_block: int, compress_stride: int, select_block: int
+) -> str | None:
+    """``None`` when :func:`nsa_decode_compressed` can run on these inputs, else why not
+    (device, dtypes, head dim, block geometry)."""
+    reason = triton_unavailable_reason(q.device)
+    if reason is not None:
+        return reason
+    if q.dtype not in SUPPORTED_QUERY_DTYPES:
+        return f"the NSA decode kernels take float16, bfloat16 or float32 queries, got {q.dtype}"
+    if not (k_cmp.is_floating_point() and k_cmp.dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                                          torch.float64)):
+        return f"the NSA decode kernels take floating-point compressed keys, got {k_cmp.dtype}"
+    D = q.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        return f"the NSA decode kernels need a head dim that is a power of two in [16, 256], got D={D}"
+    if compress_block % compress_stride or select_block % compress_stride:
+        return (f"the NSA decode kernels need compress_block={compress_block} and select_block={select_block} to "
+                f"be multiples of compress_stride={compress_stride}")
+    R, E = _geometry(compress_block, compress_stride, select_block)
+    if max(16, _pow2_at_least(R + E)) * D > MAX_TILE_ELEMENTS:
+        return (f"a selection block overlaps {R + E} compressed tokens (select_block / compress_stride + "
+                f"compress_block / compress_stride - 1); the NSA decode kernels take at most "
+                f"{MAX_TILE_ELEMENTS // D} at D={D}")
+    return None
+
+
+# ---------------------------------------------------------------------------- kernels
+@triton.jit
+def _visible(kv_len, n_cmp, n_blocks, cmp_block, cmp_stride, R: tl.constexpr, E: tl.constexpr):
+    """``(n_vis, nb_need)`` of a sequence of ``kv_len`` keys: the compressed tokens its last
+    query sees, ``clamp(floor((kv_len - l) / d) + 1, 0, nC)`` (non-negative integer divisions
+    only), and the selection blocks they reach (block ``j`` overlaps tokens ``[j*R - E,
+    (j+1)*R)``); 0 blocks when no token is visible."""
+    n_vis = tl.minimum(tl.maximum(kv_len - cmp_block + cmp_stride, 0) // cmp_stride, n_cmp)
+    nb_need = tl.where(n_vis > 0, tl.minimum((n_vis + E + R - 1) // R, n_blocks), 0)
+    return n_vis, nb_need
+
+
+@triton.jit
+def _cmp_decode_split(
+    Q, K, V, Lens, OP, LP, BS, MR,
+    qk_scale,  # scale * log2(e)
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+    split_stride_o, split_stride_l,  # elements between splits in OP and LP
+    n_cmp, n_blocks, num_kv_heads, num_splits, cmp_block, cmp_stride,
+    G: tl.constexpr, TQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, E: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+    F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One split of one ``(sequence, KV head)`` and row tile: partial output ``OP[s, b, h, t]``
+    (normalised, fp32; 0 where the split's own tokens are all invisible) and base-2 LSE
+    ``LP[s, b, h, t]`` (``-inf`` then); block sums ``BS[b, h, t, j]`` of ``exp2(s - m)`` and their
+    reference ``MR[b, h, t, j] = m`` for the blocks the split owns. ``OP``/``LP``/``BS``/``MR``
+    are contiguous."""
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = (pid_bk // num_kv_heads).to(tl.int64)
+    kvh = (pid_bk % num_kv_heads).to(tl.int64)
+    kv_len = tl.load(Lens + b).to(tl.int32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # r = g * TQ + t
+    row_ok = rows < G * TQ
+    t = rows % TQ
+    head = kvh * G + rows // TQ
+    pos = kv_len - TQ + t  # absolute query positions [BLOCK_M]
+    flat = (b * num_kv_heads * G + head) * TQ + t  # row of [B, H, Tq] (int64)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(K.dtype.element_ty)  # 16-bit queries against fp32 compressed keys: exact upcast
+
+    # this split's tiles of the blocks the sequence's visible tokens reach
+    n_vis, nb_need = _visible(kv_len, n_cmp, n_blocks, cmp_block, cmp_stride, R, E)
+    n_tiles = (nb_need + NB - 1) // NB
+    per = (n_tiles + num_splits - 1) // num_splits
+    t_lo = pid_s * per
+    t_hi = tl.minimum(t_lo + per, n_tiles)
+
+    # tile-local overlap of token n (from the tile start j0*R - E) with block jj: [BLOCK_N, NBP]
+    n = tl.arange(0, BLOCK_N)
+    jj = tl.arange(0, NBP)
+    w = (n[:, None] >= jj[None, :] * R) & (n[:, None] < jj[None, :] * R + R + E) & (jj[None, :] < NB)
+    w = w.to(tl.float32)
+    own = (n >= E) & (n < NB * R + E)  # tokens starting in the tile's own blocks
+    in_tile = n < NB * R + E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    for tile in range(t_lo, t_hi):
+        j0 = tile * NB
+        tok = j0 * R - E + n  # compressed token index [BLOCK_N]
+        tok_ok = in_tile & (tok >= 0) & (tok < n_vis)  # never loads a token past the last query's view
+        kt = tl.load(k_base + tok[None, :] * skt + d[:, None], mask=tok_ok[None, :], other=0.0)  # [D, BLOCK_N]
+        s = _mm(q, kt, F32, PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        vis = tok_ok[None, :] & (tok[None, :] * cmp_stride + cmp_block - 1 <= pos[:, None]) & row_ok[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        p = tl.exp2(s - m_use[:, None])  # 0 where invisible, <= 1
+        alpha = tl.exp2(m_i - m_use)
+
+        # block scores of the tile relative to m_new (own and spill tokens)
+        blk = _mm(p, w, True, "ieee", False)  # [BLOCK_M, NBP]
+        j = j0 + jj
+        st_ok = row_ok[:, None] & ((jj < NB) & (j < nb_need))[None, :]
+        bs_ptr = flat[:, None] * n_blocks + j[None, :]
+        tl.store(BS + bs_ptr, blk, mask=st_ok)
+        tl.store(MR + bs_ptr, tl.broadcast_to(m_new[:, None], [BLOCK_M, NBP]), mask=st_ok)
+
+        # attention over the tokens the tile owns (the spill ones belong to the previous tile)
+        p_own = tl.where(own[None, :], p, 0.0)
+        l_i = l_i * alpha + tl.sum(p_own, 1)
+        v = tl.load(v_base + tok[:, None] * svt + d[None, :], mask=(tok_ok & own)[:, None], other=0.0)
+        # P stays fp32 (16-bit V upcasts exactly): a few rows, memory-bound, no need to round P
+        acc = acc * alpha[:, None] + _mm(p_own, v.to(tl.float32), True, PREC, False)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    split = pid_s.to(tl.int64)
+    tl.store(OP + split * split_stride_o + flat[:, None] * HEAD_DIM + d[None, :], o, mask=row_ok[:, None])
+    tl.store(LP + split * split_stride_l + flat, lse2, mask=row_ok)
+
+
+@triton.jit
+def _merged_lse2(LP, flat, ok, sp, s_ok, split_stride_l):
+    """Base-2 LSE of rows ``flat`` merged over the splits (``-inf`` where no split saw a token)."""
+    lse_s = tl.load(LP + sp[:, None] * split_stride_l + flat[None, :], mask=s_ok[:, None] & ok[None, :],
+                    other=float("-inf"))  # [S_PAD, ROWS]
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.sum(tl.exp2(lse_s - m_safe[None, :]), 0)
+    return tl.where(tot > 0.0, m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _merge_row(OP, LP, O, LSE, b, kvh, r, H, sp, s_ok, sob, soh, sot, slb, slh, split_stride_o, split_stride_l,
+               G: tl.constexpr, TQ: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Row ``r = g * TQ + t`` of one ``(sequence, KV head)``: the splits' partial outputs weighted
+    by their LSE; output in O's dtype and the natural-log LSE."""
+    t = r % TQ
+    head = kvh * G + r // TQ
+    flat = (b * H + head) * TQ + t
+    lse_s = tl.load(LP + sp * split_stride_l + flat, mask=s_ok, other=float("-inf"))  # [S_PAD]
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wgt = tl.exp2(lse_s - m_safe)  # 0 for a split that saw nothing (its partial row is 0)
+    tot = tl.sum(wgt, 0)
+    has = tot > 0.0
+    d = tl.arange(0, HEAD_DIM)
+    o_s = tl.load(OP + sp[:, None] * split_stride_o + flat * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(wgt[:, None] * o_s, 0) / tl.where(has, tot, 1.0)
+    lse = tl.where(has, (m_safe + tl.log2(tl.where(has, tot, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(O + b * sob + head * soh + t * sot + d, out.to(O.dtype.element_ty))
+    tl.store(LSE + b * slb + head * slh + t, lse)
+
+
+@triton.jit
+def _merge_scores(LP, BS, MR, PS, b, kvh, c, H, nb_need, n_blocks, sp, s_ok, spb, sph, spt, split_stride_l,
+                  G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, TQP: tl.constexpr, NBC: tl.constexpr):
+    """Scores of blocks ``[c*NBC, (c+1)*NBC)`` of one ``(sequence, KV head)``: per row ``rr = g *
+    TQP + t`` the stored block sums times ``exp2(m - lse2)``, summed over the ``G`` heads."""
+    rr = tl.arange(0, GP * TQP)
+    g = rr // TQP
+    t = rr % TQP
+    ok = (g < G) & (t < TQ)
+    flat = (b * H + kvh * G + g) * TQ + t
+    lse2 = _merged_lse2(LP, flat, ok, sp, s_ok, split_stride_l)  # [ROWS]
+    j = c * NBC + tl.arange(0, NBC)
+    need = ok[:, None] & (j < nb_need)[None, :]  # blocks some split wrote
+    ptr = flat[:, None] * n_blocks + j[None, :]
+    bs = tl.load(BS + ptr, mask=need, other=0.0)
+    mr = tl.load(MR + ptr, mask=need, other=float("-inf"))
+    live = (mr > float("-inf")) & (lse2[:, None] > float("-inf"))
+    lse2_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)  # no -inf - -inf
+    f = tl.where(live, tl.exp2(mr - lse2_safe[:, None]), 0.0)  # mr <= lse2: f <= 1
+    val = tl.where(live, bs * f, 0.0)  # [ROWS, NBC]
+    ps = tl.sum(tl.reshape(val, [GP, TQP, NBC]), 0)  # [TQP, NBC]: summed over the group's heads
+    tq = tl.arange(0, TQP)
+    tl.store(PS + b * spb + kvh * sph + tq[:, None] * spt + j[None, :], ps,
+             mask=(tq < TQ)[:, None] & (j < n_blocks)[None, :])
+
+
+@triton.jit
+def _cmp_decode_merge(
+    OP, LP, BS, MR, Lens, O, LSE, PS,
+    sob, soh, sot, slb, slh, spb, sph, spt,
+    split_stride_o, split_stride_l, num_splits,
+    n_cmp, n_blocks, num_kv_heads, cmp_block, cmp_stride,
+    G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, TQP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    S_PAD: tl.constexpr, R: tl.constexpr, E: tl.constexpr, NBC: tl.constexpr,
+):
+    """Programs ``(bk, r < G*TQ)``: row ``r`` of the group, merged over the splits (output and
+    natural-log LSE). Programs ``(bk, G*TQ + c)``: scores of blocks ``[c*NBC, (c+1)*NBC)`` for
+    the group's ``Tq`` rows, summed over its ``G`` heads (0 for blocks no visible token reaches)."""
+    pid_bk = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid_bk // num_kv_heads).to(tl.int64)
+    kvh = (pid_bk % num_kv_heads).to(tl.int64)
+    H = num_kv_heads * G
+    sp = tl.arange(0, S_PAD)
+    s_ok = sp < num_splits
+    sp = sp.to(tl.int64)  # split offsets: S x B x H x Tq x D elements may pass 2^31
+    if pid < G * TQ:
+        _merge_row(OP, LP, O, LSE, b, kvh, pid, H, sp, s_ok, sob, soh, sot, slb, slh, split_stride_o,
+                   split_stride_l, G, TQ, HEAD_DIM)
+    else:
+        _, nb_need = _visible(tl.load(Lens + b).to(tl.int32), n_cmp, n_blocks, cmp_block, cmp_stride, R, E)
+        _merge_scores(LP, BS, MR, PS, b, kvh, pid - G * TQ, H, nb_need, n_blocks, sp, s_ok, spb, sph, spt,
+                      split_stride_l, G, TQ, GP, TQP, NBC)
+
+
+# ---------------------------------------------------------------------------- wrappers
+def _buffer(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised buffer (NaN-filled when :data:`POISON_BUFFERS` is set)."""
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_pos_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_inputs(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor, l: int, d: int, ls: int,
+                  num_blocks: int) -> None:
+    for name, t in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp), ("cache_seqlens", cache_seqlens)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+    if q.dim() != 4 or k_cmp.dim() != 4:
+        raise ValueError(f"expected q [B, H, Tq, D] and k_cmp, v_cmp [B, Hkv, nC, D], got q {tuple(q.shape)}, "
+                         f"k_cmp {tuple(k_cmp.shape)}")
+    if v_cmp.shape != k_cmp.shape:
+        raise ValueError(f"v_cmp must have k_cmp's shape {tuple(k_cmp.shape)}, got {tuple(v_cmp.shape)}")
+    B, H, Tq, D = q.shape
+    if k_cmp.shape[0] != B or k_cmp.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k_cmp {tuple(k_cmp.shape)} differ in batch or head dim")
+    Hkv = k_cmp.shape[1]
+    if H == 0 or Hkv == 0 or H % Hkv:
+        raise ValueError(f"q's heads H={H} must be a positive multiple of k_cmp's heads Hkv={Hkv} (GQA)")
+    if not 1 <= Tq <= MAX_DECODE_QUERIES:
+        raise ValueError(f"q has Tq={Tq} queries per sequence; the decode kernels take 1..{MAX_DECODE_QUERIES}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (B,):
+        raise ValueError(f"cache_seqlens must be an int32/int64 tensor of shape [B]=({B},), got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    for name, val in (("compress_block", l), ("compress_stride", d), ("select_block", ls),
+                      ("num_blocks", num_blocks)):
+        _check_pos_int(name, val)
+    nC = k_cmp.shape[2]
+    if nC and (nC - 1) * d >= num_blocks * ls:
+        raise ValueError(f"num_blocks={num_blocks} selection blocks of {ls} keys end before compressed token "
+                         f"{nC - 1} (keys from {(nC - 1) * d}); num_blocks must be ceil(Tmax / select_block)")
+    reason = decode_unsupported_reason(q, k_cmp, compress_block=l, compress_stride=d, select_block=ls)
+    if reason is not None:
+        raise ValueError(f"the NSA decode kernels cannot run: {reason}")
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    fp32 = dtype == torch.float32
+    interp = interpreting()
+    return dict(F32=fp32, PREC="ieee" if interp else FP32_DOT_PRECISION, UPCAST=interp and not fp32)
+
+
+def nsa_decode_compressed(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    compress_block: int,
+    compress_stride: int,
+    select_block: int,
+    num_blocks: int,
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """NSA's compressed branch and selection-block scores for decoding (Native Sparse
+    Attention, Yuan et al., 2025), split-K over the compressed tokens.
+
+    Args:
+        q: ``[B, H, Tq, D]`` (float16/bfloat16/float32, ``1 <= Tq <= 16``, D a power of two in
+            [16, 256]); query ``t`` of sequence ``b`` sits at ``p = cache_seqlens[b] - Tq + t``.
+        k_cmp, v_cmp: ``[B, Hkv, nC, D]``, ``H % Hkv == 0``, any float dtype (fp32 from the mean
+            compression; float64 is computed in float32, 16-bit values differing from q's dtype
+            upcast to float32). Token ``i`` summarises keys ``[i*d, i*d + l)``; tokens past a
+            sequence's valid prefix may hold anything (never read).
+        cache_seqlens: ``int32/int64 [B]``, each in ``[Tq, Tmax]`` -- not checked here (no host
+            sync); :func:`longattn.decode_nsa.nsa_decode` checks them unless ``validate=False``.
+        compress_block, compress_stride, select_block: ``l``, ``d``, ``l'`` (``l`` and ``l'``
+            multiples of ``d``).
+        num_blocks: ``nKB``, selection blocks of the cache, ``ceil(Tmax / select_block)``.
+        scale: score scale.
+        num_splits: programs per ``(sequence, KV head)`` sharing its blocks; ``None``: a
+            heuristic (:func:`longattn.kernels.decode.choose_num_splits`) from the shapes only.
+        block_n: compressed tokens per tile (a power of two >= ``l'/d + l/d - 1``); ``None``:
+            :func:`decode_tile_config`'s choice. For tests and tuning.
+
+    Returns:
+        ``o_cmp [B, H, Tq, D]`` in q's dtype, ``lse float32 [B, H, Tq]`` (natural log; output
+        0 and ``-inf`` for a row that sees no compressed token) and ``p_slc float32 [B, Hkv,
+        Tq, nKB]``: for each KV head ``g`` and row ``t``, the sum over the query heads of ``g``
+        and the visible compressed tokens ``i`` overlapping keys ``[j*l', (j+1)*l')`` of
+        ``exp(q . k_i * scale - lse)`` (each overlapping token counted once: paper eq. 9-10 as
+        :func:`longattn.methods.nsa.block_scores` reads them).
+
+    No autograd, no host sync (CUDA-graph capturable). Raises ``ValueError``/``TypeError`` on
+    inconsistent shapes or inputs the kernels cannot take."""
+    l, d, ls = compress_block, compress_stride, select_block
+    _check_inputs(q, k_cmp, v_cmp, cache_seqlens, l, d, ls, num_blocks)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    if num_splits is not None:
+        _check_pos_int("num_splits", num_splits)
+    B, H, Tq, D = q.shape
+    Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
+    G = H // Hkv
+    dev = q.device
+    R, E = _geometry(l, d, ls)
+    if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 16
+                                or block_n & (block_n - 1) or block_n < R + E):
+        raise ValueError(f"block_n must be a power of two >= max(16, {R + E}) (the compressed tokens one "
+                         f"selection block overlaps), got {block_n!r}")
+
+    o_cmp = _buffer((B, H, Tq, D), dev, q.dtype)
+    lse = _buffer((B, H, Tq), dev)
+    p_slc = _buffer((B, Hkv, Tq, num_blocks), dev)
+    if B == 0:
+        return o_cmp, lse, p_slc
+    if nC == 0:  # the cache is shorter than one compression block: nothing to see
+        return o_cmp.zero_(), lse.fill_(float("-inf")), p_slc.zero_()
+
+    # operands in one dtype: 16-bit q against fp32 tokens upcasts in the kernel (exact)
+    kdtype = k_cmp.dtype
+    if kdtype == torch.float64 or (kdtype != q.dtype and kdtype != torch.float32):
+        kdtype = torch.float32
+    k_cmp, v_cmp = (t.to(kdtype) if t.dtype != kdtype else t for t in (k_cmp, v_cmp))
+    q, k_cmp, v_cmp = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cmp, v_cmp))
+    cfg = decode_tile_config(G, Tq, D, fp32=kdtype == torch.float32, compress_block=l, compress_stride=d,
+                             select_block=ls, block_n=block_n)
+
+    n_tiles_max = _ceil_div(num_blocks, cfg["NB"])
+    if num_splits is None:
+        num_splits = choose_num_splits(B * Hkv, cfg["row_tiles"], n_tiles_max, _sm_count(dev))  # <= 64
+    o_part = _buffer((num_splits, B, H, Tq, D), dev)
+    lse_part = _buffer((num_splits, B, H, Tq), dev)
+    blk = _buffer((2, B, H, Tq, num_blocks), dev)  # block sums and their reference maxima
+    common = dict(R=cfg["R"], E=cfg["E"])
+    _cmp_decode_split[(B * Hkv, num_splits, cfg["row_tiles"])](
+        q, k_cmp, v_cmp, cache_seqlens, o_part, lse_part, blk[0], blk[1],
+        float(scale) * _LOG2E,
+        *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3],
+        o_part.stride(0), lse_part.stride(0),
+        nC, num_blocks, Hkv, num_splits, l, d,
+        G=G, TQ=Tq, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NB=cfg["NB"], NBP=cfg["NBP"],
+        **common, **_dot_args(kdtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    GP, TQP = _pow2_at_least(G), _pow2_at_least(Tq)
+    nbc = max(16, min(_pow2_at_least(num_blocks), MERGE_TILE // (GP * TQP)))
+    _cmp_decode_merge[(B * Hkv, G * Tq + _ceil_div(num_blocks, nbc))](
+        o_part, lse_part, blk[0], blk[1], cache_seqlens, o_cmp, lse, p_slc,
+        *o_cmp.stride()[:3], *lse.stride()[:2], *p_slc.stride()[:3],
+        o_part.stride(0), lse_part.stride(0), num_splits,
+        nC, num_blocks, Hkv, l, d,
+        G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=max(2, _pow2_at_least(num_splits)), NBC=nbc,
+        **common, num_warps=4 if D <= 128 else 8,
+    )
+    return o_cmp, lse, p_slc
+
+
+__all__ = [
+    "MAX_DECODE_QUERIES",
+    "decode_tile_config",
+    "decode_unsupported_reason",
+    "nsa_decode_compressed",
+]
