@@ -54,8 +54,8 @@ for step in $STEPS; do
              --backends ours --max-seconds 80 > "$OUT/suite_nsa.log" 2>&1
          timeout 45 python3 benchmarks/suite.py --out "$OUT" --sizes 8k --hkv 8 --methods nsa --ops fwd --backends flex \
              --max-seconds 40 >> "$OUT/suite_nsa.log" 2>&1
-         timeout 45 python3 benchmarks/nsa_phases.py --T 65536 --out "$OUT/nsa_phases.json" > "$OUT/nsa_phases.log" 2>&1
-         tail -14 "$OUT/nsa_phases.log" ;;
+         timeout 100 python3 benchmarks/nsa_phases.py --T 65536 --out "$OUT/nsa_phases.json" > "$OUT/nsa_phases.log" 2>&1
+         tail -30 "$OUT/nsa_phases.log" ;;
     sweep) timeout 90 python3 benchmarks/tile_sweep.py --out "$OUT/tiles.jsonl" --max-seconds 80 > "$OUT/tiles.log" 2>&1
            tail -24 "$OUT/tiles.log" ;;
     nsatrain) timeout 150 python3 benchmarks/nsa_train_phases.py --T 65536 --out "$OUT/nsa_train_phases.json" \

@@ -55,6 +55,13 @@ CMP_BLOCK_N = 64
 SLC_BLOCK_N = 64
 FP32_DOT_PRECISION = "tf32x3"  # on GPUs; the interpreter always uses IEEE fp32
 NUM_STAGES = 2
+# The score kernel at 64 rows runs 4 warps: 34.0 ms against 62.3 ms at 8 warps (H200, T = 64k,
+# paper defaults, benchmarks/nsa_tile_sweep.py, 2026-11-30; same scores bit for bit).
+SLC_NUM_WARPS = 4
+# Launch settings forced per kernel ("cmp_fwd", "scores"), e.g. {"scores": {"rows": 32,
+# "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning hook for benchmarks/nsa_tile_sweep.py;
+# empty in normal use.
+LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
 # Backward tiles (rows of the query tiles, compressed tokens per step), fp32 operands? -> size:
 # the backward holds two more accumulators (dK, dV or dQ with dP, dS) than the forward.
 BWD_ROWS = {False: 64, True: 64}
@@ -213,11 +220,12 @@ def _common_dtype(q: Tensor, k_cmp: Tensor) -> torch.dtype:
     return torch.float32 if torch.float32 in (q.dtype, k_cmp.dtype) else q.dtype
 
 
-def _layout(q: Tensor, Hkv: int, fp32: bool) -> tuple[int, int, int, int]:
-    """``(G, GP, BLOCK_M, HEAD_DIM)`` for queries ``q``."""
+def _layout(q: Tensor, Hkv: int, fp32: bool, cap: int | None = None) -> tuple[int, int, int, int]:
+    """``(G, GP, BLOCK_M, HEAD_DIM)`` for queries ``q`` (``cap``: rows per program, default
+    ``ROW_CAP[fp32]``)."""
     G = q.shape[1] // Hkv
     GP = _pow2_at_least(G)
-    block_m = max(1, ROW_CAP[fp32] // GP)
+    block_m = max(1, (ROW_CAP[fp32] if cap is None else cap) // GP)
     block_m = min(block_m, _pow2_at_least(q.shape[2]))  # no wasted rows for short inputs
     block_m = max(block_m, 16 // GP if GP < 16 else 1)  # tl.dot needs >= 16 rows
     return G, GP, block_m, max(16, _pow2_at_least(q.shape[-1]))
@@ -239,7 +247,8 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
     lse = torch.full((B, H, Tq), float("-inf"), device=q.device, dtype=torch.float32)
     if B == 0 or Tq == 0 or nC == 0 or H == 0:
         return out, lse
-    G, GP, block_m, head_dim = _layout(q, Hkv, k_cmp.dtype == torch.float32)
+    tune = LAUNCH_OVERRIDES.get("cmp_fwd", {})
+    G, GP, block_m, head_dim = _layout(q, Hkv, k_cmp.dtype == torch.float32, tune.get("rows"))
     rows = GP * block_m
     # 16-bit queries: P V takes the values rounded to q's dtype (the output is 16-bit anyway);
     # the scores, hence lse and the selection, keep the fp32 keys
@@ -249,9 +258,9 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
         q, k_cmp, v_dot, out, lse,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_dot.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
-        D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=CMP_BLOCK_N,
+        D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=tune.get("block_n", CMP_BLOCK_N),
         **_dot_args(q, k_cmp.dtype), F32_V=v_args["F32"], UPCAST_V=v_args["UPCAST"],
-        num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
+        num_warps=tune.get("num_warps", _num_warps(rows, head_dim)), num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out, lse
 
@@ -370,9 +379,10 @@ def selection_scores(
     k_cmp = k_cmp.to(dtype) if k_cmp.dtype != dtype else k_cmp
     k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
     lse = lse.to(torch.float32)
-    G, GP, block_m, head_dim = _layout(q, Hkv, True)  # the probability tiles are fp32
+    tune = LAUNCH_OVERRIDES.get("scores", {})
+    G, GP, block_m, head_dim = _layout(q, Hkv, True, tune.get("rows"))  # the probability tiles are fp32
     r = select_block // compress_stride
-    nb = max(1, SLC_BLOCK_N // r)
+    nb = max(1, tune.get("block_n", SLC_BLOCK_N) // r)
     spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
     rows = GP * block_m
     _slc_scores[(_ceil_div(Tq, block_m), B * Hkv)](
@@ -381,7 +391,8 @@ def selection_scores(
         Tq, nC, n_blocks, kv_len - Tq, Hkv, compress_block, compress_stride, select_block,
         float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, GP=GP, BLOCK_M=block_m, BLOCK_N=nb * r, NB=nb, NBP=max(16, nb), E=spill,
-        **_dot_args(q, dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES,
+        **_dot_args(q, dtype), num_warps=tune.get("num_warps", SLC_NUM_WARPS),
+        num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out
 

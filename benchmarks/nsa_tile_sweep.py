@@ -1,0 +1,89 @@
+"""Launch settings of NSA's two prefill kernels on the GPU: the compressed branch
+(``compressed_attention``) and the selection scores (``selection_scores``), through
+``longattn.kernels.nsa.LAUNCH_OVERRIDES``. T = 65536 by default, B = 1, H = 32, Hkv = 8, D = 128,
+bf16 queries, fp32 compressed tokens (the mean compression), paper defaults. Each configuration's
+output is compared with the default's (max abs difference; the scores must pick the same blocks,
+checked through the ranking kernel). One JSON line per configuration to ``--out`` as it goes.
+
+    python3 benchmarks/nsa_tile_sweep.py --out $OUT/nsa_tiles.jsonl --max-seconds 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+from _timing import median_ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default="nsa_tiles.jsonl")
+    ap.add_argument("--max-seconds", type=float, default=100.0)
+    ap.add_argument("--kernels", default="scores,cmp_fwd", help="comma list from scores,cmp_fwd")
+    args = ap.parse_args()
+    t_end = time.monotonic() + args.max_seconds
+
+    import longattn
+    import longattn.kernels.nsa as K
+    from longattn.methods import nsa as m
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, H, Hkv, D, T = 1, 32, 8, 128, args.T
+    q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    cfg = longattn.get_method("nsa").make_config()
+    l, d, ls, scale = cfg.compress_block, cfg.compress_stride, cfg.select_block, D ** -0.5
+    with torch.no_grad():
+        kc, vc = m.nsa_compress(k, v, cfg)
+    cmp = lambda: K.compressed_attention(q, kc, vc, kv_len=T, compress_block=l, compress_stride=d, scale=scale)
+    o_ref, lse = cmp()
+    scores = lambda: K.selection_scores(q, kc, lse, kv_len=T, compress_block=l, compress_stride=d, select_block=ls,
+                                        scale=scale)
+    rank = lambda p: K.select_blocks(p, kv_len=T, select_block=ls, num_selected=cfg.num_selected,
+                                     num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks)[0]
+    p_ref = scores()
+    idx_ref = rank(p_ref)
+
+    sweeps = {
+        "scores": [dict(rows=r, num_warps=w, num_stages=s, block_n=n)
+                   for r, w, s, n in itertools.product((64, 32), (4, 8), (2, 3), (64, 128))],
+        "cmp_fwd": [dict(rows=r, num_warps=w, num_stages=s, block_n=n)
+                    for r, w, s, n in itertools.product((64, 128, 32), (4, 8), (2,), (32, 64))],
+    }
+    for kernel in args.kernels.split(","):
+        configs = sweeps[kernel]
+        for tune in [{}] + configs:
+            if time.monotonic() > t_end:
+                break
+            K.LAUNCH_OVERRIDES.clear()
+            K.LAUNCH_OVERRIDES[kernel] = tune
+            row = dict(kernel=kernel, T=T, **({"config": tune} if tune else {"config": "default"}))
+            try:
+                if kernel == "scores":
+                    p = scores()
+                    row["max_abs_diff"] = (p - p_ref).abs().max().item()
+                    row["same_blocks_fraction"] = (rank(p) == idx_ref).all(-1).float().mean().item()
+                    row["ms"] = median_ms(scores, args.reps)
+                else:
+                    o, lse2 = cmp()
+                    row["max_abs_diff"] = (o.float() - o_ref.float()).abs().max().item()
+                    row["lse_max_abs_diff"] = (lse2 - lse).abs().max().item()
+                    row["ms"] = median_ms(cmp, args.reps)
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or fit
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            print(json.dumps(row), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    K.LAUNCH_OVERRIDES.clear()
+
+
+if __name__ == "__main__":
+    main()
