@@ -1,5 +1,6 @@
-"""Launch settings of NSA's two prefill kernels on the GPU: the compressed branch
-(``compressed_attention``) and the selection scores (``selection_scores``), through
+"""Launch settings of NSA's prefill kernels on the GPU: the compressed branch
+(``compressed_attention``, forward; ``cmp_bwd``: forward + backward), the selection scores
+(``selection_scores``), through
 ``longattn.kernels.nsa.LAUNCH_OVERRIDES``. T = 65536 by default, B = 1, H = 32, Hkv = 8, D = 128,
 bf16 queries, fp32 compressed tokens (the mean compression), paper defaults. Each configuration's
 output is compared with the default's (max abs difference; the scores must pick the same blocks,
@@ -25,7 +26,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="nsa_tiles.jsonl")
     ap.add_argument("--max-seconds", type=float, default=100.0)
-    ap.add_argument("--kernels", default="scores,cmp_fwd", help="comma list from scores,cmp_fwd")
+    ap.add_argument("--kernels", default="scores,cmp_fwd", help="comma list from scores,cmp_fwd,cmp_bwd")
     args = ap.parse_args()
     t_end = time.monotonic() + args.max_seconds
 
@@ -57,7 +58,13 @@ def main() -> None:
                    for r, w, s, n in itertools.product((64, 32), (4, 8), (2, 3), (64, 128))],
         "cmp_fwd": [dict(rows=r, num_warps=w, num_stages=s, block_n=n)
                     for r, w, s, n in itertools.product((64, 128, 32), (4, 8), (2,), (32, 64))],
+        "cmp_bwd": [dict(num_warps=w, num_stages=s) for w, s in itertools.product((4, 8), (1, 2, 3))],
     }
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, kc, vc))
+    do = torch.randn_like(q)
+    cmp_grad = lambda: torch.autograd.grad(K.compressed_attention(
+        qg, kg, vg, kv_len=T, compress_block=l, compress_stride=d, scale=scale)[0], (qg, kg, vg), do)
+    g_ref = cmp_grad()
     for kernel in args.kernels.split(","):
         configs = sweeps[kernel]
         for tune in [{}] + configs:
@@ -72,6 +79,9 @@ def main() -> None:
                     row["max_abs_diff"] = (p - p_ref).abs().max().item()
                     row["same_blocks_fraction"] = (rank(p) == idx_ref).all(-1).float().mean().item()
                     row["ms"] = median_ms(scores, args.reps)
+                elif kernel == "cmp_bwd":
+                    row["max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(cmp_grad(), g_ref))
+                    row["ms"] = median_ms(cmp_grad, args.reps)  # forward + backward
                 else:
                     o, lse2 = cmp()
                     row["max_abs_diff"] = (o.float() - o_ref.float()).abs().max().item()

@@ -25,10 +25,15 @@ def main() -> None:
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="nsa_train_phases.json")
+    ap.add_argument("--cmp-bwd", default=None,
+                    help="launch settings of the compressed-branch backward kernels, e.g. num_warps=4,num_stages=2")
     args = ap.parse_args()
 
     import longattn
-    from longattn.kernels.nsa import compressed_attention
+    from longattn.kernels.nsa import LAUNCH_OVERRIDES, compressed_attention
+
+    if args.cmp_bwd:
+        LAUNCH_OVERRIDES["cmp_bwd"] = {k: int(v) for k, v in (kv.split("=") for kv in args.cmp_bwd.split(","))}
     from longattn.methods import nsa as m
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -81,6 +86,7 @@ def main() -> None:
         print(f"{name:22s} fwd {fwd:9.2f} ms   fwd+bwd {both:9.2f} ms   bwd {both - fwd:9.2f} ms", flush=True)
         with open(args.out, "w") as f:  # rewritten after every phase: a crash keeps what ran
             json.dump({"T": T, "B": B, "H": H, "Hkv": args.hkv, "D": D, "dtype": "bfloat16",
+                       "launch_overrides": LAUNCH_OVERRIDES,
                        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "phases": res}, f, indent=1)
 
 

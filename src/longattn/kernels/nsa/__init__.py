@@ -58,7 +58,9 @@ NUM_STAGES = 2
 # The score kernel at 64 rows runs 4 warps: 34.0 ms against 62.3 ms at 8 warps (H200, T = 64k,
 # paper defaults, benchmarks/nsa_tile_sweep.py, 2026-11-30; same scores bit for bit).
 SLC_NUM_WARPS = 4
-# Launch settings forced per kernel ("cmp_fwd", "scores"), e.g. {"scores": {"rows": 32,
+# The compressed-branch forward likewise: 27.4 ms at 4 warps against 37.0 ms at 8 (same output).
+CMP_NUM_WARPS = 4
+# Launch settings forced per kernel ("cmp_fwd", "scores"; "cmp_bwd": num_warps, num_stages), e.g. {"scores": {"rows": 32,
 # "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning hook for benchmarks/nsa_tile_sweep.py;
 # empty in normal use.
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
@@ -260,7 +262,7 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=tune.get("block_n", CMP_BLOCK_N),
         **_dot_args(q, k_cmp.dtype), F32_V=v_args["F32"], UPCAST_V=v_args["UPCAST"],
-        num_warps=tune.get("num_warps", _num_warps(rows, head_dim)), num_stages=tune.get("num_stages", NUM_STAGES),
+        num_warps=tune.get("num_warps", CMP_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out, lse
 
@@ -294,8 +296,10 @@ def _cmp_backward(
     block_m = max(block_m, 16 // GP if GP < 16 else 1)
     rows = GP * block_m
     block_n = BWD_BLOCK_N[fp32]
+    tune = LAUNCH_OVERRIDES.get("cmp_bwd", {})
     common = dict(D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=block_n,
-                  **_dot_args(q, k_cmp.dtype), num_warps=_num_warps(rows, head_dim), num_stages=NUM_STAGES)
+                  **_dot_args(q, k_cmp.dtype), num_warps=tune.get("num_warps", _num_warps(rows, head_dim)),
+                  num_stages=tune.get("num_stages", NUM_STAGES))
     args = (Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e), float(scale))
     _cmp_bwd_dq[(_ceil_div(Tq, block_m), B * Hkv)](
         q, k_cmp, v_cmp, dout, dq, lse, delta,
