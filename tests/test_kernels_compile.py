@@ -39,7 +39,7 @@ def compile_sm90(fn, pointers, constexprs, floats=(), warps=4, stages=2):
     return k.metadata.shared
 
 
-from longattn.kernels.nsa import BWD_BLOCK_N, BWD_ROWS, CMP_BLOCK_N, ROW_CAP, _num_warps
+from longattn.kernels.nsa import BWD_BLOCK_N, BWD_ROWS, CMP_BLOCK_N, CMP_BWD_NUM_WARPS, CMP_NUM_WARPS, ROW_CAP
 from longattn.kernels.nsa.backward import _cmp_bwd_dkdv, _cmp_bwd_dq
 from longattn.kernels.nsa.kernel import _cmp_fwd
 from longattn.kernels.block_sparse.kernel import _bwd_dkdv
@@ -55,13 +55,13 @@ for k_dtype in ("fp32", "bf16"):
                  PREC="tf32x3", UPCAST=False)
     for fn in (_cmp_bwd_dq, _cmp_bwd_dkdv):
         out[f"{fn.__name__}[{k_dtype}]"] = compile_sm90(fn, ptr, const, ("sm_scale_log2", "sm_scale"),
-                                                        warps=_num_warps(rows, 128))
+                                                        warps=CMP_BWD_NUM_WARPS)
 # the forward with fp32 compressed keys and 16-bit values (bf16 queries)
 rows = ROW_CAP[True]
 out["_cmp_fwd[fp32 K, bf16 V]"] = compile_sm90(
     _cmp_fwd, {"Q": "*bf16", "K": "*fp32", "V": "*bf16", "O": "*bf16", "LSE": "*fp32"},
     dict(D=128, HEAD_DIM=128, G=4, BLOCK_M=rows // 4, ROWS=rows, BLOCK_N=CMP_BLOCK_N, F32=True, PREC="tf32x3",
-         UPCAST=False, F32_V=False, UPCAST_V=False), ("sm_scale_log2",), warps=_num_warps(rows, 128))
+         UPCAST=False, F32_V=False, UPCAST_V=False), ("sm_scale_log2",), warps=CMP_NUM_WARPS)
 ptr = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")}
 ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32"})
 const = dict(D=128, HEAD_DIM=128, P=4, BLOCK_M=16, ROWS=64, KV_BLOCK=64, BLOCK_N=64, CAUSAL=True,

@@ -60,6 +60,8 @@ NUM_STAGES = 2
 SLC_NUM_WARPS = 4
 # The compressed-branch forward likewise: 27.4 ms at 4 warps against 37.0 ms at 8 (same output).
 CMP_NUM_WARPS = 4
+# And its backward (dq and dk/dv kernels): forward + backward 55.6 ms at 4 warps against 79.1 at 8.
+CMP_BWD_NUM_WARPS = 4
 # Launch settings forced per kernel ("cmp_fwd", "scores"; "cmp_bwd": num_warps, num_stages), e.g. {"scores": {"rows": 32,
 # "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning hook for benchmarks/nsa_tile_sweep.py;
 # empty in normal use.
@@ -72,10 +74,6 @@ BWD_BLOCK_N = {False: 64, True: 32}
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _num_warps(rows: int, head_dim: int) -> int:
-    return 8 if rows * head_dim >= 64 * 128 else 4
 
 
 def compressed_unsupported_reason(
@@ -298,7 +296,7 @@ def _cmp_backward(
     block_n = BWD_BLOCK_N[fp32]
     tune = LAUNCH_OVERRIDES.get("cmp_bwd", {})
     common = dict(D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=block_n,
-                  **_dot_args(q, k_cmp.dtype), num_warps=tune.get("num_warps", _num_warps(rows, head_dim)),
+                  **_dot_args(q, k_cmp.dtype), num_warps=tune.get("num_warps", CMP_BWD_NUM_WARPS),
                   num_stages=tune.get("num_stages", NUM_STAGES))
     args = (Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e), float(scale))
     _cmp_bwd_dq[(_ceil_div(Tq, block_m), B * Hkv)](
