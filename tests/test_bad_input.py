@@ -198,9 +198,15 @@ def test_budget_larger_than_t_is_full_not_an_error():
     assert torch.allclose(out, full, atol=1e-6)
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-first", "checked-after"])
 @pytest.mark.parametrize("method", ["topk", "moba", "nsa"])
 @pytest.mark.parametrize("which", ["q", "k", "v"])
-def test_non_finite_inputs_rejected_by_selecting_methods(method, which):
+def test_non_finite_inputs_rejected_by_selecting_methods(method, which, deferred, monkeypatch):
+    """Checked before the work (CPU) or read after it is queued (CUDA; forced here): either way
+    the call raises, naming the tensor."""
+    import longattn.api as api
+
+    monkeypatch.setattr(api, "_defer_finite_check", lambda device: deferred)
     if method not in longattn.list_methods():
         pytest.fail(f"{method} is not registered")
     tensors = dict(zip("qkv", qkv()))
@@ -208,6 +214,26 @@ def test_non_finite_inputs_rejected_by_selecting_methods(method, which):
     tensors[which][0, 0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match=f"{which} contains NaN or Inf"):
         longattn.attention(tensors["q"], tensors["k"], tensors["v"], method=method)
+
+
+def test_deferred_check_reports_non_finite_inputs_over_a_failure_they_caused(monkeypatch):
+    """When the check is read after the work and the work itself fails on the bad values, the
+    error names the non-finite input, not the failure."""
+    import longattn.api as api
+
+    monkeypatch.setattr(api, "_defer_finite_check", lambda device: True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed on NaN")
+
+    monkeypatch.setattr(api, "_run", broken)
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="kernel failed"):  # finite inputs: the failure itself
+        longattn.attention(q, k, v, method="topk")
+    k = k.clone()
+    k[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="k contains NaN or Inf"):
+        longattn.attention(q, k, v, method="topk")
 
 
 def test_return_lse_on_sdpa_falls_back_with_warning():
@@ -270,3 +296,21 @@ def test_selection_bad_heads():
             kv_indices=torch.zeros(1, 3, 2, 1, dtype=torch.int32),
             q_block=16, kv_block=16, q_len=32, kv_len=32, num_heads=4,
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_check_finds_every_nan_and_infinity(dtype):
+    """The one-pass check (aminmax) against torch.isfinite, position by position: NaN, +inf and
+    -inf anywhere are found; the largest finite values and an empty tensor are fine."""
+    from longattn.api import _nonfinite_flag
+
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert not _nonfinite_flag(x)
+    for val in (float("nan"), float("inf"), float("-inf")):
+        for i in range(x.numel()):
+            y = x.clone()
+            y.view(-1)[i] = val
+            assert bool(_nonfinite_flag(y)) == (not torch.isfinite(y).all().item()) is True, (val, i)
+    assert not _nonfinite_flag(torch.full((4,), torch.finfo(dtype).max, dtype=dtype))
+    assert not _nonfinite_flag(torch.full((4,), torch.finfo(dtype).min, dtype=dtype))
+    assert not _nonfinite_flag(x[:0])

