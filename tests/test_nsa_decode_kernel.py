@@ -10,7 +10,6 @@ compilation for sm_90 (shared memory, spills); bad inputs."""
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -22,6 +21,8 @@ from longattn.decode_nsa import _compressed_and_selection, _rank_blocks, _valid_
 from longattn.decode_nsa import nsa_decode_compress
 from longattn.kernels import triton_unavailable_reason
 from longattn.methods.nsa import NSAConfig, nsa_forward
+
+from .sm90 import SM90_SHARED, compile_sm90_script
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_REASON = triton_unavailable_reason(torch.device(DEV))
@@ -367,29 +368,11 @@ def test_fallback_for_a_geometry_the_kernels_do_not_take(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- GPU compilation
-SM90_SHARED = 232448  # bytes of shared memory one sm_90 block may use (227 KiB)
 MAX_SPILL = 64  # bytes of ptxas spill stores tolerated (the tile table was chosen for none, 8 at most)
 
 _COMPILE_SCRIPT = r"""
-import contextlib, io, json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from longattn.kernels.nsa.decode import MERGE_TILE, _cmp_decode_merge, _cmp_decode_split, decode_tile_config
 from longattn.kernels.nsa.kernel import _select_rank
-
-
-def compile_sm90(fn, pointers, constexprs, floats=(), warps=4, stages=2):
-    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
-           for n in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1: ptxas -v prints here
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    text = log.getvalue()
-    if "registers" not in text:
-        raise RuntimeError("no ptxas log captured: " + text[-500:])
-    return [k.metadata.shared, sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", text))]
 
 
 out = {}
@@ -416,26 +399,9 @@ print(json.dumps(out))
 
 def test_kernels_compile_for_sm90_within_shared_memory_without_spilling():
     """The decode kernels (and the ranking kernel with per-sequence lengths) compile for the H200
-    (sm_90) with the ptxas that ships with Triton, in a subprocess without ``TRITON_INTERPRET``
-    (the interpreter accepts code the compiler rejects and checks neither shared memory nor
-    registers): each configuration :func:`decode_tile_config` picks fits shared memory and
-    (almost) does not spill."""
-    import os
-    import subprocess
-    import sys
-
-    import tempfile
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DUMP_PTXAS_LOG"] = "1"
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory() as cache:  # an empty cache: ptxas runs (and logs) every time
-        env["TRITON_CACHE_DIR"] = cache
-        res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                             timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads(res.stdout.strip().splitlines()[-1])
+    (sm_90) with the ptxas that ships with Triton (:mod:`tests.sm90`): each configuration
+    :func:`decode_tile_config` picks fits shared memory and (almost) does not spill."""
+    results = compile_sm90_script(_COMPILE_SCRIPT)
     assert len(results) == 7
     for name, (shared, spill) in results.items():
         assert 0 <= shared <= SM90_SHARED, (name, shared)
