@@ -68,9 +68,8 @@ from ...selection import _ceil_div
 from .. import interpreting, triton_unavailable_reason
 from ..decode import choose_num_splits
 from ..decode.kernel import _sm_count
+from . import _pow2_at_least
 from .kernel import _mm
-
-_LOG2E = 1.4426950408889634
 
 MAX_DECODE_QUERIES = 16
 SUPPORTED_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -89,10 +88,6 @@ MERGE_TILE = 4096  # rows x blocks of one score-merge program
 # Tests set this to fill every buffer the kernels write (outputs and the split workspace) with
 # NaN before launching: an element left unwritten, or read before it is written, shows up as NaN.
 POISON_BUFFERS = False
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _block_n(head_dim: int, fp32: bool, block_m: int, R: int, E: int) -> int:
@@ -501,7 +496,7 @@ def nsa_decode_compressed(
     common = dict(R=cfg["R"], E=cfg["E"])
     _cmp_decode_split[(B * Hkv, num_splits, cfg["row_tiles"])](
         q, k_cmp, v_cmp, cache_seqlens, o_part, lse_part, blk[0], blk[1],
-        float(scale) * _LOG2E,
+        float(scale) * math.log2(math.e),
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3],
         o_part.stride(0), lse_part.stride(0),
         nC, num_blocks, Hkv, num_splits, l, d,
