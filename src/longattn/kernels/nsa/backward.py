@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernel import _group_rows, _mm, _visible_count
+from .kernel import _group_tile, _mm, _visible_count
 
 
 @triton.jit
@@ -47,13 +47,9 @@ def _cmp_bwd_dq(
     UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b, kvh, r_head, r_tok, row_ok = _group_rows(pid_m, tl.program_id(1), num_kv_heads, q_len, G, BLOCK_M, ROWS)
-    heads = kvh * G + r_head
-    q_abs = r_tok + q_offset
-    dims = tl.arange(0, HEAD_DIM)
-    d_ok = dims < D
+    b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
+        Q, pid_m, tl.program_id(1), num_kv_heads, q_len, q_offset, sqb, sqh, sqt, G, BLOCK_M, ROWS, HEAD_DIM, D)
     tile_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
     q = q.to(K.dtype.element_ty)  # 16-bit queries against fp32 compressed keys: exact upcast
     do = tl.load(DO + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :], mask=tile_ok, other=0.0)
     do = do.to(V.dtype.element_ty)
@@ -107,11 +103,9 @@ def _cmp_bwd_dkdv(
     # the first query that sees the tile's first token sits at p = n0*d + l - 1
     first = tl.maximum(pid_n * BLOCK_N * cmp_stride + cmp_block - 1 - q_offset, 0)
     for m in range(first // BLOCK_M, (q_len + BLOCK_M - 1) // BLOCK_M):
-        _, _, r_head, r_tok, row_ok = _group_rows(m, pid_bk, num_kv_heads, q_len, G, BLOCK_M, ROWS)
-        heads = kvh * G + r_head
-        q_abs = r_tok + q_offset
+        _, _, heads, r_tok, row_ok, q_abs, _, _, q = _group_tile(
+            Q, m, pid_bk, num_kv_heads, q_len, q_offset, sqb, sqh, sqt, G, BLOCK_M, ROWS, HEAD_DIM, D)
         tile_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
         q = q.to(K.dtype.element_ty)
         do = tl.load(DO + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :], mask=tile_ok, other=0.0)
         do = do.to(V.dtype.element_ty)

@@ -55,6 +55,23 @@ def _group_rows(pid_m, pid_bk, num_kv_heads, q_len, G: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
+def _group_tile(X, pid_m, pid_bk, num_kv_heads, q_len, q_offset, sxb, sxh, sxt,
+                G: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                D: tl.constexpr):
+    """The rows of program ``(pid_m, pid_bk)`` (:func:`_group_rows`) and their tile of ``X``
+    (queries or output gradients, ``[B, H, Tq, D]`` strided): batch, KV head, per-row query head,
+    local and absolute query index and validity, the head-dim lanes, and ``x [ROWS, HEAD_DIM]``
+    (0 outside)."""
+    b, kvh, r_head, r_tok, row_ok = _group_rows(pid_m, pid_bk, num_kv_heads, q_len, G, BLOCK_M, ROWS)
+    heads = kvh * G + r_head
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+    x = tl.load(X + b * sxb + heads[:, None] * sxh + r_tok[:, None] * sxt + dims[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return b, kvh, heads, r_tok, row_ok, r_tok + q_offset, dims, d_ok, x
+
+
+@triton.jit
 def _visible_count(pid_m, q_len, q_offset, n_cmp, cmp_block, cmp_stride, BLOCK_M: tl.constexpr):
     """Compressed tokens seen by the last query of the tile: ``floor((p - l + 1) / d) + 1``
     clamped to ``[0, nC]`` (only non-negative integer divisions)."""
@@ -75,13 +92,8 @@ def _cmp_fwd(
     """``F32``/``UPCAST``: the score dot (Q and K); ``F32_V``/``UPCAST_V``: the P V dot (V may
     be 16-bit while K is fp32)."""
     pid_m = tl.program_id(0)
-    b, kvh, r_head, r_tok, row_ok = _group_rows(pid_m, tl.program_id(1), num_kv_heads, q_len, G, BLOCK_M, ROWS)
-    heads = kvh * G + r_head
-    q_abs = r_tok + q_offset
-    dims = tl.arange(0, HEAD_DIM)
-    d_ok = dims < D
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
+        Q, pid_m, tl.program_id(1), num_kv_heads, q_len, q_offset, sqb, sqh, sqt, G, BLOCK_M, ROWS, HEAD_DIM, D)
     q = q.to(K.dtype.element_ty)  # bf16/fp16 queries against fp32 compressed keys: exact upcast
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
@@ -121,13 +133,8 @@ def _slc_scores(
     padded to >= 16 (``tl.dot``); ``E`` spill blocks (``E <= NB``)."""
     ROWS: tl.constexpr = GP * BLOCK_M
     pid_m = tl.program_id(0)
-    b, kvh, r_head, r_tok, row_ok = _group_rows(pid_m, tl.program_id(1), num_kv_heads, q_len, G, BLOCK_M, ROWS)
-    heads = kvh * G + r_head
-    q_abs = r_tok + q_offset
-    dims = tl.arange(0, HEAD_DIM)
-    d_ok = dims < D
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
+        Q, pid_m, tl.program_id(1), num_kv_heads, q_len, q_offset, sqb, sqh, sqt, G, BLOCK_M, ROWS, HEAD_DIM, D)
     q = q.to(K.dtype.element_ty)
     lse = tl.load(LSE + b * slb + heads * slh + r_tok, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # nothing seen -> p = 0
