@@ -46,17 +46,9 @@ def main() -> None:
     cfg = longattn.get_method("nsa").make_config()
     scale = D ** -0.5
     l, d = cfg.compress_block, cfg.compress_stride
-    with torch.no_grad():
+    with torch.no_grad():  # the selection the triton path builds (kernel scores and ranking)
         k_cmp, v_cmp = m.nsa_compress(k, v, cfg)
-        _, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=T, compress_block=l, compress_stride=d, scale=scale)
-        from longattn.kernels.nsa import select_blocks, selection_scores
-
-        p = selection_scores(q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d,
-                             select_block=cfg.select_block, scale=scale)
-        idx, cnt, full = select_blocks(p, kv_len=T, select_block=cfg.select_block, num_selected=cfg.num_selected,
-                                       num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks)
-        sel = m._block_selection(idx, cnt, full, cfg, kv_len=T, q_len=T, num_heads=H)
-        del p
+        _, sel = m._kernel_compressed(q, k_cmp, v_cmp, cfg, kv_len=T, scale=scale)
 
     def compressed():
         kc, vc = m.nsa_compress(k, v, cfg)

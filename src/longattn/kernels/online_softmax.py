@@ -1,5 +1,5 @@
-"""Triton helpers of the FlashAttention-style online softmax, shared by the block-sparse,
-decoding and NSA kernels (imported by those kernel modules only; importing
+"""Triton helpers of the FlashAttention-style online softmax (forward) and of its backward,
+shared by the block-sparse, decoding and NSA kernels (imported by those kernel modules only; importing
 :mod:`longattn.kernels` itself does not import Triton).
 
 Scores are in log2 units (``scale * log2(e)`` folded in) and masked with ``-inf``; a row that
@@ -33,3 +33,15 @@ def finish_rows(acc, m_i, l_i):
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     return out, lse
+
+
+@triton.jit
+def backward_row_stats(LSE, DELTA, offs, row_ok):
+    """For a backward pass: the forward's natural-log log-sum-exp in log2 units (``+inf`` for a
+    row that read nothing, so its recomputed probabilities ``exp2(s - lse2)`` come out 0) and
+    ``delta = rowsum(dO * O)``, at row offsets ``offs`` of two tensors laid out alike
+    (``[B, H, Tq]``)."""
+    lse = tl.load(LSE + offs, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + offs, mask=row_ok, other=0.0)
+    return lse2, delta

@@ -100,6 +100,11 @@ def selection_unsupported_reason(q: Tensor, k: Tensor, sel: BlockSelection) -> s
     return None
 
 
+def _tile_rows(rows: int) -> int:
+    """Rows of a program's tile: ``rows`` padded to a power of two >= 16 (``tl.dot``)."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
 def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Plan:
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
     max_rows, max_block_n = TILE_CAPS[(phase, q.dtype == torch.float32)]
@@ -113,7 +118,7 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
         P = 1
     P = min(P, max_rows)
     block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, max_rows // P))
-    rows = max(16, 1 << (P * block_m - 1).bit_length())
+    rows = _tile_rows(P * block_m)
     block_n = _largest_pow2_divisor_at_most(sel.kv_block, max_block_n)
     rule = token_rule_of(sel.mask_mod)
     head_dim = max(16, 1 << (D - 1).bit_length())
@@ -202,7 +207,9 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
     Hkv = k.shape[1]
     q_block, kv_block, kv_len, q_offset = sel_meta
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)  # [B, H, Tq]
+    # [B, H, Tq], contiguous like lse (a reduction's output already is; the kernels index both
+    # with one offset, so the layout is stated, not assumed)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -223,8 +230,7 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
     if q_block == 1:
         # per-token selections: gather as many selecting tokens per step as the rows allow
         gather = max(1, TILE_CAPS[("bwd", q.dtype == torch.float32)][0] // plan.P)
-        rows = max(16, 1 << (plan.P * gather - 1).bit_length())
-        common.update(BLOCK_M=gather, ROWS=rows)
+        common.update(BLOCK_M=gather, ROWS=_tile_rows(plan.P * gather))
     _bwd_dkdv[(num_kv_blocks * chunks, B * Hkv)](
         q, k, v, dout, dk, dv, lse, delta, t_off, t_qb,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..online_softmax import finish_rows, online_softmax_step
+from ..online_softmax import backward_row_stats, finish_rows, online_softmax_step
 
 @triton.jit
 def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -76,16 +76,6 @@ def _query_rows(pid_m, pid_bh, num_heads, heads_per_kv, heads_per_sel, q_block, 
     row_ok = (r_head < P) & (r_tok < q_len)
     # the whole tile lies in one selection row (BLOCK_M divides q_block)
     return b, h0, h0 // heads_per_kv, h0 // heads_per_sel, q_start // q_block, r_head, r_tok, row_ok
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, offs, row_ok):
-    """The forward's log-sum-exp in log2 units (``+inf`` for a row that read nothing, so its
-    probabilities come out 0) and ``delta = rowsum(dO * O)``, at row offsets ``offs``."""
-    lse = tl.load(LSE + offs, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + offs, mask=row_ok, other=0.0)
-    return lse2, delta
 
 
 @triton.jit
@@ -162,7 +152,7 @@ def _bwd_dq(
 
     q = tl.load(Q + b * sqb + (h0 + r_head)[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + b * sdob + (h0 + r_head)[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
-    lse2, delta = _row_stats(LSE, DELTA, b * slb + (h0 + r_head) * slh + r_tok, row_ok)
+    lse2, delta = backward_row_stats(LSE, DELTA, b * slb + (h0 + r_head) * slh + r_tok, row_ok)
     sm_scale_log2 = sm_scale * 1.4426950408889634
 
     n_sel = tl.load(KVN + b * snb + hs * snh + row_sel * snq)
@@ -200,7 +190,7 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d
     tile_ok = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + b * sdob + heads[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
-    lse2, delta = _row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
+    lse2, delta = backward_row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
     s = _mm(q, tl.trans(k), IEEE, UPCAST)
     dp = _mm(do, tl.trans(v), IEEE, UPCAST)
     keep = _token_mask(r_tok + q_offset, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)

@@ -281,17 +281,16 @@ def _cmp_backward(
     if B == 0 or Tq == 0 or nC == 0 or H == 0:
         return dq, dk, dv
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)  # [B, H, Tq]
+    # [B, H, Tq], contiguous like lse (a reduction's output already is; the kernels index both
+    # with one offset, so the layout is stated, not assumed)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
     if q.dtype != torch.float32:
         # 16-bit queries: the gradient matmuls take the compressed tokens rounded to q's dtype
         # (fp32 accumulation), as a 16-bit attention backward does, at the full tensor-core rate;
         # the fp32 tokens only matter for the selection scores, which carry no gradient
         k_cmp, v_cmp = k_cmp.to(q.dtype), v_cmp.to(q.dtype)
     fp32 = k_cmp.dtype == torch.float32
-    G, GP, _, head_dim = _layout(q, Hkv, fp32)
-    block_m = max(1, BWD_ROWS[fp32] // GP)
-    block_m = min(block_m, _pow2_at_least(Tq))
-    block_m = max(block_m, 16 // GP if GP < 16 else 1)
+    G, GP, block_m, head_dim = _layout(q, Hkv, fp32, BWD_ROWS[fp32])
     rows = GP * block_m
     block_n = BWD_BLOCK_N[fp32]
     tune = LAUNCH_OVERRIDES.get("cmp_bwd", {})
@@ -302,12 +301,12 @@ def _cmp_backward(
     _cmp_bwd_dq[(_ceil_div(Tq, block_m), B * Hkv)](
         q, k_cmp, v_cmp, dout, dq, lse, delta,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-        *lse.stride()[:2], *delta.stride()[:2], *args, **common,
+        *lse.stride()[:2], *args, **common,
     )
     _cmp_bwd_dkdv[(_ceil_div(nC, block_n), B * Hkv)](
         q, k_cmp, v_cmp, dout, dk, dv, lse, delta,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *delta.stride()[:2], *args, **common,
+        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *args, **common,
     )
     return dq, dk, dv
 

@@ -3,7 +3,7 @@
 The compressed branch is softmax attention of every query over the compressed tokens it can see
 (query ``p`` sees token ``j`` iff ``j*d + l - 1 <= p``); its forward kernel ``_cmp_fwd``
 (:mod:`.kernel`) saves the natural-log log-sum-exp ``lse``. With ``P = exp(S*scale - lse)``,
-``delta = rowsum(dO * O)`` (computed outside), the gradients are the FlashAttention-2 ones::
+``delta = rowsum(dO * O)`` (computed outside, laid out as ``lse``), the gradients are the FlashAttention-2 ones::
 
     dV = P^T dO        dP = dO V^T        dS = P * (dP - delta)
     dQ = scale * dS K  dK = scale * dS^T Q
@@ -24,23 +24,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..online_softmax import backward_row_stats
 from .kernel import _group_tile, _mm, _visible_count
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, b, heads, r_tok, row_ok, slb, slh, sdb, sdh):
-    """``lse`` in log2 units (``+inf`` for a row that sees nothing, so its ``exp2`` is 0) and
-    ``delta`` of the rows."""
-    lse = tl.load(LSE + b * slb + heads * slh + r_tok, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # log2(e)
-    delta = tl.load(DELTA + b * sdb + heads * sdh + r_tok, mask=row_ok, other=0.0)
-    return lse2, delta
 
 
 @triton.jit
 def _cmp_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sgb, sgh, sgt, slb, slh, sdb, sdh,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sgb, sgh, sgt, slb, slh,
     q_len, n_cmp, q_offset, num_kv_heads, cmp_block, cmp_stride, sm_scale_log2, sm_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
@@ -53,7 +44,7 @@ def _cmp_bwd_dq(
     q = q.to(K.dtype.element_ty)  # 16-bit queries against fp32 compressed keys: exact upcast
     do = tl.load(DO + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :], mask=tile_ok, other=0.0)
     do = do.to(V.dtype.element_ty)
-    lse2, delta = _row_stats(LSE, DELTA, b, heads, r_tok, row_ok, slb, slh, sdb, sdh)
+    lse2, delta = backward_row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
 
@@ -79,7 +70,7 @@ def _cmp_bwd_dq(
 def _cmp_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, sdb, sdh,
+    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
     q_len, n_cmp, q_offset, num_kv_heads, cmp_block, cmp_stride, sm_scale_log2, sm_scale,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
@@ -109,7 +100,7 @@ def _cmp_bwd_dkdv(
         q = q.to(K.dtype.element_ty)
         do = tl.load(DO + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :], mask=tile_ok, other=0.0)
         do = do.to(V.dtype.element_ty)
-        lse2, delta = _row_stats(LSE, DELTA, b, heads, r_tok, row_ok, slb, slh, sdb, sdh)
+        lse2, delta = backward_row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
         s = _mm(q, tl.trans(k), F32, PREC, UPCAST) * sm_scale_log2  # [ROWS, BLOCK_N]
         keep = (cols[None, :] * cmp_stride + cmp_block - 1 <= q_abs[:, None]) & c_ok[None, :] & row_ok[:, None]
         p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
