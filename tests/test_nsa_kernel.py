@@ -443,3 +443,30 @@ def test_select_blocks_bad_inputs_raise():
         select_blocks(p_slc, kv_len=64, **{**kw, "num_selected": 0})
     idx, cnt, full = select_blocks(p_slc[:, :, :0], kv_len=64, **kw)
     assert idx.shape == (1, 2, 0, 4) and cnt.shape == (1, 2, 0) and full.dtype == torch.bool
+
+
+def test_gradients_do_not_depend_on_the_memory_layout_of_q_and_the_output_gradient():
+    """The kernels read q, the output and its gradient through their strides: a ``q`` that is a
+    transposed view (``[B, T, H, D]`` storage, so the output follows it) and an output gradient in
+    yet another layout give exactly the gradients of contiguous inputs, through the compressed
+    branch's kernels and through the block-sparse ones (whole method)."""
+    cfg = NSAConfig(**SMALL)
+    q, k, v = rand_qkv(1, 4, 2, 48, 48, 32, seed=9, device=DEV)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEV)
+    q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, T, H, D] storage
+    g_view = g.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # [T, B, H, D] storage
+    assert not q_view.is_contiguous() and not g_view.is_contiguous()
+
+    def grads(qq, gg, whole):
+        qq, kk, vv = (t.detach().clone().requires_grad_() if t is not qq else t.detach().requires_grad_()
+                      for t in (qq, k, v))
+        if whole:
+            out = longattn.attention(qq, kk, vv, method="nsa", backend="triton", **SMALL)
+        else:
+            kc, vc = nsa_compress(kk, vv, cfg)
+            out, _ = compressed_attention(qq, kc, vc, kv_len=48, scale=32 ** -0.5, **_kw(cfg))
+        return torch.autograd.grad(out, (qq, kk, vv), gg)
+
+    for whole in (False, True):
+        for a, b in zip(grads(q_view, g_view, whole), grads(q, g, whole)):
+            assert torch.equal(a, b), whole
