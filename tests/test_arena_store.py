@@ -122,6 +122,35 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def test_a_new_store_opened_by_several_connections_at_once(tmp_path):
+    """A job and its monitor may open a fresh store at the same moment: each adds the KV-policy
+    columns only if they are missing, under the write lock, so none fails on a column another
+    just added (this raised "duplicate column name" in CI before the lock)."""
+    import threading
+
+    for trial in range(10):
+        path = tmp_path / f"store{trial}.sqlite"
+        barrier = threading.Barrier(6)
+        errors = []
+
+        def open_it():
+            barrier.wait()
+            try:
+                ResultStore(path).close()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with ResultStore(path) as store:
+            columns = [row[1] for row in store._db.execute("PRAGMA table_info(results)")]
+        assert columns[-3:] == ["policy", "budget", "policy_config"]
+
+
 def test_sigkill_half_way_then_rerun_finishes_without_duplicates_or_recomputation(tmp_path):
     db, log = tmp_path / "arena.sqlite", tmp_path / "computed.log"
     script = tmp_path / "run.py"

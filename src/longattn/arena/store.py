@@ -106,6 +106,9 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        # add the policy columns to a store written before them; under the write lock, so that
+        # processes opening one store at once (a job and its monitor) do not both add a column
+        self._db.execute("BEGIN IMMEDIATE")
         have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
         for name, decl in POLICY_COLUMNS:
             if name not in have:
