@@ -123,9 +123,10 @@ SCRIPT = textwrap.dedent(
 
 
 def test_a_new_store_opened_by_several_connections_at_once(tmp_path):
-    """A job and its monitor may open a fresh store at the same moment: each adds the KV-policy
-    columns only if they are missing, under the write lock, so none fails on a column another
-    just added (this raised "duplicate column name" in CI before the lock)."""
+    """A job and its monitor may open a fresh store at the same moment: the switch to the
+    write-ahead log is retried while another connection holds the lock ("database is locked"),
+    and each adds the KV-policy columns only if they are missing, under the write lock, so none
+    fails on a column another just added ("duplicate column name", seen in CI)."""
     import threading
 
     for trial in range(10):

@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import sqlite3
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +39,8 @@ CREATE INDEX IF NOT EXISTS results_by_method ON results (method, task, length);
 """
 
 #: columns added for KV-policy cells; ``ALTER TABLE`` adds them to stores written before
+BUSY_TIMEOUT_S = 30  # how long a connection waits for another's lock
+
 POLICY_COLUMNS = (("policy", "TEXT"), ("budget", "TEXT"), ("policy_config", "TEXT NOT NULL DEFAULT '{}'"))
 COLUMNS = ("key", "model", "method", "config", "task", "length", "sample", "seed", "metrics", "duration_s",
            "finished_at", "env", "policy", "budget", "policy_config")
@@ -102,8 +105,8 @@ class ResultStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        self._enable_wal()
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         # add the policy columns to a store written before them; under the write lock, so that
@@ -114,6 +117,21 @@ class ResultStore:
             if name not in have:
                 self._db.execute(f"ALTER TABLE results ADD COLUMN {name} {decl}")
         self._db.commit()
+
+    def _enable_wal(self) -> None:
+        """Switch to the write-ahead log (persistent: the first opener's switch holds for all).
+        The switch takes an exclusive lock and SQLite does not wait on its busy timeout for it,
+        so a store being created by another connection at the same moment answers "database is
+        locked": retry until the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         self._db.close()
