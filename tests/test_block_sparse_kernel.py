@@ -132,8 +132,77 @@ def test_each_program_layout_is_exercised():
     plans = {case: _plan(q, k, _selection(case, q, k, True)) for case in CASES}
     assert plans["topk-shared"].P == 4 and plans["window"].P == 4
     assert plans["topk"].P == 1
-    assert plans["moba-per-token"].BLOCK_M == 1 and plans["moba-per-token"].ROWS == 16
-    assert plans["moba"].BLOCK_M == 16
+    # per-token rows run key-major: as many tokens that chose one key block as the fp32 row cap
+    # (32) allows per program, here P = 1
+    assert plans["moba-per-token"].key_major and plans["moba-per-token"].BLOCK_M == 32
+    assert plans["moba"].BLOCK_M == 16 and not plans["moba"].key_major
+    assert not any(plan.key_major for case, plan in plans.items() if case != "moba-per-token")
+
+
+def _per_token_selection(Bs, Hs, Tq, Tk, kv_block, K, H, causal, seed, dev):
+    """A random per-token selection (q_block = 1): up to K distinct blocks per (sequence, head,
+    token), some tokens with none, future blocks included (the causal rule masks them)."""
+    gen = torch.Generator().manual_seed(seed)
+    nkb = -(-Tk // kv_block)
+    kvi = torch.stack([torch.randperm(nkb, generator=gen)[:K] for _ in range(Bs * Hs * Tq)]).view(Bs, Hs, Tq, K)
+    kvn = torch.randint(0, K + 1, (Bs, Hs, Tq), generator=gen)
+    return BlockSelection(kvn.int().to(dev), kvi.int().to(dev), q_block=1, kv_block=kv_block, q_len=Tq, kv_len=Tk,
+                          num_heads=H, causal=causal)
+
+
+@pytest.mark.parametrize("layout", ["shared-all-heads-B2", "per-sequence-B2", "per-head"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_key_major_per_token_layouts_match_reference_and_query_major(layout, causal, monkeypatch):
+    """The key-major per-token forward and its atomic dQ: a selection shared by all 8 heads of
+    2 KV heads (two head groups per selection head) broadcast over a batch of 2, one selection
+    per sequence, one per head; tokens with no block and blocks wholly in a token's future. It
+    matches the fp32 reference and the query-major kernels; splitting the queries into chunks
+    (a tiny KEY_MAJOR_PARTIAL_BYTES) gives the same result."""
+    import longattn.kernels.block_sparse as bs
+
+    dev = _device()
+    B, Hs, H, Hkv = {"shared-all-heads-B2": (2, 1, 8, 2), "per-sequence-B2": (2, 2, 4, 2),
+                     "per-head": (1, 4, 4, 2)}[layout]
+    Bs = 1 if layout == "shared-all-heads-B2" else B
+    Tq, Tk = (40, 40) if causal else (24, 56)
+    q, k, v = rand_qkv(B, H, Hkv, Tq, Tk, 64, device=dev, seed=stable_seed(layout, causal), requires_grad=True)
+    sel = _per_token_selection(Bs, Hs, Tq, Tk, 16, 3, H, causal, stable_seed(layout), dev)
+    assert (sel.kv_num_blocks == 0).any(), "the test needs tokens that select nothing"
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dev)
+    ref, ref_lse = _reference(q, k, v, sel, causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+
+    assert _plan(q, k, sel).key_major
+    out, lse = block_sparse_attention(q, k, v, sel, 0.125)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    assert _error(out, ref) < 1e-5
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse)) and not torch.isfinite(lse).all()
+    fin = torch.isfinite(ref_lse)
+    assert _error(lse[fin], ref_lse[fin]) < 1e-5
+    assert torch.equal(out[~fin], torch.zeros_like(out[~fin]))
+    for which, f, r in zip("qkv", grads, ref_grads):
+        assert _error(f, r) < 1e-5, ("d" + which, _error(f, r))
+
+    monkeypatch.setattr(bs, "KEY_MAJOR_PARTIAL_BYTES", 4 * B * H * 3 * 64 * 5)  # chunks of 5 tokens
+    out_c, lse_c = block_sparse_attention(q, k, v, sel, 0.125)
+    assert _error(out_c, out) < 1e-6 and torch.equal(torch.isfinite(lse_c), torch.isfinite(lse))
+    monkeypatch.setattr(bs, "KEY_MAJOR_PER_TOKEN", False)
+    assert not _plan(q, k, sel).key_major
+    out_q, _ = block_sparse_attention(q, k, v, sel, 0.125)
+    grads_q = torch.autograd.grad(out_q, (q, k, v), g)
+    assert _error(out_q, out) < 1e-5
+    for f, fq in zip(grads, grads_q):
+        assert _error(f, fq) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_per_token_query_major_kernels_still_match(dtype, monkeypatch):
+    """KEY_MAJOR_PER_TOKEN = False keeps the query-major kernels for per-token selections (one
+    program per token and head group); they stay correct against the reference."""
+    import longattn.kernels.block_sparse as bs
+
+    monkeypatch.setattr(bs, "KEY_MAJOR_PER_TOKEN", False)
+    test_forward_and_backward_match_reference("moba-per-token", dtype, 4, 2, 16, 40)
 
 
 def test_unselected_key_blocks_are_never_read():

@@ -46,16 +46,26 @@ out["_slc_scores[fp32 K]"] = compile_sm90(
     dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
          F32=True, PREC="tf32x3", UPCAST=False), ("sm_scale_log2",), SLC_NUM_WARPS)
 ptr = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")}
-ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32"})
+ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32", "DQA": "*fp32"})
 const = dict(D=128, HEAD_DIM=128, P=4, BLOCK_M=16, ROWS=64, KV_BLOCK=64, BLOCK_N=64, CAUSAL=True,
-             HAS_WINDOW=False, TWO_SIDED=False, IEEE=False, UPCAST=False, TOKEN_LIST=True)
+             HAS_WINDOW=False, TWO_SIDED=False, IEEE=False, UPCAST=False, TOKEN_LIST=True, DQ_ATOMIC=False)
 out["_bwd_dkdv[token list]"] = compile_sm90(_bwd_dkdv, ptr, const, ("sm_scale",))
+# the key-major per-token path: dK/dV with atomic dQ, the per-block forward and the slot merge
+out["_bwd_dkdv[token list, atomic dQ]"] = compile_sm90(_bwd_dkdv, ptr, dict(const, DQ_ATOMIC=True), ("sm_scale",))
+from longattn.kernels.block_sparse.kernel import _fwd_tokens, _merge_slots
+ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OP": "*fp32", "LP": "*fp32"}
+ptr.update({n: "*i32" for n in ("KEY_OFF", "ITEM_KEY", "ITEM_START", "T_TOK", "T_SLOT")})
+out["_fwd_tokens[bf16]"] = compile_sm90(
+    _fwd_tokens, ptr, dict(D=128, HEAD_DIM=128, P=4, BLOCK_M=32, ROWS=128, KV_BLOCK=64, BLOCK_N=32, CAUSAL=True,
+                           HAS_WINDOW=False, TWO_SIDED=False, IEEE=False, UPCAST=False), ("sm_scale_log2",), 4, 3)
+out["_merge_slots"] = compile_sm90(_merge_slots, {"OP": "*fp32", "LP": "*fp32", "O": "*bf16", "LSE": "*fp32"},
+                                   dict(D=128, HEAD_DIM=128, BLOCK_T=32))
 print(json.dumps(out))
 """
 
 
 def test_new_kernels_compile_for_sm90_within_shared_memory():
     results = compile_sm90_script(_SCRIPT)
-    assert len(results) == 7
+    assert len(results) == 10
     for name, (shared, _spill) in results.items():
         assert 0 < shared <= SM90_SHARED, (name, shared)

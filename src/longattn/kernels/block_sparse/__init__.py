@@ -33,6 +33,18 @@ TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
 }
 
 
+# Per-token selections (``q_block = 1``: MoBA's per-token gate, NSA's selected branch) run
+# key-major: the forward visits each selected key block once per tile of the tokens that chose it
+# and merges the per-block results through their LSEs; the backward adds dQ from the key-major
+# dK/dV kernel. False keeps the query-major kernels for them (one program row per token and head
+# group, every token loading its own blocks) -- kept for comparison and tests.
+KEY_MAJOR_PER_TOKEN = True
+# Bytes of fp32 per-block results (output row and LSE per token, head and selected block) the
+# key-major forward holds at once; longer query ranges run in chunks of tokens.
+KEY_MAJOR_PARTIAL_BYTES = 1 << 30
+MERGE_BLOCK_T = 32  # tokens per program of the slot merge
+
+
 # Launch settings forced per phase ("fwd", "bwd"), e.g. {"fwd": {"num_warps": 4, "num_stages": 3}}:
 # a tuning hook for benchmarks that sweep configurations (with TILE_CAPS); empty in normal use.
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
@@ -64,6 +76,7 @@ class _Plan:
     upcast: bool  # interpreter only: 16-bit operands go to fp32 before tl.dot
     num_warps: int
     num_stages: int
+    key_major: bool  # per-token selection run key-major (KEY_MAJOR_PER_TOKEN)
 
 
 def inputs_unsupported_reason(q: Tensor) -> str | None:
@@ -117,7 +130,11 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
     else:
         P = 1
     P = min(P, max_rows)
-    block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, max_rows // P))
+    key_major = KEY_MAJOR_PER_TOKEN and sel.q_block == 1 and hps % P == 0
+    if key_major:  # BLOCK_M: tokens gathered per program from a key block's list
+        block_m = _largest_pow2_divisor_at_most(1 << 30, max(1, max_rows // P))
+    else:
+        block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, max_rows // P))
     rows = _tile_rows(P * block_m)
     block_n = _largest_pow2_divisor_at_most(sel.kv_block, max_block_n)
     rule = token_rule_of(sel.mask_mod)
@@ -145,6 +162,7 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
         upcast=interpreting() and q.dtype != torch.float32,
         num_warps=LAUNCH_OVERRIDES.get(phase, {}).get("num_warps", warps),
         num_stages=LAUNCH_OVERRIDES.get(phase, {}).get("num_stages", stages),
+        key_major=key_major,
     )
 
 
@@ -163,9 +181,11 @@ def _sel_strides(t: Tensor) -> tuple[int, int, int]:
     return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float):
+def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
     from .kernel import _fwd
 
+    if plan.key_major:
+        return _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan, scale, num_kv_blocks)
     B, H, Tq, D = q.shape
     q_block, kv_block, kv_len, q_offset = sel_meta
     out = torch.empty_like(q)
@@ -184,10 +204,11 @@ def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float):
     return out, lse
 
 
-def transposed_selection(kvn: Tensor, kvi: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+def transposed_selection(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, with_slots: bool = False):
     """CSR transpose of a selection: for every (selection batch, selection head, key block)
     the query blocks that selected it, ascending. Returns ``offsets int32 [Bs * Hs * nKB + 1]``
-    and ``query_blocks int32 [total]``; size O(selected blocks)."""
+    and ``query_blocks int32 [total]``; size O(selected blocks). ``with_slots`` adds ``slots
+    int32 [total]``: where the key block sits in each query block's row of ``kvi``."""
     Bs, Hs, nqb, K = kvi.shape
     valid = torch.arange(K, device=kvi.device) < kvn[..., None].long()  # [Bs, Hs, nQB, K]
     bs, hs, qb, slot = valid.nonzero(as_tuple=True)
@@ -197,7 +218,63 @@ def transposed_selection(kvn: Tensor, kvi: Tensor, num_kv_blocks: int) -> tuple[
     counts = torch.bincount(key, minlength=Bs * Hs * num_kv_blocks)
     offsets = torch.zeros(Bs * Hs * num_kv_blocks + 1, dtype=torch.int64, device=kvi.device)
     offsets[1:] = torch.cumsum(counts, 0)
-    return offsets.to(torch.int32), qb[order].to(torch.int32).contiguous()
+    out = (offsets.to(torch.int32), qb[order].to(torch.int32).contiguous())
+    return out + (slot[order].to(torch.int32).contiguous(),) if with_slots else out
+
+
+def _work_items(offsets: Tensor, per_item: int) -> tuple[Tensor, Tensor]:
+    """Splits every list of a CSR ``offsets [n + 1]`` into items of at most ``per_item``
+    entries: ``(list index int32 [items], first entry int32 [items])``, so one long list (NSA's
+    first block, chosen by every token) spreads over many programs."""
+    counts = (offsets[1:] - offsets[:-1]).long()
+    per_list = (counts + per_item - 1) // per_item
+    total = int(per_list.sum())
+    lists = torch.repeat_interleave(torch.arange(len(per_list), device=offsets.device), per_list, output_size=total)
+    first = torch.cumsum(per_list, 0) - per_list
+    start = offsets[:-1].long()[lists] + (torch.arange(total, device=offsets.device) - first[lists]) * per_item
+    return lists.to(torch.int32), start.to(torch.int32)
+
+
+def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
+    """Forward of a per-token selection (``q_block = 1``), key-major: for each selected key
+    block, the tokens that chose it in tiles of ``plan.BLOCK_M`` (:func:`kernel._fwd_tokens`),
+    then the per-block results merged per token (:func:`kernel._merge_slots`). The per-block
+    results take ``B * H * K * D`` fp32 per token; query ranges run in chunks that keep them
+    under ``KEY_MAJOR_PARTIAL_BYTES``."""
+    from .kernel import _fwd_tokens, _merge_slots
+
+    B, H, Tq, D = q.shape
+    q_block, kv_block, kv_len, q_offset = sel_meta
+    Bs, Hs, nqb, K = kvi.shape
+    assert q_block == 1 and nqb == Tq, "key-major forward is for per-token selections"
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    groups = plan.heads_per_sel // plan.P
+    batch_from_sel = Bs > 1  # a selection per sequence: its items name their sequence
+    chunk = max(1, KEY_MAJOR_PARTIAL_BYTES // (4 * B * H * max(K, 1) * D))
+    rule = _rule_args(plan)
+    for t0 in range(0, Tq, chunk):
+        t1 = min(Tq, t0 + chunk)
+        key_off, toks, slots = transposed_selection(kvn[:, :, t0:t1], kvi[:, :, t0:t1], num_kv_blocks, with_slots=True)
+        item_key, item_start = _work_items(key_off, plan.BLOCK_M)
+        op = torch.empty(B, H, t1 - t0, K, D, device=q.device, dtype=torch.float32)
+        lp = torch.full((B, H, t1 - t0, K), float("-inf"), device=q.device, dtype=torch.float32)
+        if item_key.numel():
+            _fwd_tokens[(item_key.numel(), (1 if batch_from_sel else B) * groups)](
+                q, k, v, op, lp, key_off, item_key, item_start, toks, slots,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:4], *lp.stride()[:3],
+                Hs, num_kv_blocks, groups, int(batch_from_sel),
+                t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
+                scale * math.log2(math.e), plan.window or 0, plan.sink,
+                D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
+                KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **rule,
+                num_warps=plan.num_warps, num_stages=plan.num_stages,
+            )
+        _merge_slots[(_ceil_div(t1 - t0, MERGE_BLOCK_T), B * H)](
+            op, lp, out, lse, *op.stride()[:4], *lp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+            t0, t1 - t0, H, K, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
+        )
+    return out, lse
 
 
 def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
@@ -210,7 +287,6 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
     # [B, H, Tq], contiguous like lse (a reduction's output already is; the kernels index both
     # with one offset, so the layout is stated, not assumed)
     delta = (dout.float() * out.float()).sum(-1).contiguous()
-    dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     common = dict(
@@ -218,13 +294,18 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    _bwd_dq[(_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))](
-        q, k, v, dout, dq, lse, delta, kvn, kvi,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-        *lse.stride()[:2], *_sel_strides(kvn), *_sel_strides(kvi),
-        Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
-        scale, plan.window or 0, plan.sink, **common,
-    )
+    if plan.key_major:
+        # dQ from the key-major kernel below: fp32 sums over the chunks of the selected blocks
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    else:
+        dq = dq_acc = torch.empty_like(q)
+        _bwd_dq[(_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))](
+            q, k, v, dout, dq, lse, delta, kvn, kvi,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+            *lse.stride()[:2], *_sel_strides(kvn), *_sel_strides(kvi),
+            Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
+            scale, plan.window or 0, plan.sink, **common,
+        )
     t_off, t_qb = transposed_selection(kvn, kvi, num_kv_blocks)
     chunks = kv_block // plan.BLOCK_N
     if q_block == 1:
@@ -232,20 +313,22 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         gather = max(1, TILE_CAPS[("bwd", q.dtype == torch.float32)][0] // plan.P)
         common.update(BLOCK_M=gather, ROWS=_tile_rows(plan.P * gather))
     _bwd_dkdv[(num_kv_blocks * chunks, B * Hkv)](
-        q, k, v, dout, dk, dv, lse, delta, t_off, t_qb,
+        q, k, v, dout, dk, dv, dq_acc, lse, delta, t_off, t_qb,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
+        *dk.stride()[:3], *dv.stride()[:3], *dq_acc.stride()[:3], *lse.stride()[:2],
         kvn.shape[0], kvn.shape[1], num_kv_blocks,
         Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
-        scale, plan.window or 0, plan.sink, TOKEN_LIST=q_block == 1, **common,
+        scale, plan.window or 0, plan.sink, TOKEN_LIST=q_block == 1, DQ_ATOMIC=plan.key_major, **common,
     )
+    if plan.key_major:
+        dq = (dq_acc * scale).to(q.dtype)
     return dq, dk, dv
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kvn, kvi, sel_meta, num_kv_blocks, plans, scale):
-        out, lse = _forward(q, k, v, kvn, kvi, sel_meta, plans[0], scale)
+        out, lse = _forward(q, k, v, kvn, kvi, sel_meta, plans[0], scale, num_kv_blocks)
         ctx.save_for_backward(q, k, v, out, lse, kvn, kvi)
         ctx.meta = (sel_meta, plans[1], scale, num_kv_blocks)
         ctx.mark_non_differentiable(lse)

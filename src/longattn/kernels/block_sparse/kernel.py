@@ -79,6 +79,25 @@ def _query_rows(pid_m, pid_bh, num_heads, heads_per_kv, heads_per_sel, q_block, 
 
 
 @triton.jit
+def _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok, kv_len,
+                  sm_scale_log2, window, sink, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  TWO_SIDED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step of the forward kernels: the rows ``q [ROWS, HEAD_DIM]`` (absolute
+    positions ``q_abs``) against the keys ``k_pos [BLOCK_N]`` of one KV head."""
+    k_ok = k_pos < kv_len
+    kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    s = _mm(q, kt, IEEE, UPCAST)
+    s = s * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
+    keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
+    keep = keep & row_ok[:, None]
+    s = tl.where(keep, s, float("-inf"))
+    p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+    v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd(
     Q, K, V, O, LSE, KVN, KVI,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
@@ -113,21 +132,128 @@ def _fwd(
     for t in range(0, n_sel * CHUNKS):
         kb = tl.load(idx_base + t // CHUNKS)
         k_pos = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N + cols
-        k_ok = k_pos < kv_len
-        kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _mm(q, kt, IEEE, UPCAST)
-        s = s * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
-        keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
-        keep = keep & row_ok[:, None]
-        s = tl.where(keep, s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-        v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
+                                      kv_len, sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE,
+                                      UPCAST)
 
     out, lse = finish_rows(acc, m_i, l_i)
     o_ptr = O + b * sob + (h0 + r_head)[:, None] * soh + r_tok[:, None] * sot + dims[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + (h0 + r_head) * slh + r_tok, lse, mask=row_ok)
+
+
+@triton.jit
+def _fwd_tokens(
+    Q, K, V, OP, LP, KEY_OFF, ITEM_KEY, ITEM_START, T_TOK, T_SLOT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sopb, soph, sopt, sops, slpb, slph, slpt,
+    sel_heads, num_kv_blocks, groups, batch_from_sel,
+    tok_base, kv_len, q_offset, heads_per_kv, heads_per_sel,
+    sm_scale_log2, window, sink,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Key-major forward for per-token selections (``q_block = 1``: MoBA's per-token gate, NSA's
+    selected branch). Program ``(item, b * groups + g)``: one key block and up to ``BLOCK_M`` of the
+    tokens that selected it (work item ``item`` of the transposed selection), for ``P`` query heads.
+    Each K/V chunk of the block is loaded once for all of them (a query-major program would load
+    it once per token). Writes, per (head, token), the attention over this block alone --
+    normalised output ``OP [.., slot, :]`` (fp32) and natural-log LSE ``LP [.., slot]`` -- at the
+    block's slot in the token's selection; :func:`_merge_slots` combines the slots."""
+    item = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    key = tl.load(ITEM_KEY + item)
+    start = tl.load(ITEM_START + item)
+    stop = tl.load(KEY_OFF + key + 1)
+    kb = key % num_kv_blocks
+    hs = (key // num_kv_blocks) % sel_heads
+    sb = key // (num_kv_blocks * sel_heads)
+    g = pid1 % groups
+    # int64 batch and head offsets, as in _query_rows
+    b = tl.where(batch_from_sel != 0, sb, pid1 // groups).to(tl.int64)
+    h0 = (hs * heads_per_sel + g * P).to(tl.int64)
+    kvh = h0 // heads_per_kv
+
+    rows = tl.arange(0, ROWS)
+    r_head = rows // BLOCK_M
+    ent = start + rows % BLOCK_M
+    ent_ok = ent < stop
+    r_tok = tl.load(T_TOK + ent, mask=ent_ok, other=0)  # token index within this chunk of queries
+    slot = tl.load(T_SLOT + ent, mask=ent_ok, other=0)
+    row_ok = (r_head < P) & ent_ok
+    heads = h0 + r_head
+    q_tok = r_tok + tok_base
+    q_abs = q_tok + q_offset
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + q_tok[:, None] * sqt + dims[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
+    n_chunks = CHUNKS
+    if CAUSAL:
+        # the lists are sorted by token: chunks past the tile's last query see nothing
+        last = tl.max(tl.where(row_ok, q_abs, -1), 0)
+        n_chunks = tl.minimum(tl.maximum(last - kb * KV_BLOCK + BLOCK_N, 0) // BLOCK_N, CHUNKS)
+    cols = tl.arange(0, BLOCK_N)
+    for c in range(0, n_chunks):
+        k_pos = kb * KV_BLOCK + c * BLOCK_N + cols
+        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
+                                      kv_len, sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE,
+                                      UPCAST)
+    out, lse = finish_rows(acc, m_i, l_i)
+    part = b * slpb + heads * slph + r_tok * slpt + slot
+    tl.store(OP + b * sopb + heads[:, None] * soph + r_tok[:, None] * sopt + slot[:, None] * sops + dims[None, :],
+             out, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LP + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_slots(
+    OP, LP, O, LSE,
+    sopb, soph, sopt, sops, slpb, slph, slpt, sob, soh, sot, slb, slh,
+    tok_base, t_len, num_heads, n_slots,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Combines the per-block results of :func:`_fwd_tokens` through their LSEs: program
+    ``(t, b * H + h)`` writes ``O`` and ``LSE`` of ``BLOCK_T`` tokens. A slot no block wrote
+    keeps LSE ``-inf`` and is not read; a token with no finite slot gets output 0, LSE ``-inf``."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = toks < t_len
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, HEAD_DIM], tl.float32)
+    lp = LP + b * slpb + h * slph + toks * slpt
+    op = OP + b * sopb + h * soph + toks[:, None] * sopt + dims[None, :]
+    for s in range(0, n_slots):
+        lse_s = tl.load(lp + s, mask=t_ok, other=float("-inf"))
+        m_new = tl.maximum(m, lse_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        w = tl.exp(lse_s - m_use)
+        o_s = tl.load(op + s * sops, mask=(t_ok & (lse_s > float("-inf")))[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        den = den * alpha + w
+        m = m_new
+    has = den > 0
+    out = acc / tl.where(has, den, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, den, 1.0)), float("-inf"))
+    q_tok = toks + tok_base
+    tl.store(O + b * sob + h * soh + q_tok[:, None] * sot + dims[None, :], out.to(O.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * slb + h * slh + q_tok, lse, mask=t_ok)
 
 
 @triton.jit
@@ -186,7 +312,8 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
                UPCAST: tl.constexpr):
     """Adds to ``dk, dv [BLOCK_N, HEAD_DIM]`` the contribution of the query rows ``(heads,
-    r_tok)`` (masked by ``row_ok``) to the keys ``k_pos``."""
+    r_tok)`` (masked by ``row_ok``) to the keys ``k_pos``; also returns those rows' ``dS``
+    (``[ROWS, BLOCK_N]``, without the softmax scale)."""
     tile_ok = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + b * sdob + heads[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
@@ -199,27 +326,29 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d
     ds = p * (dp - delta[:, None])
     dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
     dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
-    return dk, dv
+    return dk, dv, ds
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, T_OFF, T_QB,
+    Q, K, V, DO, DK, DV, DQA, LSE, DELTA, T_OFF, T_QB,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
-    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
+    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sdqb, sdqh, sdqt, slb, slh,
     sel_batch, sel_heads, num_kv_blocks,
     q_len, kv_len, q_offset, q_block, num_heads, heads_per_kv, heads_per_sel,
     sm_scale, window, sink,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, TOKEN_LIST: tl.constexpr,
+    UPCAST: tl.constexpr, TOKEN_LIST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     """Program ``(n, b * Hkv + kvh)``: keys ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of KV head
     ``kvh``. ``T_OFF [sel_batch * sel_heads * num_kv_blocks + 1]`` / ``T_QB``: for each
     (selection batch, selection head, key block), the query blocks that selected it.
     ``TOKEN_LIST`` (per-token selections, ``q_block = 1``, as NSA's): each step gathers the next
-    ``BLOCK_M`` query tokens of that list (not one token per step)."""
+    ``BLOCK_M`` query tokens of that list (not one token per step), and with ``DQ_ATOMIC`` adds
+    those rows' dQ share into the fp32 ``DQA [B, H, Tq, D]`` (atomically: the chunks of every
+    block a token selected add to its row), replacing the query-major ``_bwd_dq``."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     num_kv_heads = num_heads // heads_per_kv
@@ -257,17 +386,22 @@ def _bwd_dkdv(
                 ent_ok = (e0 + r_in) < (stop - start)
                 r_tok = tl.load(T_QB + start + e0 + r_in, mask=ent_ok, other=0)
                 row_ok = (r_head < P) & ent_ok & (r_tok < q_len)
-                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
-                                    sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
-                                    window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
+                dk, dv, ds = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
+                                        sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
+                                        window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
+                if DQ_ATOMIC:
+                    # this key chunk's share of dQ for the gathered rows (scaled on the host)
+                    dq_part = _mm(ds.to(k.dtype), k, IEEE, UPCAST)
+                    tl.atomic_add(DQA + b * sdqb + heads[:, None] * sdqh + r_tok[:, None] * sdqt + dims[None, :],
+                                  dq_part, mask=row_ok[:, None] & d_ok[None, :])
         else:
             for e in range((stop - start) * tiles_per_qblock):
                 qb = tl.load(T_QB + start + e // tiles_per_qblock)
                 r_tok = qb * q_block + (e % tiles_per_qblock) * BLOCK_M + r_in
                 row_ok = (r_head < P) & (r_tok < q_len) & (r_tok < (qb + 1) * q_block)
-                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
-                                    sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
-                                    window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
+                dk, dv, _ = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
+                                       sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
+                                       window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_tile_ok)
     tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_tile_ok)
