@@ -303,3 +303,23 @@ def test_nsa_selected_and_window_branches_through_the_kernels(dtype):
     assert _error(out, ref) <= 2 * _error(plain, ref) + FLOOR[dtype]
     for f, p, r in zip(grads, plain_grads, ref_grads):
         assert _error(f, r) <= 2 * _error(p, r) + FLOOR[dtype] * max(1.0, r.abs().max().item())
+
+
+def test_key_major_buffers_are_sized_by_the_widest_row_not_the_index_width():
+    """A selection's index tensor may be as wide as the number of key blocks (MoBA's is) while
+    rows hold 3: the key-major per-block buffers take the widest row's count (the first run on
+    the H200 sized them by the index width, 128 at 64k, and spent its time in 128 query chunks).
+    Padding the index width with unused entries changes neither the slots nor the result."""
+    from longattn.kernels.block_sparse import _token_chunks
+
+    dev = _device()
+    q, k, v = rand_qkv(1, 4, 2, 40, 40, 64, device=dev, seed=3)
+    sel = _per_token_selection(1, 4, 40, 40, 16, 2, 4, True, 9, dev)
+    wide = torch.cat([sel.kv_indices, torch.zeros_like(sel.kv_indices[..., :1])], dim=-1)  # 1 unused column
+    wide_sel = BlockSelection(sel.kv_num_blocks, wide.contiguous(), q_block=1, kv_block=16, q_len=40, kv_len=40,
+                              num_heads=4, causal=True)
+    chunks = list(_token_chunks(wide_sel.kv_num_blocks, wide_sel.kv_indices, 3, 32, 4 * 4 * 64))
+    assert [c[2] for c in chunks] == [int(sel.kv_num_blocks.max())] * len(chunks) == [2]
+    out, lse = block_sparse_attention(q, k, v, sel, 0.125)
+    out_w, lse_w = block_sparse_attention(q, k, v, wide_sel, 0.125)
+    assert torch.equal(out, out_w) and torch.equal(lse, lse_w)

@@ -46,18 +46,21 @@ out["_slc_scores[fp32 K]"] = compile_sm90(
     dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
          F32=True, PREC="tf32x3", UPCAST=False), ("sm_scale_log2",), SLC_NUM_WARPS)
 ptr = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")}
-ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32", "DQA": "*fp32"})
+ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32"})
 const = dict(D=128, HEAD_DIM=128, P=4, BLOCK_M=16, ROWS=64, KV_BLOCK=64, BLOCK_N=64, CAUSAL=True,
-             HAS_WINDOW=False, TWO_SIDED=False, IEEE=False, UPCAST=False, TOKEN_LIST=True, DQ_ATOMIC=False)
+             HAS_WINDOW=False, TWO_SIDED=False, IEEE=False, UPCAST=False, TOKEN_LIST=True)
 out["_bwd_dkdv[token list]"] = compile_sm90(_bwd_dkdv, ptr, const, ("sm_scale",))
-# the key-major per-token path: dK/dV with atomic dQ, the per-block forward and the slot merge
-out["_bwd_dkdv[token list, atomic dQ]"] = compile_sm90(_bwd_dkdv, ptr, dict(const, DQ_ATOMIC=True), ("sm_scale",))
-from longattn.kernels.block_sparse.kernel import _fwd_tokens, _merge_slots
-ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OP": "*fp32", "LP": "*fp32"}
+# the key-major per-token path: the per-block forward, its slot merge and the per-block dQ
+from longattn.kernels.block_sparse.kernel import _bwd_dq_tokens, _fwd_tokens, _merge_slots
+ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "OP": "*fp32", "LP": "*fp32", "DQP": "*fp32",
+       "LSE": "*fp32", "DELTA": "*fp32"}
 ptr.update({n: "*i32" for n in ("KEY_OFF", "ITEM_KEY", "ITEM_START", "T_TOK", "T_SLOT")})
-out["_fwd_tokens[bf16]"] = compile_sm90(
-    _fwd_tokens, ptr, dict(D=128, HEAD_DIM=128, P=4, BLOCK_M=32, ROWS=128, KV_BLOCK=64, BLOCK_N=32, CAUSAL=True,
-                           HAS_WINDOW=False, TWO_SIDED=False, IEEE=False, UPCAST=False), ("sm_scale_log2",), 4, 3)
+rule = dict(D=128, HEAD_DIM=128, P=4, KV_BLOCK=64, CAUSAL=True, HAS_WINDOW=False, TWO_SIDED=False, IEEE=False,
+            UPCAST=False)
+out["_fwd_tokens[bf16]"] = compile_sm90(_fwd_tokens, ptr, dict(rule, BLOCK_M=32, ROWS=128, BLOCK_N=32),
+                                        ("sm_scale_log2",), 4, 3)
+out["_bwd_dq_tokens[bf16]"] = compile_sm90(_bwd_dq_tokens, ptr, dict(rule, BLOCK_M=16, ROWS=64, BLOCK_N=64),
+                                           ("sm_scale_log2",), 4, 2)
 out["_merge_slots"] = compile_sm90(_merge_slots, {"OP": "*fp32", "LP": "*fp32", "O": "*bf16", "LSE": "*fp32"},
                                    dict(D=128, HEAD_DIM=128, BLOCK_T=32))
 print(json.dumps(out))

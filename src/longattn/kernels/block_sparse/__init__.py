@@ -35,8 +35,8 @@ TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
 
 # Per-token selections (``q_block = 1``: MoBA's per-token gate, NSA's selected branch) run
 # key-major: the forward visits each selected key block once per tile of the tokens that chose it
-# and merges the per-block results through their LSEs; the backward adds dQ from the key-major
-# dK/dV kernel. False keeps the query-major kernels for them (one program row per token and head
+# and merges the per-block results through their LSEs; the backward's dQ is computed the same way
+# (per-block shares summed). False keeps the query-major kernels for them (one program row per token and head
 # group, every token loading its own blocks) -- kept for comparison and tests.
 KEY_MAJOR_PER_TOKEN = True
 # Bytes of fp32 per-block results (output row and LSE per token, head and selected block) the
@@ -235,46 +235,91 @@ def _work_items(offsets: Tensor, per_item: int) -> tuple[Tensor, Tensor]:
     return lists.to(torch.int32), start.to(torch.int32)
 
 
+def _token_chunks(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, per_item: int, bytes_per_slot: int):
+    """The query chunks of a key-major pass over a per-token selection: yields ``(t0, t1, slots,
+    lists)`` with ``lists = (key_off, tokens, token_slots, item_key, item_start)`` for tokens
+    ``[t0, t1)`` (token indices local to the chunk). ``slots`` (the widest row's count of
+    selected blocks) sizes the per-block buffers; a chunk holds at most
+    ``KEY_MAJOR_PARTIAL_BYTES`` of them at ``bytes_per_slot`` per (token, slot)."""
+    Tq = kvi.shape[2]
+    slots = max(1, int(kvn.max())) if kvn.numel() else 1  # rows list their blocks first: slot < kvn
+    chunk = max(1, KEY_MAJOR_PARTIAL_BYTES // (bytes_per_slot * slots))
+    for t0 in range(0, Tq, chunk):
+        t1 = min(Tq, t0 + chunk)
+        key_off, toks, tok_slots = transposed_selection(kvn[:, :, t0:t1], kvi[:, :, t0:t1], num_kv_blocks,
+                                                        with_slots=True)
+        yield t0, t1, slots, (key_off, toks, tok_slots, *_work_items(key_off, per_item))
+
+
+def _key_major_layout(q: Tensor, kvn: Tensor, plan: _Plan) -> tuple[int, int, int]:
+    """``(grid axis 1, head groups per selection head, batch_from_sel)`` of the key-major kernels:
+    a selection per sequence names its sequence in the work items; a shared one (batch axis 1)
+    is applied to every sequence."""
+    groups = plan.heads_per_sel // plan.P
+    per_sequence = kvn.shape[0] > 1
+    return (1 if per_sequence else q.shape[0]) * groups, groups, int(per_sequence)
+
+
 def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
     """Forward of a per-token selection (``q_block = 1``), key-major: for each selected key
     block, the tokens that chose it in tiles of ``plan.BLOCK_M`` (:func:`kernel._fwd_tokens`),
     then the per-block results merged per token (:func:`kernel._merge_slots`). The per-block
-    results take ``B * H * K * D`` fp32 per token; query ranges run in chunks that keep them
+    results take ``B * H * D`` fp32 per (token, slot); query ranges run in chunks that keep them
     under ``KEY_MAJOR_PARTIAL_BYTES``."""
     from .kernel import _fwd_tokens, _merge_slots
 
     B, H, Tq, D = q.shape
-    q_block, kv_block, kv_len, q_offset = sel_meta
-    Bs, Hs, nqb, K = kvi.shape
-    assert q_block == 1 and nqb == Tq, "key-major forward is for per-token selections"
+    _, kv_block, kv_len, q_offset = sel_meta
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    groups = plan.heads_per_sel // plan.P
-    batch_from_sel = Bs > 1  # a selection per sequence: its items name their sequence
-    chunk = max(1, KEY_MAJOR_PARTIAL_BYTES // (4 * B * H * max(K, 1) * D))
-    rule = _rule_args(plan)
-    for t0 in range(0, Tq, chunk):
-        t1 = min(Tq, t0 + chunk)
-        key_off, toks, slots = transposed_selection(kvn[:, :, t0:t1], kvi[:, :, t0:t1], num_kv_blocks, with_slots=True)
-        item_key, item_start = _work_items(key_off, plan.BLOCK_M)
-        op = torch.empty(B, H, t1 - t0, K, D, device=q.device, dtype=torch.float32)
-        lp = torch.full((B, H, t1 - t0, K), float("-inf"), device=q.device, dtype=torch.float32)
+    grid1, groups, per_sequence = _key_major_layout(q, kvn, plan)
+    for t0, t1, slots, (key_off, toks, tok_slots, item_key, item_start) in _token_chunks(
+            kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * D):
+        op = torch.empty(B, H, t1 - t0, slots, D, device=q.device, dtype=torch.float32)
+        lp = torch.full((B, H, t1 - t0, slots), float("-inf"), device=q.device, dtype=torch.float32)
         if item_key.numel():
-            _fwd_tokens[(item_key.numel(), (1 if batch_from_sel else B) * groups)](
-                q, k, v, op, lp, key_off, item_key, item_start, toks, slots,
+            _fwd_tokens[(item_key.numel(), grid1)](
+                q, k, v, op, lp, key_off, item_key, item_start, toks, tok_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:4], *lp.stride()[:3],
-                Hs, num_kv_blocks, groups, int(batch_from_sel),
+                kvn.shape[1], num_kv_blocks, groups, per_sequence,
                 t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
                 scale * math.log2(math.e), plan.window or 0, plan.sink,
                 D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
-                KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **rule,
+                KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
                 num_warps=plan.num_warps, num_stages=plan.num_stages,
             )
         _merge_slots[(_ceil_div(t1 - t0, MERGE_BLOCK_T), B * H)](
             op, lp, out, lse, *op.stride()[:4], *lp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-            t0, t1 - t0, H, K, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
+            t0, t1 - t0, H, slots, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
         )
     return out, lse
+
+
+def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
+    """dQ of a per-token selection, key-major (:func:`kernel._bwd_dq_tokens`): per (token, slot)
+    the block's share in fp32, summed over the slots per query chunk."""
+    from .kernel import _bwd_dq_tokens
+
+    B, H, Tq, D = q.shape
+    _, kv_block, kv_len, q_offset = sel_meta
+    dq = torch.empty_like(q)
+    grid1, groups, per_sequence = _key_major_layout(q, kvn, plan)
+    for t0, t1, slots, (key_off, toks, tok_slots, item_key, item_start) in _token_chunks(
+            kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * D):
+        part = torch.zeros(B, H, t1 - t0, slots, D, device=q.device, dtype=torch.float32)
+        if item_key.numel():
+            _bwd_dq_tokens[(item_key.numel(), grid1)](
+                q, k, v, dout, part, lse, delta, key_off, item_key, item_start, toks, tok_slots,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *part.stride()[:4],
+                *lse.stride()[:2], kvn.shape[1], num_kv_blocks, groups, per_sequence,
+                t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
+                scale * math.log2(math.e), plan.window or 0, plan.sink,
+                D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
+                KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
+                num_warps=plan.num_warps, num_stages=plan.num_stages,
+            )
+        dq[:, :, t0:t1] = (part.sum(3) * scale).to(q.dtype)
+    return dq
 
 
 def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
@@ -295,10 +340,9 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.key_major:
-        # dQ from the key-major kernel below: fp32 sums over the chunks of the selected blocks
-        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dq = _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan, scale, num_kv_blocks)
     else:
-        dq = dq_acc = torch.empty_like(q)
+        dq = torch.empty_like(q)
         _bwd_dq[(_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))](
             q, k, v, dout, dq, lse, delta, kvn, kvi,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
@@ -313,15 +357,13 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         gather = max(1, TILE_CAPS[("bwd", q.dtype == torch.float32)][0] // plan.P)
         common.update(BLOCK_M=gather, ROWS=_tile_rows(plan.P * gather))
     _bwd_dkdv[(num_kv_blocks * chunks, B * Hkv)](
-        q, k, v, dout, dk, dv, dq_acc, lse, delta, t_off, t_qb,
+        q, k, v, dout, dk, dv, lse, delta, t_off, t_qb,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *dq_acc.stride()[:3], *lse.stride()[:2],
+        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
         kvn.shape[0], kvn.shape[1], num_kv_blocks,
         Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
-        scale, plan.window or 0, plan.sink, TOKEN_LIST=q_block == 1, DQ_ATOMIC=plan.key_major, **common,
+        scale, plan.window or 0, plan.sink, TOKEN_LIST=q_block == 1, **common,
     )
-    if plan.key_major:
-        dq = (dq_acc * scale).to(q.dtype)
     return dq, dk, dv
 
 

@@ -143,6 +143,46 @@ def _fwd(
 
 
 @triton.jit
+def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, num_kv_blocks, groups, batch_from_sel,
+                     tok_base, q_offset, heads_per_kv, heads_per_sel, P: tl.constexpr, BLOCK_M: tl.constexpr,
+                     ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The rows of program ``(item, b * groups + g)`` of the key-major per-token kernels: work item
+    ``item`` is one key block ``kb`` and up to ``BLOCK_M`` entries of the list of tokens that
+    selected it; row ``r`` is head ``r // BLOCK_M`` of the group and entry ``r % BLOCK_M``.
+    Returns the batch, per-row heads, the KV head, ``kb``, per row the token (within the chunk of
+    queries, and in ``q``), its slot in the token's selection, validity, absolute position, and
+    how many ``BLOCK_N``-key chunks of the block can hold a visible key."""
+    item = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    key = tl.load(ITEM_KEY + item)
+    start = tl.load(ITEM_START + item)
+    stop = tl.load(KEY_OFF + key + 1)
+    kb = key % num_kv_blocks
+    hs = (key // num_kv_blocks) % sel_heads
+    sb = key // (num_kv_blocks * sel_heads)
+    g = pid1 % groups
+    # int64 batch and head offsets, as in _query_rows
+    b = tl.where(batch_from_sel != 0, sb, pid1 // groups).to(tl.int64)
+    h0 = (hs * heads_per_sel + g * P).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    r_head = rows // BLOCK_M
+    ent = start + rows % BLOCK_M
+    ent_ok = ent < stop
+    r_tok = tl.load(T_TOK + ent, mask=ent_ok, other=0)
+    slot = tl.load(T_SLOT + ent, mask=ent_ok, other=0)
+    row_ok = (r_head < P) & ent_ok
+    q_tok = r_tok + tok_base
+    q_abs = q_tok + q_offset
+    CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
+    n_chunks = CHUNKS
+    if CAUSAL:
+        # the lists are sorted by token: chunks past the tile's last query see nothing
+        last = tl.max(tl.where(row_ok, q_abs, -1), 0)
+        n_chunks = tl.minimum(tl.maximum(last - kb * KV_BLOCK + BLOCK_N, 0) // BLOCK_N, CHUNKS)
+    return b, h0 + r_head, h0 // heads_per_kv, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks
+
+
+@triton.jit
 def _fwd_tokens(
     Q, K, V, OP, LP, KEY_OFF, ITEM_KEY, ITEM_START, T_TOK, T_SLOT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sopb, soph, sopt, sops, slpb, slph, slpt,
@@ -161,30 +201,9 @@ def _fwd_tokens(
     it once per token). Writes, per (head, token), the attention over this block alone --
     normalised output ``OP [.., slot, :]`` (fp32) and natural-log LSE ``LP [.., slot]`` -- at the
     block's slot in the token's selection; :func:`_merge_slots` combines the slots."""
-    item = tl.program_id(0)
-    pid1 = tl.program_id(1)
-    key = tl.load(ITEM_KEY + item)
-    start = tl.load(ITEM_START + item)
-    stop = tl.load(KEY_OFF + key + 1)
-    kb = key % num_kv_blocks
-    hs = (key // num_kv_blocks) % sel_heads
-    sb = key // (num_kv_blocks * sel_heads)
-    g = pid1 % groups
-    # int64 batch and head offsets, as in _query_rows
-    b = tl.where(batch_from_sel != 0, sb, pid1 // groups).to(tl.int64)
-    h0 = (hs * heads_per_sel + g * P).to(tl.int64)
-    kvh = h0 // heads_per_kv
-
-    rows = tl.arange(0, ROWS)
-    r_head = rows // BLOCK_M
-    ent = start + rows % BLOCK_M
-    ent_ok = ent < stop
-    r_tok = tl.load(T_TOK + ent, mask=ent_ok, other=0)  # token index within this chunk of queries
-    slot = tl.load(T_SLOT + ent, mask=ent_ok, other=0)
-    row_ok = (r_head < P) & ent_ok
-    heads = h0 + r_head
-    q_tok = r_tok + tok_base
-    q_abs = q_tok + q_offset
+    b, heads, kvh, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks = _token_item_rows(
+        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, num_kv_blocks, groups, batch_from_sel,
+        tok_base, q_offset, heads_per_kv, heads_per_sel, P, BLOCK_M, ROWS, KV_BLOCK, BLOCK_N, CAUSAL)
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + q_tok[:, None] * sqt + dims[None, :],
@@ -195,12 +214,6 @@ def _fwd_tokens(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
-    n_chunks = CHUNKS
-    if CAUSAL:
-        # the lists are sorted by token: chunks past the tile's last query see nothing
-        last = tl.max(tl.where(row_ok, q_abs, -1), 0)
-        n_chunks = tl.minimum(tl.maximum(last - kb * KV_BLOCK + BLOCK_N, 0) // BLOCK_N, CHUNKS)
     cols = tl.arange(0, BLOCK_N)
     for c in range(0, n_chunks):
         k_pos = kb * KV_BLOCK + c * BLOCK_N + cols
@@ -292,18 +305,65 @@ def _bwd_dq(
     for t in range(0, n_sel * CHUNKS):
         kb = tl.load(idx_base + t // CHUNKS)
         k_pos = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N + cols
-        k_ok = k_pos < kv_len
-        kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + k_pos[None, :] * svt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _mm(q, kt, IEEE, UPCAST)
-        dp = _mm(do, vt, IEEE, UPCAST)
-        keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink) & row_ok[:, None]
-        p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(kt.dtype), tl.trans(kt), IEEE, UPCAST)
+        dq = _dq_chunk(dq, q, do, lse2, delta, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok, kv_len,
+                       sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + (h0 + r_head)[:, None] * sdqh + r_tok[:, None] * sdqt + dims[None, :],
              dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _dq_chunk(dq, q, do, lse2, delta, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok, kv_len,
+              sm_scale_log2, window, sink, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              TWO_SIDED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Adds to ``dq [ROWS, HEAD_DIM]`` (without the softmax scale) the keys ``k_pos`` of one KV
+    head's share, probabilities recomputed from the rows' log2 LSE ``lse2``."""
+    k_ok = k_pos < kv_len
+    kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    vt = tl.load(v_base + k_pos[None, :] * svt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+    s = _mm(q, kt, IEEE, UPCAST)
+    dp = _mm(do, vt, IEEE, UPCAST)
+    keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink) & row_ok[:, None]
+    p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + _mm(ds.to(kt.dtype), tl.trans(kt), IEEE, UPCAST)
+
+
+@triton.jit
+def _bwd_dq_tokens(
+    Q, K, V, DO, DQP, LSE, DELTA, KEY_OFF, ITEM_KEY, ITEM_START, T_TOK, T_SLOT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdpb, sdph, sdpt, sdps, slb, slh,
+    sel_heads, num_kv_blocks, groups, batch_from_sel,
+    tok_base, kv_len, q_offset, heads_per_kv, heads_per_sel,
+    sm_scale_log2, window, sink,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Key-major dQ for per-token selections, laid out like :func:`_fwd_tokens`: each program
+    writes its rows' dQ over one key block (fp32, without the softmax scale) at the block's slot
+    in ``DQP [.., slot, :]``; the host sums the slots."""
+    b, heads, kvh, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks = _token_item_rows(
+        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, num_kv_blocks, groups, batch_from_sel,
+        tok_base, q_offset, heads_per_kv, heads_per_sel, P, BLOCK_M, ROWS, KV_BLOCK, BLOCK_N, CAUSAL)
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + q_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
+    do = tl.load(DO + b * sdob + heads[:, None] * sdoh + q_tok[:, None] * sdot + dims[None, :], mask=tile_ok,
+                 other=0.0)
+    lse2, delta = backward_row_stats(LSE, DELTA, b * slb + heads * slh + q_tok, row_ok)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    for c in range(0, n_chunks):
+        k_pos = kb * KV_BLOCK + c * BLOCK_N + cols
+        dq = _dq_chunk(dq, q, do, lse2, delta, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok, kv_len,
+                       sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
+    tl.store(DQP + b * sdpb + heads[:, None] * sdph + r_tok[:, None] * sdpt + slot[:, None] * sdps + dims[None, :],
+             dq, mask=tile_ok)
 
 
 @triton.jit
@@ -312,8 +372,7 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
                UPCAST: tl.constexpr):
     """Adds to ``dk, dv [BLOCK_N, HEAD_DIM]`` the contribution of the query rows ``(heads,
-    r_tok)`` (masked by ``row_ok``) to the keys ``k_pos``; also returns those rows' ``dS``
-    (``[ROWS, BLOCK_N]``, without the softmax scale)."""
+    r_tok)`` (masked by ``row_ok``) to the keys ``k_pos``."""
     tile_ok = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + r_tok[:, None] * sqt + dims[None, :], mask=tile_ok, other=0.0)
     do = tl.load(DO + b * sdob + heads[:, None] * sdoh + r_tok[:, None] * sdot + dims[None, :], mask=tile_ok, other=0.0)
@@ -326,29 +385,27 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d
     ds = p * (dp - delta[:, None])
     dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
     dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
-    return dk, dv, ds
+    return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, DK, DV, DQA, LSE, DELTA, T_OFF, T_QB,
+    Q, K, V, DO, DK, DV, LSE, DELTA, T_OFF, T_QB,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
-    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sdqb, sdqh, sdqt, slb, slh,
+    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
     sel_batch, sel_heads, num_kv_blocks,
     q_len, kv_len, q_offset, q_block, num_heads, heads_per_kv, heads_per_sel,
     sm_scale, window, sink,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, TOKEN_LIST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    UPCAST: tl.constexpr, TOKEN_LIST: tl.constexpr,
 ):
     """Program ``(n, b * Hkv + kvh)``: keys ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of KV head
     ``kvh``. ``T_OFF [sel_batch * sel_heads * num_kv_blocks + 1]`` / ``T_QB``: for each
     (selection batch, selection head, key block), the query blocks that selected it.
     ``TOKEN_LIST`` (per-token selections, ``q_block = 1``, as NSA's): each step gathers the next
-    ``BLOCK_M`` query tokens of that list (not one token per step), and with ``DQ_ATOMIC`` adds
-    those rows' dQ share into the fp32 ``DQA [B, H, Tq, D]`` (atomically: the chunks of every
-    block a token selected add to its row), replacing the query-major ``_bwd_dq``."""
+    ``BLOCK_M`` query tokens of that list (not one token per step)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     num_kv_heads = num_heads // heads_per_kv
@@ -386,22 +443,17 @@ def _bwd_dkdv(
                 ent_ok = (e0 + r_in) < (stop - start)
                 r_tok = tl.load(T_QB + start + e0 + r_in, mask=ent_ok, other=0)
                 row_ok = (r_head < P) & ent_ok & (r_tok < q_len)
-                dk, dv, ds = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
-                                        sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
-                                        window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
-                if DQ_ATOMIC:
-                    # this key chunk's share of dQ for the gathered rows (scaled on the host)
-                    dq_part = _mm(ds.to(k.dtype), k, IEEE, UPCAST)
-                    tl.atomic_add(DQA + b * sdqb + heads[:, None] * sdqh + r_tok[:, None] * sdqt + dims[None, :],
-                                  dq_part, mask=row_ok[:, None] & d_ok[None, :])
+                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
+                                    sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
+                                    window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
         else:
             for e in range((stop - start) * tiles_per_qblock):
                 qb = tl.load(T_QB + start + e // tiles_per_qblock)
                 r_tok = qb * q_block + (e % tiles_per_qblock) * BLOCK_M + r_in
                 row_ok = (r_head < P) & (r_tok < q_len) & (r_tok < (qb + 1) * q_block)
-                dk, dv, _ = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
-                                       sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
-                                       window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
+                dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
+                                    sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
+                                    window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_tile_ok)
     tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_tile_ok)
