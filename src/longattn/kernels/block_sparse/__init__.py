@@ -238,17 +238,36 @@ def _work_items(offsets: Tensor, per_item: int) -> tuple[Tensor, Tensor]:
 def _token_chunks(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, per_item: int, bytes_per_slot: int):
     """The query chunks of a key-major pass over a per-token selection: yields ``(t0, t1, slots,
     lists)`` with ``lists = (key_off, tokens, token_slots, item_key, item_start)`` for tokens
-    ``[t0, t1)`` (token indices local to the chunk). ``slots`` (the widest row's count of
+    ``[t0, t1)`` (token indices local to the chunk; ``item_key`` indexes ``key_off`` and names
+    (chunk, selection batch, selection head, key block)). ``slots`` (the widest row's count of
     selected blocks) sizes the per-block buffers; a chunk holds at most
-    ``KEY_MAJOR_PARTIAL_BYTES`` of them at ``bytes_per_slot`` per (token, slot)."""
-    Tq = kvi.shape[2]
+    ``KEY_MAJOR_PARTIAL_BYTES`` of them at ``bytes_per_slot`` per (token, slot). One transposition
+    and a fixed number of host syncs serve every chunk (per-chunk transpositions left the GPU
+    idle between chunks)."""
+    Bs, Hs, Tq, K = kvi.shape
     slots = max(1, int(kvn.max())) if kvn.numel() else 1  # rows list their blocks first: slot < kvn
     chunk = max(1, KEY_MAJOR_PARTIAL_BYTES // (bytes_per_slot * slots))
-    for t0 in range(0, Tq, chunk):
-        t1 = min(Tq, t0 + chunk)
-        key_off, toks, tok_slots = transposed_selection(kvn[:, :, t0:t1], kvi[:, :, t0:t1], num_kv_blocks,
-                                                        with_slots=True)
-        yield t0, t1, slots, (key_off, toks, tok_slots, *_work_items(key_off, per_item))
+    n_chunks = _ceil_div(Tq, chunk)
+    n_keys = Bs * Hs * num_kv_blocks  # keys per chunk
+    valid = torch.arange(K, device=kvi.device) < kvn[..., None].long()
+    bs, hs, tok, slot = valid.nonzero(as_tuple=True)
+    kb = kvi[bs, hs, tok, slot].long()
+    cid = tok // chunk
+    key = cid * n_keys + (bs * Hs + hs) * num_kv_blocks + kb
+    order = torch.argsort(key * Tq + tok)  # by (chunk, key), then token
+    counts = torch.bincount(key, minlength=n_chunks * n_keys)
+    key_off = torch.zeros(n_chunks * n_keys + 1, dtype=torch.int64, device=kvi.device)
+    key_off[1:] = torch.cumsum(counts, 0)
+    toks = (tok - cid * chunk)[order].to(torch.int32)
+    tok_slots = slot[order].to(torch.int32)
+    key_off = key_off.to(torch.int32)
+    item_key, item_start = _work_items(key_off, per_item)
+    bounds = torch.searchsorted(item_key, torch.arange(n_chunks + 1, device=kvi.device, dtype=torch.int32) * n_keys)
+    bounds = bounds.tolist()
+    for c in range(n_chunks):
+        t0, t1 = c * chunk, min(Tq, (c + 1) * chunk)
+        i0, i1 = bounds[c], bounds[c + 1]
+        yield t0, t1, slots, (key_off, toks, tok_slots, item_key[i0:i1], item_start[i0:i1])
 
 
 def _key_major_layout(q: Tensor, kvn: Tensor, plan: _Plan) -> tuple[int, int, int]:
@@ -281,7 +300,7 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
             _fwd_tokens[(item_key.numel(), grid1)](
                 q, k, v, op, lp, key_off, item_key, item_start, toks, tok_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:4], *lp.stride()[:3],
-                kvn.shape[1], num_kv_blocks, groups, per_sequence,
+                kvn.shape[0], kvn.shape[1], num_kv_blocks, groups, per_sequence,
                 t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
                 scale * math.log2(math.e), plan.window or 0, plan.sink,
                 D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
@@ -311,7 +330,7 @@ def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, sc
             _bwd_dq_tokens[(item_key.numel(), grid1)](
                 q, k, v, dout, part, lse, delta, key_off, item_key, item_start, toks, tok_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *part.stride()[:4],
-                *lse.stride()[:2], kvn.shape[1], num_kv_blocks, groups, per_sequence,
+                *lse.stride()[:2], kvn.shape[0], kvn.shape[1], num_kv_blocks, groups, per_sequence,
                 t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
                 scale * math.log2(math.e), plan.window or 0, plan.sink,
                 D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,

@@ -143,8 +143,9 @@ def _fwd(
 
 
 @triton.jit
-def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, num_kv_blocks, groups, batch_from_sel,
-                     tok_base, q_offset, heads_per_kv, heads_per_sel, P: tl.constexpr, BLOCK_M: tl.constexpr,
+def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups,
+                     batch_from_sel, tok_base, q_offset, heads_per_kv, heads_per_sel, P: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """The rows of program ``(item, b * groups + g)`` of the key-major per-token kernels: work item
     ``item`` is one key block ``kb`` and up to ``BLOCK_M`` entries of the list of tokens that
@@ -159,7 +160,7 @@ def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, nu
     stop = tl.load(KEY_OFF + key + 1)
     kb = key % num_kv_blocks
     hs = (key // num_kv_blocks) % sel_heads
-    sb = key // (num_kv_blocks * sel_heads)
+    sb = (key // (num_kv_blocks * sel_heads)) % sel_batch  # keys also carry the query chunk
     g = pid1 % groups
     # int64 batch and head offsets, as in _query_rows
     b = tl.where(batch_from_sel != 0, sb, pid1 // groups).to(tl.int64)
@@ -186,7 +187,7 @@ def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, nu
 def _fwd_tokens(
     Q, K, V, OP, LP, KEY_OFF, ITEM_KEY, ITEM_START, T_TOK, T_SLOT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sopb, soph, sopt, sops, slpb, slph, slpt,
-    sel_heads, num_kv_blocks, groups, batch_from_sel,
+    sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
     tok_base, kv_len, q_offset, heads_per_kv, heads_per_sel,
     sm_scale_log2, window, sink,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -202,7 +203,7 @@ def _fwd_tokens(
     normalised output ``OP [.., slot, :]`` (fp32) and natural-log LSE ``LP [.., slot]`` -- at the
     block's slot in the token's selection; :func:`_merge_slots` combines the slots."""
     b, heads, kvh, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks = _token_item_rows(
-        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, num_kv_blocks, groups, batch_from_sel,
+        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
         tok_base, q_offset, heads_per_kv, heads_per_sel, P, BLOCK_M, ROWS, KV_BLOCK, BLOCK_N, CAUSAL)
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
@@ -333,7 +334,7 @@ def _dq_chunk(dq, q, do, lse2, delta, q_abs, row_ok, k_base, v_base, skt, svt, k
 def _bwd_dq_tokens(
     Q, K, V, DO, DQP, LSE, DELTA, KEY_OFF, ITEM_KEY, ITEM_START, T_TOK, T_SLOT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdpb, sdph, sdpt, sdps, slb, slh,
-    sel_heads, num_kv_blocks, groups, batch_from_sel,
+    sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
     tok_base, kv_len, q_offset, heads_per_kv, heads_per_sel,
     sm_scale_log2, window, sink,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -345,7 +346,7 @@ def _bwd_dq_tokens(
     writes its rows' dQ over one key block (fp32, without the softmax scale) at the block's slot
     in ``DQP [.., slot, :]``; the host sums the slots."""
     b, heads, kvh, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks = _token_item_rows(
-        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_heads, num_kv_blocks, groups, batch_from_sel,
+        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
         tok_base, q_offset, heads_per_kv, heads_per_sel, P, BLOCK_M, ROWS, KV_BLOCK, BLOCK_N, CAUSAL)
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
