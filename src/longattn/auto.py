@@ -11,7 +11,7 @@ dense SDPA under its materialised token mask: on CUDA it declines past
 ``longattn.backends.dense.DENSE_MASK_MAX_BYTES`` (1 GiB: about 3.3k tokens at B = 1, H = 32 in
 bf16, 2.6k in fp32), and the next backend in the order serves. So where the table puts ``sdpa``
 first up to a longer length (``window`` in training up to 4k, ``moba``), the cap decides the
-switch at B = 1, H = 32: ours (window) or Flex (MoBA) from about 3.3k. A backend that cannot
+switch at B = 1, H = 32: ours from about 3.3k. A backend that cannot
 serve an input is skipped; the reference is always last.
 
 Methods not listed (``full``) keep ``sdpa``, then ``flex``. For at most :data:`SMALL_QUERY` queries (decoding, small chunks: compiled
@@ -60,11 +60,12 @@ GPU_STEPS: dict[str, dict[str, Steps]] = {
     # 6.11 / 11.18 at 4k / 16k
     "bigbird": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
                 "train": ((0, _MASK_FIRST), (1024, _OURS_FIRST))},
-    # per-token gates: masked fastest at 256-8k (fwd 2.29 / 2.78 / 7.35 / 26.5 ms vs ours 2.31 / 7.1 /
-    # 14.5 / 29.6; its cap stops it at about 3.3k); Flex ahead of ours at 4k (auto_check: 4.17 vs
-    # 14.51 ms), 32k (fwd 60.8 vs 124.0, bwd 84.2 vs 259.4) and 64k
-    "moba": {"infer": ((0, ("sdpa", "flex", "triton")),),
-             "train": ((0, ("sdpa", "flex", "triton")),)},
+    # per-token gates: masked SDPA while it fits (its cap stops it at about 3.3k), then ours since
+    # the kernels run per-token selections key-major (2026-11-30 15:xx): suite fwd / bwd 4.44 / 5.33
+    # ms at 8k, 15.9 / 13.7 at 32k, 38.5 / 26.5 at 64k, against Flex 60.8 / 84.2 at 32k (before:
+    # ours 124.0 / 259.4 at 32k, behind Flex); auto_check at 2k-16k: docs/benchmarks.md, "auto"
+    "moba": {"infer": ((0, _MASK_FIRST),),
+             "train": ((0, _MASK_FIRST),)},
     # NSA's own kernels: fwd 68.3 ms vs Flex 284.1 at 32k, 216.9 vs 1224 at 64k; training (kernels
     # with their backward, 2026-11-30) fwd+bwd 740.8 ms at 64k vs Flex 2754 (chunked scan: 2242)
     "nsa": {"infer": ((0, ("triton", "flex")),), "train": ((0, ("triton", "flex")),)},
