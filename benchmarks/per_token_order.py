@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -55,8 +56,10 @@ def main() -> None:
     q, k, v = (torch.randn(B, h, T, D, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
                for h in (H, args.hkv, args.hkv))
     do = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    # LONGATTN_COMMIT: the device machine's copy of the tree may carry stale git metadata
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "commit": os.environ.get("LONGATTN_COMMIT", "unknown")}
     rows = []
 
     def record(**kw):

@@ -1,6 +1,6 @@
 """Triton kernels of block-sparse attention over a :class:`~longattn.selection.BlockSelection`.
 
-Three kernels, FlashAttention-2 style (online softmax in fp32, scores never stored):
+FlashAttention-2 style kernels (online softmax in fp32, scores never stored):
 
 * ``_fwd`` -- query-major. One program owns ``BLOCK_M`` consecutive queries of one selection
   row for ``P`` query heads that share both that selection row and one KV head (a GQA group
@@ -16,6 +16,12 @@ Three kernels, FlashAttention-2 style (online softmax in fp32, scores never stor
   are summed in registers, no atomics. For per-token selections (``q_block = 1``, NSA) each
   step gathers ``BLOCK_M`` of the selecting tokens, so the tile is full even though no two
   consecutive tokens need share a selection.
+* ``_fwd_tokens`` / ``_merge_slots`` / ``_bwd_dq_tokens`` -- the key-major forward and dQ of
+  per-token selections (``q_block = 1``): one program per work item (a key block and up to
+  ``BLOCK_M`` of the tokens that chose it), so each block is loaded once per tile instead of
+  once per token. Each program writes its rows' result over that block alone into the block's
+  slot of the token's selection; ``_merge_slots`` combines the forward's slots through their
+  LSEs, and the dQ slots are summed on the host.
 
 Token-level rules inside selected blocks (the selection's :class:`TokenRule`): end-aligned
 causality, a window (one- or two-sided) with sink tokens; out-of-range queries and keys are
