@@ -246,6 +246,57 @@ def test_moba_selection_follows_the_paper_per_token(Tq, Tk):
             assert torch.equal(mask[h, i], expected), (h, i)
 
 
+@pytest.mark.parametrize("name,cfg", [
+    ("moba", {"block_size": 32, "top_k": 3, "gate_block": 1}),
+    ("moba", {"block_size": 32, "top_k": 2, "gate_block": 16}),
+    ("moba", {"block_size": 32, "top_k": 9}),  # more than there are blocks
+    ("topk", {"block_size": 16, "top_k": 3}),
+    ("topk", {"block_size": 16, "top_k": 2, "shared_kv_heads": True}),
+])
+@pytest.mark.parametrize("Tq,Tk", [(160, 160), (70, 165), (1, 165)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_index_selection_equals_the_bitmap_selection(name, cfg, Tq, Tk, causal):
+    """MoBA and block top-k build their selection from the top indices directly, ``top_k``
+    wide (index_selection); the bitmap route (topk_blocks + pattern_selection: a full-width
+    row per query block) is its specification. Same blocks, same full blocks, same rule, for
+    queries equal to or shorter than the keys (offsets that do and do not align with the gate
+    blocks), causal and not."""
+    from longattn.methods._common import gate_block_positions, pattern_selection, pooled_block_scores, topk_blocks
+
+    if not causal and Tq != Tk:
+        return
+    spec = longattn.get_method(name)
+    config = spec.make_config(**cfg)
+    q, k, _ = rand_qkv(1, 4, 2, Tq, Tk, 16, seed=Tq + Tk)
+    sel = spec.selector(q, k, causal, config)
+    # the bitmap route, spelled out
+    bs = config.block_size
+    g = getattr(config, "gate_block", bs)
+    rows = gate_block_positions(Tq, Tk, g, q.device)
+    scores = pooled_block_scores(q, k, g, bs)
+    if getattr(config, "shared_kv_heads", False):
+        scores = scores.view(1, 2, 2, *scores.shape[2:]).sum(2)
+    c = torch.arange(scores.shape[-1])
+    own = c[None, :] == rows[:, None] * g // bs
+    if name == "moba":
+        eligible = c[None, :] < rows[:, None] * g // bs if causal else ~own
+    else:
+        eligible = c[None, :] <= rows[:, None] if causal else torch.ones_like(own)
+    pattern = topk_blocks(scores, eligible.expand_as(scores), own.expand_as(scores), config.top_k)
+    ref = pattern_selection(pattern, gate_block=g, kv_block=bs, q_len=Tq, kv_len=Tk, num_heads=4, causal=causal)
+
+    assert sel.kv_indices.shape[-1] == min(config.top_k, sel.num_kv_blocks)  # the bitmap's is num_kv_blocks
+    assert (sel.q_block, sel.kv_block, sel.q_offset) == (ref.q_block, ref.kv_block, ref.q_offset)
+    assert torch.equal(sel.kv_num_blocks, ref.kv_num_blocks)
+    assert torch.equal(sel.block_bitmap(), ref.block_bitmap())
+    assert torch.equal(sel.block_bitmap(full_only=True), ref.block_bitmap(full_only=True))
+    assert torch.equal(sel.to_dense_mask(), ref.to_dense_mask())
+    sel._check_values()  # built unvalidated: in range, no block twice in a row
+    n = sel.kv_num_blocks.long()[..., None]
+    kept = sel.kv_indices.long().masked_fill(torch.arange(sel.kv_indices.shape[-1]) >= n, 1 << 30)
+    assert torch.equal(kept, kept.sort(-1).values), "a row's blocks come first, ascending"
+
+
 # ---------------------------------------------------------------------------- density
 @pytest.mark.parametrize("name,config", [
     ("window", {"window": 50, "block_size": 32}),

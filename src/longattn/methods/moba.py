@@ -26,9 +26,9 @@ from ._common import (
     check_positive_int,
     check_tileable,
     gate_block_positions,
-    pattern_selection,
+    index_selection,
     pooled_block_scores,
-    topk_blocks,
+    topk_block_indices,
 )
 
 
@@ -61,9 +61,9 @@ def select_moba(q: Tensor, k: Tensor, causal: bool, config: MoBAConfig) -> Block
     c = torch.arange(scores.shape[-1], device=q.device)
     own = c[None, :] == own_block[:, None]  # [nG, nKB]
     eligible = c[None, :] < own_block[:, None] if causal else ~own
-    pattern = topk_blocks(scores, eligible.expand_as(scores), own.expand_as(scores), config.top_k)
-    return pattern_selection(
-        pattern, gate_block=g, kv_block=config.block_size, q_len=Tq, kv_len=Tk, num_heads=H, causal=causal
+    idx, keep = topk_block_indices(scores, eligible.expand_as(scores), own.expand_as(scores), config.top_k)
+    return index_selection(
+        idx, keep, gate_block=g, kv_block=config.block_size, q_len=Tq, kv_len=Tk, num_heads=H, causal=causal
     )
 
 

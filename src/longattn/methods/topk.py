@@ -23,9 +23,9 @@ from ._common import (
     check_positive_int,
     check_tileable,
     gate_block_positions,
-    pattern_selection,
+    index_selection,
     pooled_block_scores,
-    topk_blocks,
+    topk_block_indices,
 )
 
 
@@ -55,10 +55,8 @@ def select_topk(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> Block
     c = torch.arange(scores.shape[-1], device=q.device)
     own = c[None, :] == rows[:, None]  # [nG, nKB]
     eligible = c[None, :] <= rows[:, None] if causal else torch.ones_like(own)
-    pattern = topk_blocks(scores, eligible.expand_as(scores), own.expand_as(scores), config.top_k)
-    return pattern_selection(
-        pattern, gate_block=bs, kv_block=bs, q_len=Tq, kv_len=Tk, num_heads=H, causal=causal
-    )
+    idx, keep = topk_block_indices(scores, eligible.expand_as(scores), own.expand_as(scores), config.top_k)
+    return index_selection(idx, keep, gate_block=bs, kv_block=bs, q_len=Tq, kv_len=Tk, num_heads=H, causal=causal)
 
 
 register_selection_method(
