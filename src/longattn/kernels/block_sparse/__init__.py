@@ -316,8 +316,9 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
 
 def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
     """dQ of a per-token selection, key-major (:func:`kernel._bwd_dq_tokens`): per (token, slot)
-    the block's share in fp32, summed over the slots per query chunk."""
-    from .kernel import _bwd_dq_tokens
+    the block's share in fp32, summed over the token's filled slots per query chunk
+    (:func:`kernel._sum_slots`)."""
+    from .kernel import _bwd_dq_tokens, _sum_slots
 
     B, H, Tq, D = q.shape
     _, kv_block, kv_len, q_offset = sel_meta
@@ -325,7 +326,7 @@ def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, sc
     grid1, groups, per_sequence = _key_major_layout(q, kvn, plan)
     for t0, t1, slots, (key_off, toks, tok_slots, item_key, item_start) in _token_chunks(
             kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * D):
-        part = torch.zeros(B, H, t1 - t0, slots, D, device=q.device, dtype=torch.float32)
+        part = torch.empty(B, H, t1 - t0, slots, D, device=q.device, dtype=torch.float32)  # filled slots only
         if item_key.numel():
             _bwd_dq_tokens[(item_key.numel(), grid1)](
                 q, k, v, dout, part, lse, delta, key_off, item_key, item_start, toks, tok_slots,
@@ -337,7 +338,11 @@ def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, sc
                 KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
                 num_warps=plan.num_warps, num_stages=plan.num_stages,
             )
-        dq[:, :, t0:t1] = (part.sum(3) * scale).to(q.dtype)
+        _sum_slots[(_ceil_div(t1 - t0, MERGE_BLOCK_T), B * H)](
+            part, kvn, dq, *part.stride()[:4], *_sel_strides(kvn), *dq.stride()[:3],
+            t0, t1 - t0, H, plan.heads_per_sel, slots, scale,
+            D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
+        )
     return dq
 
 

@@ -21,7 +21,7 @@ FlashAttention-2 style kernels (online softmax in fp32, scores never stored):
   ``BLOCK_M`` of the tokens that chose it), so each block is loaded once per tile instead of
   once per token. Each program writes its rows' result over that block alone into the block's
   slot of the token's selection; ``_merge_slots`` combines the forward's slots through their
-  LSEs, and the dQ slots are summed on the host.
+  LSEs, and ``_sum_slots`` sums the dQ slots.
 
 Token-level rules inside selected blocks (the selection's :class:`TokenRule`): end-aligned
 causality, a window (one- or two-sided) with sink tokens; out-of-range queries and keys are
@@ -371,6 +371,35 @@ def _bwd_dq_tokens(
                        sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
     tl.store(DQP + b * sdpb + heads[:, None] * sdph + r_tok[:, None] * sdpt + slot[:, None] * sdps + dims[None, :],
              dq, mask=tile_ok)
+
+
+@triton.jit
+def _sum_slots(
+    DQP, KVN, DQ,
+    sdpb, sdph, sdpt, sdps, snb, snh, snt, sdqb, sdqh, sdqt,
+    tok_base, t_len, num_heads, heads_per_sel, n_slots, scale,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """dQ of the key-major backward: program ``(t, b * H + h)`` sums, for ``BLOCK_T`` tokens, the
+    per-block shares :func:`_bwd_dq_tokens` wrote in the slots the token's selection fills
+    (``KVN``: its count of blocks; the other slots are never written, so never read), times the
+    softmax scale, in ``DQ``'s dtype."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = toks < t_len
+    q_tok = toks + tok_base
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < D
+    cnt = tl.load(KVN + b * snb + (h // heads_per_sel) * snh + q_tok * snt, mask=t_ok, other=0)
+    acc = tl.zeros([BLOCK_T, HEAD_DIM], tl.float32)
+    part = DQP + b * sdpb + h * sdph + toks[:, None] * sdpt + dims[None, :]
+    for s in range(0, n_slots):
+        acc += tl.load(part + s * sdps, mask=(t_ok & (s < cnt))[:, None] & d_ok[None, :], other=0.0)
+    tl.store(DQ + b * sdqb + h * sdqh + q_tok[:, None] * sdqt + dims[None, :], (acc * scale).to(DQ.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
