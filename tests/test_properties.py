@@ -252,13 +252,15 @@ def test_moba_selection_follows_the_paper_per_token(Tq, Tk):
     ("moba", {"block_size": 32, "top_k": 9}),  # more than there are blocks
     ("topk", {"block_size": 16, "top_k": 3}),
     ("topk", {"block_size": 16, "top_k": 2, "shared_kv_heads": True}),
+    ("topk", {"block_size": 16, "top_k": 9}),  # above MAX_PASSES_K: torch.topk
 ])
 @pytest.mark.parametrize("Tq,Tk", [(160, 160), (70, 165), (1, 165)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_index_selection_equals_the_bitmap_selection(name, cfg, Tq, Tk, causal):
     """MoBA and block top-k build their selection from the top indices directly, ``top_k``
-    wide (index_selection); the bitmap route (topk_blocks + pattern_selection: a full-width
-    row per query block) is its specification. Same blocks, same full blocks, same rule, for
+    wide (index_selection; k passes of max up to MAX_PASSES_K); the bitmap route
+    (topk_blocks + pattern_selection: a full-width row per query block, torch.topk) is its
+    specification. Same blocks, same full blocks, same rule, for
     queries equal to or shorter than the keys (offsets that do and do not align with the gate
     blocks), causal and not."""
     from longattn.methods._common import gate_block_positions, pattern_selection, pooled_block_scores, topk_blocks

@@ -217,14 +217,32 @@ def topk_block_indices(scores: Tensor, eligible: Tensor, forced: Tensor, k: int)
     (``keep`` is False for a slot filled by a block neither eligible nor forced). Inputs
     ``[..., nKB]``."""
     ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
-    values, top = ranked.topk(min(k, scores.shape[-1]), dim=-1)
-    return top, values > float("-inf")
+    k = min(k, scores.shape[-1])
+    if k > MAX_PASSES_K:
+        values, top = ranked.topk(k, dim=-1)
+        return top, values > float("-inf")
+    # k passes of max instead of torch.topk: over many short rows (MoBA's per-token gate at 64k:
+    # 2M rows of 128 blocks) topk took 12 ms of a 19 ms selection on the H200
+    tops, values = [], []
+    for i in range(k):
+        v, a = ranked.max(dim=-1)
+        tops.append(a)
+        values.append(v)
+        if i + 1 < k:
+            ranked.scatter_(-1, a[..., None], float("-inf"))
+    return torch.stack(tops, -1), torch.stack(values, -1) > float("-inf")
+
+
+MAX_PASSES_K = 8  # topk_block_indices: up to this k, k passes of max; beyond, torch.topk
 
 
 def topk_blocks(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> Tensor:
-    """:func:`topk_block_indices` as a ``bool [..., nKB]`` pattern (the bitmap form, with
-    :func:`pattern_selection` the executable specification the index form is tested against)."""
-    top, keep = topk_block_indices(scores, eligible, forced, k)
-    pattern = torch.zeros_like(eligible)
-    pattern.scatter_(-1, top, keep)
-    return pattern
+    """The blocks of :func:`topk_block_indices` as a ``bool [..., nKB]`` pattern, computed
+    independently with ``torch.topk`` (the bitmap form, with :func:`pattern_selection` the
+    executable specification the index form is tested against)."""
+    n = scores.shape[-1]
+    ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
+    top = ranked.topk(min(k, n), dim=-1).indices
+    keep = torch.zeros_like(eligible)
+    keep.scatter_(-1, top, True)
+    return keep & (eligible | forced)
