@@ -61,7 +61,7 @@ GPU_STEPS: dict[str, dict[str, Steps]] = {
     "bigbird": {"infer": ((0, _MASK_FIRST), (2048, _OURS_FIRST)),
                 "train": ((0, _MASK_FIRST), (1024, _OURS_FIRST))},
     # per-token gates: masked SDPA while it fits (its cap stops it at about 3.3k), then ours since
-    # the kernels run per-token selections key-major (2026-11-30 15:xx): suite fwd / bwd 4.44 / 5.33
+    # the kernels run per-token selections key-major (2026-11-30 14:1x UTC): suite fwd / bwd 4.44 / 5.33
     # ms at 8k, 15.9 / 13.7 at 32k, 38.5 / 26.5 at 64k, against Flex 60.8 / 84.2 at 32k (before:
     # ours 124.0 / 259.4 at 32k, behind Flex); auto_check at 2k-16k: docs/benchmarks.md, "auto"
     "moba": {"infer": ((0, _MASK_FIRST),),
