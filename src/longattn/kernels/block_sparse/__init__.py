@@ -204,22 +204,33 @@ def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_bloc
     return out, lse
 
 
-def transposed_selection(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, with_slots: bool = False):
-    """CSR transpose of a selection: for every (selection batch, selection head, key block)
-    the query blocks that selected it, ascending. Returns ``offsets int32 [Bs * Hs * nKB + 1]``
-    and ``query_blocks int32 [total]``; size O(selected blocks). ``with_slots`` adds ``slots
-    int32 [total]``: where the key block sits in each query block's row of ``kvi``."""
+def _transpose(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR transpose of a selection whose query blocks are cut into chunks of ``chunk``: for every
+    (chunk, selection batch, selection head, key block) the query blocks of the chunk that selected
+    it, ascending. Returns ``offsets int32 [n_chunks * Bs * Hs * nKB + 1]``, ``query_blocks int32
+    [total]`` (local to their chunk) and ``slots int32 [total]`` (where the key block sits in the
+    query block's row of ``kvi``); size O(selected blocks)."""
     Bs, Hs, nqb, K = kvi.shape
+    n_keys = Bs * Hs * num_kv_blocks  # keys per chunk
+    n_chunks = _ceil_div(nqb, chunk)
     valid = torch.arange(K, device=kvi.device) < kvn[..., None].long()  # [Bs, Hs, nQB, K]
     bs, hs, qb, slot = valid.nonzero(as_tuple=True)
     kb = kvi[bs, hs, qb, slot].long()
-    key = (bs * Hs + hs) * num_kv_blocks + kb
-    order = torch.argsort(key * nqb + qb)  # by key, then query block
-    counts = torch.bincount(key, minlength=Bs * Hs * num_kv_blocks)
-    offsets = torch.zeros(Bs * Hs * num_kv_blocks + 1, dtype=torch.int64, device=kvi.device)
+    cid = qb // chunk
+    key = cid * n_keys + (bs * Hs + hs) * num_kv_blocks + kb
+    order = torch.argsort(key * nqb + qb)  # by (chunk, key), then query block
+    counts = torch.bincount(key, minlength=n_chunks * n_keys)
+    offsets = torch.zeros(n_chunks * n_keys + 1, dtype=torch.int64, device=kvi.device)
     offsets[1:] = torch.cumsum(counts, 0)
-    out = (offsets.to(torch.int32), qb[order].to(torch.int32).contiguous())
-    return out + (slot[order].to(torch.int32).contiguous(),) if with_slots else out
+    local = (qb - cid * chunk)[order].to(torch.int32).contiguous()
+    return offsets.to(torch.int32), local, slot[order].to(torch.int32).contiguous()
+
+
+def transposed_selection(kvn: Tensor, kvi: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    """CSR transpose of a selection: for every (selection batch, selection head, key block)
+    the query blocks that selected it, ascending. Returns ``offsets int32 [Bs * Hs * nKB + 1]``
+    and ``query_blocks int32 [total]``; size O(selected blocks)."""
+    return _transpose(kvn, kvi, num_kv_blocks, max(1, kvi.shape[2]))[:2]
 
 
 def _work_items(offsets: Tensor, per_item: int) -> tuple[Tensor, Tensor]:
@@ -244,23 +255,12 @@ def _token_chunks(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, per_item: int, b
     ``KEY_MAJOR_PARTIAL_BYTES`` of them at ``bytes_per_slot`` per (token, slot). One transposition
     and a fixed number of host syncs serve every chunk (per-chunk transpositions left the GPU
     idle between chunks)."""
-    Bs, Hs, Tq, K = kvi.shape
+    Tq = kvi.shape[2]
     slots = max(1, int(kvn.max())) if kvn.numel() else 1  # rows list their blocks first: slot < kvn
     chunk = max(1, KEY_MAJOR_PARTIAL_BYTES // (bytes_per_slot * slots))
     n_chunks = _ceil_div(Tq, chunk)
-    n_keys = Bs * Hs * num_kv_blocks  # keys per chunk
-    valid = torch.arange(K, device=kvi.device) < kvn[..., None].long()
-    bs, hs, tok, slot = valid.nonzero(as_tuple=True)
-    kb = kvi[bs, hs, tok, slot].long()
-    cid = tok // chunk
-    key = cid * n_keys + (bs * Hs + hs) * num_kv_blocks + kb
-    order = torch.argsort(key * Tq + tok)  # by (chunk, key), then token
-    counts = torch.bincount(key, minlength=n_chunks * n_keys)
-    key_off = torch.zeros(n_chunks * n_keys + 1, dtype=torch.int64, device=kvi.device)
-    key_off[1:] = torch.cumsum(counts, 0)
-    toks = (tok - cid * chunk)[order].to(torch.int32)
-    tok_slots = slot[order].to(torch.int32)
-    key_off = key_off.to(torch.int32)
+    n_keys = kvi.shape[0] * kvi.shape[1] * num_kv_blocks  # keys per chunk
+    key_off, toks, tok_slots = _transpose(kvn, kvi, num_kv_blocks, chunk)
     item_key, item_start = _work_items(key_off, per_item)
     bounds = torch.searchsorted(item_key, torch.arange(n_chunks + 1, device=kvi.device, dtype=torch.int32) * n_keys)
     bounds = bounds.tolist()
