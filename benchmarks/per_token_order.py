@@ -5,7 +5,7 @@ selected branch (blocks of 64, 16 per token, one selection per GQA group) produc
 block-sparse kernels run it either query-major (one program row per token and head group,
 every token loading its own blocks: ``KEY_MAJOR_PER_TOKEN = False``) or key-major (each selected
 block loaded once per tile of the tokens that chose it, per-block results merged through their
-LSEs; dQ added atomically by the dK/dV kernel). This times both, forward and forward + backward,
+LSEs; dQ the same way, its per-block shares summed). This times both, forward and forward + backward,
 on the same selection, with SDPA cuDNN / FlashAttention dense causal in the same process, and
 checks that the two orders agree. One JSON line per case to ``--out``; a table on stdout.
 

@@ -150,23 +150,28 @@ def _per_token_selection(Bs, Hs, Tq, Tk, kv_block, K, H, causal, seed, dev):
                           num_heads=H, causal=causal)
 
 
-@pytest.mark.parametrize("layout", ["shared-all-heads-B2", "per-sequence-B2", "per-head"])
+@pytest.mark.parametrize("layout", ["shared-all-heads-B2", "per-sequence-B2", "per-head", "long-blocks-offset"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_key_major_per_token_layouts_match_reference_and_query_major(layout, causal, monkeypatch):
-    """The key-major per-token forward and its atomic dQ: a selection shared by all 8 heads of
-    2 KV heads (two head groups per selection head) broadcast over a batch of 2, one selection
-    per sequence, one per head; tokens with no block and blocks wholly in a token's future. It
-    matches the fp32 reference and the query-major kernels; splitting the queries into chunks
-    (a tiny KEY_MAJOR_PARTIAL_BYTES) gives the same result."""
+    """The key-major per-token forward and dQ: a selection shared by all 8 heads of 2 KV heads
+    (two head groups per selection head) broadcast over a batch of 2, one selection per
+    sequence, one per head, and 64-key blocks (several key chunks per block, so the causal
+    chunk limit matters) with queries shorter than the keys; tokens with no block and blocks
+    wholly in a token's future. It matches the fp32 reference and the query-major kernels;
+    splitting the queries into chunks (a tiny KEY_MAJOR_PARTIAL_BYTES) gives the same output,
+    LSE and gradients."""
     import longattn.kernels.block_sparse as bs
 
     dev = _device()
     B, Hs, H, Hkv = {"shared-all-heads-B2": (2, 1, 8, 2), "per-sequence-B2": (2, 2, 4, 2),
-                     "per-head": (1, 4, 4, 2)}[layout]
+                     "per-head": (1, 4, 4, 2), "long-blocks-offset": (1, 2, 4, 2)}[layout]
     Bs = 1 if layout == "shared-all-heads-B2" else B
     Tq, Tk = (40, 40) if causal else (24, 56)
+    kv_block = 16
+    if layout == "long-blocks-offset":
+        Tq, Tk, kv_block = 24, 200, 64
     q, k, v = rand_qkv(B, H, Hkv, Tq, Tk, 64, device=dev, seed=stable_seed(layout, causal), requires_grad=True)
-    sel = _per_token_selection(Bs, Hs, Tq, Tk, 16, 3, H, causal, stable_seed(layout), dev)
+    sel = _per_token_selection(Bs, Hs, Tq, Tk, kv_block, 3, H, causal, stable_seed(layout), dev)
     assert (sel.kv_num_blocks == 0).any(), "the test needs tokens that select nothing"
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dev)
     ref, ref_lse = _reference(q, k, v, sel, causal)
@@ -183,9 +188,13 @@ def test_key_major_per_token_layouts_match_reference_and_query_major(layout, cau
     for which, f, r in zip("qkv", grads, ref_grads):
         assert _error(f, r) < 1e-5, ("d" + which, _error(f, r))
 
-    monkeypatch.setattr(bs, "KEY_MAJOR_PARTIAL_BYTES", 4 * B * H * 3 * 64 * 5)  # chunks of 5 tokens
+    monkeypatch.setattr(bs, "KEY_MAJOR_PARTIAL_BYTES", 4 * B * H * 3 * 65 * 5)  # chunks of 5 tokens
     out_c, lse_c = block_sparse_attention(q, k, v, sel, 0.125)
     assert _error(out_c, out) < 1e-6 and torch.equal(torch.isfinite(lse_c), torch.isfinite(lse))
+    assert _error(lse_c[fin], lse[fin]) < 1e-6
+    # chunks regroup the tokens of a tile, so fp32 sums may round differently (not bitwise)
+    for f, fc in zip(grads, torch.autograd.grad(out_c, (q, k, v), g)):
+        assert _error(fc, f) < 1e-5
     monkeypatch.setattr(bs, "KEY_MAJOR_PER_TOKEN", False)
     assert not _plan(q, k, sel).key_major
     out_q, _ = block_sparse_attention(q, k, v, sel, 0.125)
@@ -323,3 +332,41 @@ def test_key_major_buffers_are_sized_by_the_widest_row_not_the_index_width():
     out, lse = block_sparse_attention(q, k, v, sel, 0.125)
     out_w, lse_w = block_sparse_attention(q, k, v, wide_sel, 0.125)
     assert torch.equal(out, out_w) and torch.equal(lse, lse_w)
+
+
+@pytest.mark.parametrize("G,hps,cap,want", [(4, 1, 128, 1), (4, 8, 128, 4), (6, 4, 128, 2), (24, 48, 16, 12),
+                                            (48, 96, 32, 24), (40, 40, 32, 20), (64, 64, 128, 64)])
+def test_heads_per_program_never_straddle_a_kv_head_or_selection(G, hps, cap, want):
+    """A program's heads share one KV head and one selection head: P divides gcd(heads per KV
+    head, heads per selection) and fits the row cap. The earlier rule capped P at the row cap
+    (16 of a group of 24) and gave programs heads of two KV heads, or left heads unserved."""
+    from longattn.kernels.block_sparse import heads_per_program
+
+    P = heads_per_program(G, hps, cap)
+    assert P == want and G % P == 0 and hps % P == 0 and P <= cap
+
+
+@pytest.mark.parametrize("case", ["per-token-48-heads", "window-40-heads"])
+def test_wide_head_groups_match_reference(case):
+    """GQA groups wider than a program's rows in fp32 (row caps 32 forward, 16 backward): 24
+    query heads per KV head with one per-token selection for all heads (the backward's 16-row
+    cap does not divide 24), and 40 heads on one KV head with a window shared by all (the
+    forward's 32 does not divide 40: heads 32-39 were never computed)."""
+    dev = _device()
+    if case == "per-token-48-heads":
+        H, Hkv, T = 48, 2, 20
+        q, k, v = rand_qkv(1, H, Hkv, T, T, 16, device=dev, seed=4, requires_grad=True)
+        sel = _per_token_selection(1, 1, T, T, 16, 2, H, True, 4, dev)
+        causal = True
+    else:
+        H, Hkv, T = 40, 1, 40
+        q, k, v = rand_qkv(1, H, Hkv, T, T, 16, device=dev, seed=5, requires_grad=True)
+        sel = longattn.get_method("window").selector(q, k, True, longattn.get_method("window").make_config(
+            window=20, block_size=16))
+        causal = True
+    ref, _ = _reference(q, k, v, sel, causal)
+    out, _ = block_sparse_attention(q, k, v, sel, 0.25)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dev)
+    assert _error(out, ref) < 1e-5
+    for which, f, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _error(f, r) < 1e-5, ("d" + which, _error(f, r))

@@ -54,7 +54,7 @@ out["_bwd_dkdv[token list]"] = compile_sm90(_bwd_dkdv, ptr, const, ("sm_scale",)
 from longattn.kernels.block_sparse.kernel import _bwd_dq_tokens, _fwd_tokens, _merge_slots
 ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "OP": "*fp32", "LP": "*fp32", "DQP": "*fp32",
        "LSE": "*fp32", "DELTA": "*fp32"}
-ptr.update({n: "*i32" for n in ("KEY_OFF", "ITEM_KEY", "ITEM_START", "T_TOK", "T_SLOT")})
+ptr.update({n: "*i32" for n in ("ITEM_START", "ITEM_STOP", "T_TOK", "T_SLOT")}, ITEM_KEY="*i64")
 rule = dict(D=128, HEAD_DIM=128, P=4, KV_BLOCK=64, CAUSAL=True, HAS_WINDOW=False, TWO_SIDED=False, IEEE=False,
             UPCAST=False)
 out["_fwd_tokens[bf16]"] = compile_sm90(_fwd_tokens, ptr, dict(rule, BLOCK_M=32, ROWS=128, BLOCK_N=32),

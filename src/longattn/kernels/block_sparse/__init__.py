@@ -118,19 +118,22 @@ def _tile_rows(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
+def heads_per_program(heads_per_kv: int, heads_per_sel: int, max_rows: int) -> int:
+    """``P``: query heads one program serves. They must share a KV head and a selection head:
+    aligned runs of ``gcd(heads_per_kv, heads_per_sel)`` heads do, so ``P`` is the largest
+    divisor of that run within the row cap (a cap that does not divide the run would give a
+    program heads of two KV heads or selections, or leave heads without a program)."""
+    run = math.gcd(heads_per_kv, heads_per_sel)
+    return max(d for d in range(1, min(run, max_rows) + 1) if run % d == 0)
+
+
 def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Plan:
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
     max_rows, max_block_n = TILE_CAPS[(phase, q.dtype == torch.float32)]
     G = H // Hkv
     hps = H // sel.kv_num_blocks.shape[1]
-    if hps % G == 0:
-        P = G
-    elif G % hps == 0:
-        P = hps
-    else:
-        P = 1
-    P = min(P, max_rows)
-    key_major = KEY_MAJOR_PER_TOKEN and sel.q_block == 1 and hps % P == 0
+    P = heads_per_program(G, hps, max_rows)
+    key_major = KEY_MAJOR_PER_TOKEN and sel.q_block == 1
     if key_major:  # BLOCK_M: tokens gathered per program from a key block's list
         block_m = _largest_pow2_divisor_at_most(1 << 30, max(1, max_rows // P))
     else:
@@ -205,53 +208,55 @@ def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_bloc
 
 
 def _transpose(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR transpose of a selection whose query blocks are cut into chunks of ``chunk``: for every
-    (chunk, selection batch, selection head, key block) the query blocks of the chunk that selected
-    it, ascending. Returns ``offsets int32 [n_chunks * Bs * Hs * nKB + 1]``, ``query_blocks int32
-    [total]`` (local to their chunk) and ``slots int32 [total]`` (where the key block sits in the
-    query block's row of ``kvi``); size O(selected blocks)."""
+    """A selection's entries ordered key-major, its query blocks cut into chunks of ``chunk``:
+    ``(keys int64 [total], query_blocks int32 [total], slots int32 [total])`` sorted by key, then
+    query block. A key names (chunk, selection batch, selection head, key block) as
+    ``((chunk * Bs + b) * Hs + h) * nKB + kb``; query blocks are local to their chunk; a slot is
+    where the key block sits in the query block's row of ``kvi``. Size O(selected blocks)."""
     Bs, Hs, nqb, K = kvi.shape
-    n_keys = Bs * Hs * num_kv_blocks  # keys per chunk
-    n_chunks = _ceil_div(nqb, chunk)
     valid = torch.arange(K, device=kvi.device) < kvn[..., None].long()  # [Bs, Hs, nQB, K]
     bs, hs, qb, slot = valid.nonzero(as_tuple=True)
     kb = kvi[bs, hs, qb, slot].long()
     cid = qb // chunk
-    key = cid * n_keys + (bs * Hs + hs) * num_kv_blocks + kb
-    order = torch.argsort(key * nqb + qb)  # by (chunk, key), then query block
-    counts = torch.bincount(key, minlength=n_chunks * n_keys)
-    offsets = torch.zeros(n_chunks * n_keys + 1, dtype=torch.int64, device=kvi.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    key = ((cid * Bs + bs) * Hs + hs) * num_kv_blocks + kb
+    order = torch.argsort(key * nqb + qb)  # by key, then query block
     local = (qb - cid * chunk)[order].to(torch.int32).contiguous()
-    return offsets.to(torch.int32), local, slot[order].to(torch.int32).contiguous()
+    return key[order], local, slot[order].to(torch.int32).contiguous()
 
 
 def transposed_selection(kvn: Tensor, kvi: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
     """CSR transpose of a selection: for every (selection batch, selection head, key block)
     the query blocks that selected it, ascending. Returns ``offsets int32 [Bs * Hs * nKB + 1]``
     and ``query_blocks int32 [total]``; size O(selected blocks)."""
-    return _transpose(kvn, kvi, num_kv_blocks, max(1, kvi.shape[2]))[:2]
+    Bs, Hs, nqb, _ = kvi.shape
+    keys, qbs, _ = _transpose(kvn, kvi, num_kv_blocks, max(1, nqb))
+    counts = torch.bincount(keys, minlength=Bs * Hs * num_kv_blocks)
+    offsets = torch.zeros(Bs * Hs * num_kv_blocks + 1, dtype=torch.int64, device=kvi.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets.to(torch.int32), qbs
 
 
-def _work_items(offsets: Tensor, per_item: int) -> tuple[Tensor, Tensor]:
-    """Splits every list of a CSR ``offsets [n + 1]`` into items of at most ``per_item``
-    entries: ``(list index int32 [items], first entry int32 [items])``, so one long list (NSA's
-    first block, chosen by every token) spreads over many programs."""
-    counts = (offsets[1:] - offsets[:-1]).long()
-    per_list = (counts + per_item - 1) // per_item
-    total = int(per_list.sum())
-    lists = torch.repeat_interleave(torch.arange(len(per_list), device=offsets.device), per_list, output_size=total)
-    first = torch.cumsum(per_list, 0) - per_list
-    start = offsets[:-1].long()[lists] + (torch.arange(total, device=offsets.device) - first[lists]) * per_item
-    return lists.to(torch.int32), start.to(torch.int32)
+def _work_items(keys: Tensor, per_item: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cuts the runs of equal ``keys`` (sorted) into items of at most ``per_item`` entries:
+    ``(key int64 [items], first entry int32 [items], end of the run int32 [items])``, so one long
+    list (NSA's first block, chosen by every token) spreads over many programs. Only keys that
+    occur make items."""
+    uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    per_run = (counts + per_item - 1) // per_item
+    total = int(per_run.sum())
+    runs = torch.repeat_interleave(torch.arange(len(per_run), device=keys.device), per_run, output_size=total)
+    first = torch.cumsum(per_run, 0) - per_run
+    start = starts[runs] + (torch.arange(total, device=keys.device) - first[runs]) * per_item
+    return uniq[runs], start.to(torch.int32), (starts + counts)[runs].to(torch.int32)
 
 
 def _token_chunks(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, per_item: int, bytes_per_slot: int):
     """The query chunks of a key-major pass over a per-token selection: yields ``(t0, t1, slots,
-    lists)`` with ``lists = (key_off, tokens, token_slots, item_key, item_start)`` for tokens
-    ``[t0, t1)`` (token indices local to the chunk; ``item_key`` indexes ``key_off`` and names
-    (chunk, selection batch, selection head, key block)). ``slots`` (the widest row's count of
-    selected blocks) sizes the per-block buffers; a chunk holds at most
+    lists)`` with ``lists = (tokens, token_slots, item_key, item_start, item_stop)`` for tokens
+    ``[t0, t1)`` (token indices local to the chunk; an item's key names (chunk, selection batch,
+    selection head, key block), its entries are ``[start, stop)`` of ``tokens``). ``slots`` (the
+    widest row's count of selected blocks) sizes the per-block buffers; a chunk holds at most
     ``KEY_MAJOR_PARTIAL_BYTES`` of them at ``bytes_per_slot`` per (token, slot). One transposition
     and a fixed number of host syncs serve every chunk (per-chunk transpositions left the GPU
     idle between chunks)."""
@@ -260,14 +265,25 @@ def _token_chunks(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, per_item: int, b
     chunk = max(1, KEY_MAJOR_PARTIAL_BYTES // (bytes_per_slot * slots))
     n_chunks = _ceil_div(Tq, chunk)
     n_keys = kvi.shape[0] * kvi.shape[1] * num_kv_blocks  # keys per chunk
-    key_off, toks, tok_slots = _transpose(kvn, kvi, num_kv_blocks, chunk)
-    item_key, item_start = _work_items(key_off, per_item)
-    bounds = torch.searchsorted(item_key, torch.arange(n_chunks + 1, device=kvi.device, dtype=torch.int32) * n_keys)
-    bounds = bounds.tolist()
+    keys, toks, tok_slots = _transpose(kvn, kvi, num_kv_blocks, chunk)
+    item_key, item_start, item_stop = _work_items(keys, per_item)
+    bounds = torch.searchsorted(item_key, torch.arange(n_chunks + 1, device=kvi.device) * n_keys).tolist()
     for c in range(n_chunks):
         t0, t1 = c * chunk, min(Tq, (c + 1) * chunk)
         i0, i1 = bounds[c], bounds[c + 1]
-        yield t0, t1, slots, (key_off, toks, tok_slots, item_key[i0:i1], item_start[i0:i1])
+        yield t0, t1, slots, (toks, tok_slots, item_key[i0:i1], item_start[i0:i1], item_stop[i0:i1])
+
+
+def _chunk_buffer(buf: Tensor | None, shape: tuple[int, ...], n: int, device, fill: float | None = None) -> Tensor:
+    """A per-chunk buffer of ``shape`` (axis 2: tokens of the largest chunk), allocated once and
+    reused, so chunks never hold two at a time; returns its first ``n`` tokens (a view with the
+    buffer's strides), filled with ``fill`` if given."""
+    if buf is None:
+        buf = torch.empty(shape, device=device, dtype=torch.float32)
+    view = buf[:, :, :n]
+    if fill is not None:
+        view.fill_(fill)
+    return buf, view
 
 
 def _key_major_layout(q: Tensor, kvn: Tensor, plan: _Plan) -> tuple[int, int, int]:
@@ -283,8 +299,8 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
     """Forward of a per-token selection (``q_block = 1``), key-major: for each selected key
     block, the tokens that chose it in tiles of ``plan.BLOCK_M`` (:func:`kernel._fwd_tokens`),
     then the per-block results merged per token (:func:`kernel._merge_slots`). The per-block
-    results take ``B * H * D`` fp32 per (token, slot); query ranges run in chunks that keep them
-    under ``KEY_MAJOR_PARTIAL_BYTES``."""
+    results take ``B * H * (D + 1)`` fp32 per (token, slot); query ranges run in chunks that keep
+    them under ``KEY_MAJOR_PARTIAL_BYTES`` (one buffer, reused by every chunk)."""
     from .kernel import _fwd_tokens, _merge_slots
 
     B, H, Tq, D = q.shape
@@ -292,13 +308,15 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     grid1, groups, per_sequence = _key_major_layout(q, kvn, plan)
-    for t0, t1, slots, (key_off, toks, tok_slots, item_key, item_start) in _token_chunks(
-            kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * D):
-        op = torch.empty(B, H, t1 - t0, slots, D, device=q.device, dtype=torch.float32)
-        lp = torch.full((B, H, t1 - t0, slots), float("-inf"), device=q.device, dtype=torch.float32)
+    op_buf = lp_buf = None
+    for t0, t1, slots, (toks, tok_slots, item_key, item_start, item_stop) in _token_chunks(
+            kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * (D + 1)):
+        n = t1 - t0
+        op_buf, op = _chunk_buffer(op_buf, (B, H, n, slots, D), n, q.device)
+        lp_buf, lp = _chunk_buffer(lp_buf, (B, H, n, slots), n, q.device, fill=float("-inf"))
         if item_key.numel():
             _fwd_tokens[(item_key.numel(), grid1)](
-                q, k, v, op, lp, key_off, item_key, item_start, toks, tok_slots,
+                q, k, v, op, lp, item_key, item_start, item_stop, toks, tok_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:4], *lp.stride()[:3],
                 kvn.shape[0], kvn.shape[1], num_kv_blocks, groups, per_sequence,
                 t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
@@ -307,9 +325,9 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
                 KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
                 num_warps=plan.num_warps, num_stages=plan.num_stages,
             )
-        _merge_slots[(_ceil_div(t1 - t0, MERGE_BLOCK_T), B * H)](
+        _merge_slots[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
             op, lp, out, lse, *op.stride()[:4], *lp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-            t0, t1 - t0, H, slots, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
+            t0, n, H, slots, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
         )
     return out, lse
 
@@ -324,12 +342,14 @@ def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, sc
     _, kv_block, kv_len, q_offset = sel_meta
     dq = torch.empty_like(q)
     grid1, groups, per_sequence = _key_major_layout(q, kvn, plan)
-    for t0, t1, slots, (key_off, toks, tok_slots, item_key, item_start) in _token_chunks(
+    part_buf = None
+    for t0, t1, slots, (toks, tok_slots, item_key, item_start, item_stop) in _token_chunks(
             kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * D):
-        part = torch.empty(B, H, t1 - t0, slots, D, device=q.device, dtype=torch.float32)  # filled slots only
+        n = t1 - t0
+        part_buf, part = _chunk_buffer(part_buf, (B, H, n, slots, D), n, q.device)  # filled slots only
         if item_key.numel():
             _bwd_dq_tokens[(item_key.numel(), grid1)](
-                q, k, v, dout, part, lse, delta, key_off, item_key, item_start, toks, tok_slots,
+                q, k, v, dout, part, lse, delta, item_key, item_start, item_stop, toks, tok_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *part.stride()[:4],
                 *lse.stride()[:2], kvn.shape[0], kvn.shape[1], num_kv_blocks, groups, per_sequence,
                 t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
@@ -338,9 +358,9 @@ def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, sc
                 KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
                 num_warps=plan.num_warps, num_stages=plan.num_stages,
             )
-        _sum_slots[(_ceil_div(t1 - t0, MERGE_BLOCK_T), B * H)](
+        _sum_slots[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
             part, kvn, dq, *part.stride()[:4], *_sel_strides(kvn), *dq.stride()[:3],
-            t0, t1 - t0, H, plan.heads_per_sel, slots, scale,
+            t0, n, H, plan.heads_per_sel, slots, scale,
             D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
         )
     return dq

@@ -149,10 +149,10 @@ def _fwd(
 
 
 @triton.jit
-def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups,
+def _token_item_rows(ITEM_KEY, ITEM_START, ITEM_STOP, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups,
                      batch_from_sel, tok_base, q_offset, heads_per_kv, heads_per_sel, P: tl.constexpr,
-                     BLOCK_M: tl.constexpr,
-                     ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr):
     """The rows of program ``(item, b * groups + g)`` of the key-major per-token kernels: work item
     ``item`` is one key block ``kb`` and up to ``BLOCK_M`` entries of the list of tokens that
     selected it; row ``r`` is head ``r // BLOCK_M`` of the group and entry ``r % BLOCK_M``.
@@ -163,7 +163,7 @@ def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, se
     pid1 = tl.program_id(1)
     key = tl.load(ITEM_KEY + item)
     start = tl.load(ITEM_START + item)
-    stop = tl.load(KEY_OFF + key + 1)
+    stop = tl.load(ITEM_STOP + item)
     kb = key % num_kv_blocks
     hs = (key // num_kv_blocks) % sel_heads
     sb = (key // (num_kv_blocks * sel_heads)) % sel_batch  # keys also carry the query chunk
@@ -191,7 +191,7 @@ def _token_item_rows(ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, se
 
 @triton.jit
 def _fwd_tokens(
-    Q, K, V, OP, LP, KEY_OFF, ITEM_KEY, ITEM_START, T_TOK, T_SLOT,
+    Q, K, V, OP, LP, ITEM_KEY, ITEM_START, ITEM_STOP, T_TOK, T_SLOT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sopb, soph, sopt, sops, slpb, slph, slpt,
     sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
     tok_base, kv_len, q_offset, heads_per_kv, heads_per_sel,
@@ -209,7 +209,7 @@ def _fwd_tokens(
     normalised output ``OP [.., slot, :]`` (fp32) and natural-log LSE ``LP [.., slot]`` -- at the
     block's slot in the token's selection; :func:`_merge_slots` combines the slots."""
     b, heads, kvh, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks = _token_item_rows(
-        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
+        ITEM_KEY, ITEM_START, ITEM_STOP, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
         tok_base, q_offset, heads_per_kv, heads_per_sel, P, BLOCK_M, ROWS, KV_BLOCK, BLOCK_N, CAUSAL)
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
@@ -338,7 +338,7 @@ def _dq_chunk(dq, q, do, lse2, delta, q_abs, row_ok, k_base, v_base, skt, svt, k
 
 @triton.jit
 def _bwd_dq_tokens(
-    Q, K, V, DO, DQP, LSE, DELTA, KEY_OFF, ITEM_KEY, ITEM_START, T_TOK, T_SLOT,
+    Q, K, V, DO, DQP, LSE, DELTA, ITEM_KEY, ITEM_START, ITEM_STOP, T_TOK, T_SLOT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdpb, sdph, sdpt, sdps, slb, slh,
     sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
     tok_base, kv_len, q_offset, heads_per_kv, heads_per_sel,
@@ -350,9 +350,9 @@ def _bwd_dq_tokens(
 ):
     """Key-major dQ for per-token selections, laid out like :func:`_fwd_tokens`: each program
     writes its rows' dQ over one key block (fp32, without the softmax scale) at the block's slot
-    in ``DQP [.., slot, :]``; the host sums the slots."""
+    in ``DQP [.., slot, :]``; :func:`_sum_slots` sums the slots."""
     b, heads, kvh, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks = _token_item_rows(
-        ITEM_KEY, ITEM_START, KEY_OFF, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
+        ITEM_KEY, ITEM_START, ITEM_STOP, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
         tok_base, q_offset, heads_per_kv, heads_per_sel, P, BLOCK_M, ROWS, KV_BLOCK, BLOCK_N, CAUSAL)
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
