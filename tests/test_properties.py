@@ -321,3 +321,32 @@ def test_density_counts_kept_pairs(name, config, causal):
     assert torch.allclose(sel.kept_pairs().double() / full, expected)
     assert abs(sel.density() - expected.mean().item()) < 1e-12
     assert 0 < sel.density() < 1
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_block_topk_ranks_non_finite_scores_last_and_keeps_forced_blocks(k):
+    """An overflowed gate (NaN, +-inf scores) still selects k blocks: the forced block first,
+    then the scores with +-inf clamped to the largest floats, NaN last (tied with -inf); the
+    index form (k passes of max up to MAX_PASSES_K, else torch.topk) and the bitmap form agree
+    up to ties. Before, NaN dropped blocks from the index form (max returns NaN first) while
+    torch.topk ranked NaN first."""
+    from longattn.methods._common import topk_block_indices, topk_blocks
+
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[0.5, nan, 0.2, 0.1, 0.3, -inf, inf, 0.0, nan, 0.4, 0.6, -0.1],
+                           [nan] * 12])
+    eligible = torch.ones(2, 12, dtype=torch.bool)
+    eligible[:, 11] = False
+    forced = torch.zeros(2, 12, dtype=torch.bool)
+    forced[:, 4] = True
+    idx, keep = topk_block_indices(scores, eligible, forced, k)
+    chosen = [set(idx[r][keep[r]].tolist()) for r in range(2)]
+    spec = [set(row.nonzero().flatten().tolist()) for row in topk_blocks(scores, eligible, forced, k)]
+    for c, want in zip(chosen, spec):
+        assert len(c) == len(want) == k and 4 in c and 4 in want and 11 not in c | want
+    tied = {1, 5, 8}  # NaN, -inf, NaN: all rank as the lowest float
+    assert chosen[0] - tied == spec[0] - tied
+    if k == 3:
+        assert chosen[0] == {4, 6, 10}  # forced, +inf (the largest float), 0.6
+    else:  # every other eligible block, then two of the three tied lowest
+        assert chosen[0] - tied == {0, 2, 3, 4, 6, 7, 9, 10} and len(chosen[0] & tied) == 2

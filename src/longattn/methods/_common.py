@@ -211,12 +211,22 @@ def pooled_block_scores(q: Tensor, k: Tensor, gate_block: int, kv_block: int) ->
     return torch.matmul(qm, expand_kv_heads(km, q.shape[1]).transpose(-1, -2))
 
 
+def _ranked(scores: Tensor, eligible: Tensor, forced: Tensor) -> Tensor:
+    """Ranking keys of the block top-k: ``+inf`` for forced blocks, ``-inf`` for blocks neither
+    forced nor eligible, else the score, with a non-finite score clamped into the finite range
+    (NaN ranks last among eligible blocks, as in NSA) so a gate that overflowed still selects
+    ``k`` blocks and never displaces a forced one."""
+    fmax = torch.finfo(scores.dtype).max
+    clean = torch.nan_to_num(scores, nan=-fmax, posinf=fmax, neginf=-fmax)
+    return torch.where(forced, float("inf"), torch.where(eligible, clean, float("-inf")))
+
+
 def topk_block_indices(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``forced`` blocks plus the best-scoring ``eligible`` ones, ``k`` blocks in all where
     enough are eligible: ``(indices int64 [..., min(k, nKB)], keep bool [..., min(k, nKB)])``
     (``keep`` is False for a slot filled by a block neither eligible nor forced). Inputs
     ``[..., nKB]``."""
-    ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
+    ranked = _ranked(scores, eligible, forced)
     k = min(k, scores.shape[-1])
     if k > MAX_PASSES_K:
         values, top = ranked.topk(k, dim=-1)
@@ -241,7 +251,7 @@ def topk_blocks(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> Ten
     independently with ``torch.topk`` (the bitmap form, with :func:`pattern_selection` the
     executable specification the index form is tested against)."""
     n = scores.shape[-1]
-    ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
+    ranked = _ranked(scores, eligible, forced)
     top = ranked.topk(min(k, n), dim=-1).indices
     keep = torch.zeros_like(eligible)
     keep.scatter_(-1, top, True)
