@@ -178,7 +178,7 @@ def _token_item_rows(ITEM_KEY, ITEM_START, ITEM_STOP, T_TOK, T_SLOT, sel_batch, 
     r_tok = tl.load(T_TOK + ent, mask=ent_ok, other=0)
     slot = tl.load(T_SLOT + ent, mask=ent_ok, other=0)
     row_ok = (r_head < P) & ent_ok
-    q_tok = r_tok + tok_base
+    q_tok = (r_tok + tok_base).to(tl.int64)  # int64: token offsets of a [B, T, H, D] view pass 2^31
     q_abs = q_tok + q_offset
     CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
     n_chunks = CHUNKS
@@ -270,7 +270,7 @@ def _merge_slots(
     has = den > 0
     out = acc / tl.where(has, den, 1.0)[:, None]
     lse = tl.where(has, m + tl.log(tl.where(has, den, 1.0)), float("-inf"))
-    q_tok = toks + tok_base
+    q_tok = (toks + tok_base).to(tl.int64)
     tl.store(O + b * sob + h * soh + q_tok[:, None] * sot + dims[None, :], out.to(O.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + h * slh + q_tok, lse, mask=t_ok)
@@ -390,7 +390,7 @@ def _sum_slots(
     h = (pid_bh % num_heads).to(tl.int64)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = toks < t_len
-    q_tok = toks + tok_base
+    q_tok = (toks + tok_base).to(tl.int64)
     dims = tl.arange(0, HEAD_DIM)
     d_ok = dims < D
     cnt = tl.load(KVN + b * snb + (h // heads_per_sel) * snh + q_tok * snt, mask=t_ok, other=0)
