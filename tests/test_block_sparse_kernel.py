@@ -370,3 +370,41 @@ def test_wide_head_groups_match_reference(case):
     assert _error(out, ref) < 1e-5
     for which, f, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert _error(f, r) < 1e-5, ("d" + which, _error(f, r))
+
+
+def test_kernel_layout_copies_or_refuses_views_past_int32_offsets():
+    """The kernels add token and feature offsets in int32. A [B, T, H, D] view transposed to
+    [B, H, T, D] spans T * H * D elements per (batch, head) slice: at 600k tokens of 32 heads of
+    128 that passes 2^31, so it is copied contiguous (T * D per slice); past T * D >= 2^31 even
+    that fails and the error names the argument. Meta tensors: shapes and strides, no memory."""
+    from longattn.kernels import MAX_SLICE_OFFSET, kernel_layout, slice_offset_span
+
+    view = torch.empty(1, 600_000, 32, 128, device="meta").transpose(1, 2)
+    assert slice_offset_span(view) > MAX_SLICE_OFFSET
+    fixed = kernel_layout(view, "q")
+    assert fixed.is_contiguous() and slice_offset_span(fixed) == 600_000 * 128 - 1
+    small = torch.empty(1, 4096, 32, 128, device="meta").transpose(1, 2)
+    assert kernel_layout(small, "q") is small  # fits: passed through, no copy
+    with pytest.raises(ValueError, match="k .*2\\^31"):
+        kernel_layout(torch.empty(1, 1, 17_000_000, 128, device="meta"), "k")
+
+
+def test_sparse_decode_refuses_a_cache_view_past_int32_offsets(monkeypatch):
+    """Sparse decoding reads the cache in place (a contiguous copy per step would read it all),
+    so a cache whose (batch, head) slice passes the kernel's int32 offsets is refused with the
+    argument named. The limit is lowered here so a small [B, T, Hkv, D] view crosses it."""
+    import longattn.kernels as kernels
+    from longattn.decode import sparse_decode
+
+    dev = _device()
+    cache = torch.randn(1, 64, 2, 32, device=dev)  # [B, T, Hkv, D]
+    k_cache = v_cache = cache.transpose(1, 2)  # [B, Hkv, T, D], token stride Hkv * D = 64
+    q = torch.randn(1, 4, 1, 32, device=dev)
+    lens = torch.tensor([64], dtype=torch.int32, device=dev)
+    idx = torch.zeros(1, 2, 1, dtype=torch.int32, device=dev)
+    cnt = torch.ones(1, 2, dtype=torch.int32, device=dev)
+    out = sparse_decode(q, k_cache, v_cache, lens, idx, cnt, block_size=16, backend="triton")
+    assert torch.isfinite(out).all()
+    monkeypatch.setattr(kernels, "MAX_SLICE_OFFSET", 63 * 64)  # below this view's span, 63 * 64 + 31
+    with pytest.raises(ValueError, match="k_cache .*2\\^31"):
+        sparse_decode(q, k_cache, v_cache, lens, idx, cnt, block_size=16, backend="triton")

@@ -60,3 +60,28 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     return (f"Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
             f"got device type {device.type!r}")
+
+
+#: The kernels compute batch and head offsets in int64 but offsets along the token and feature
+#: axes in int32: within one ``[batch, head]`` slice every element offset must stay below this.
+MAX_SLICE_OFFSET = 2**31 - 1
+
+
+def slice_offset_span(t: torch.Tensor) -> int:
+    """Largest element offset inside one ``[batch, head]`` slice of a ``[B, H, T, D]`` tensor:
+    ``(T - 1) * stride(2) + (D - 1) * stride(3)``."""
+    return sum((n - 1) * s for n, s in zip(t.shape[2:], t.stride()[2:]) if n > 0)
+
+
+def kernel_layout(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t [B, H, T, D]`` laid out as the kernels take it: unit stride along ``D`` and slice
+    offsets within int32. A view that breaks either (e.g. ``[B, T, H, D]`` transposed at
+    ``T * H * D >= 2^31``: 512k tokens of 32 heads of 128) is copied contiguous; if even that does
+    not fit (``T * D >= 2^31``), ``ValueError`` names the argument, instead of wrong addresses."""
+    if t.stride(-1) != 1 or slice_offset_span(t) > MAX_SLICE_OFFSET:
+        t = t.contiguous()
+    if slice_offset_span(t) > MAX_SLICE_OFFSET:
+        raise ValueError(f"{name} {tuple(t.shape)}: one [batch, head] slice holds more than 2^31 elements, "
+                         "past the Triton kernels' int32 token offsets")
+    return t
+

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...selection import BlockSelection, _ceil_div, token_rule_of
-from .. import interpreting, triton_unavailable_reason
+from .. import interpreting, kernel_layout, triton_unavailable_reason
 
 # Tile caps (query rows = heads x tokens per program, keys per inner step), chosen so that the
 # kernels compile for sm_90 without register spills or more shared memory than a block may
@@ -439,7 +439,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
         raise ValueError(f"block_sparse_attention cannot run: {reason}")
     if q.shape[0] == 0:
         return torch.zeros_like(q), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (kernel_layout(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     kvn = sel.kv_num_blocks.to(torch.int32)
     kvi = sel.kv_indices.to(torch.int32).contiguous()
     plans = (_plan(q, k, sel, "fwd"), _plan(q, k, sel, "bwd"))

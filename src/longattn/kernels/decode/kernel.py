@@ -255,6 +255,14 @@ def _ready(device: torch.device) -> None:
 def _launch_split(q, k_cache, v_cache, cache_seqlens, block_indices, block_counts, o, lse,
                   *, block_size: int, scale: float, num_splits: int, cfg: dict, direct: bool) -> None:
     _ready(q.device)
+    from .. import MAX_SLICE_OFFSET, slice_offset_span
+
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        # a copy of the cache per step would defeat sparse decoding: refuse instead
+        if slice_offset_span(t) > MAX_SLICE_OFFSET:
+            raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()}: one [batch, head] slice spans "
+                             "more than 2^31 elements, past the decode kernel's int32 token offsets; store the "
+                             "cache as a contiguous [B, Hkv, T, D] tensor")
     B, H, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     grid = (B * Hkv, num_splits, cfg["row_tiles"])

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ...selection import _ceil_div
-from .. import interpreting
+from .. import interpreting, kernel_layout
 from ..block_sparse import inputs_unsupported_reason
 
 # Tile sizes, in one place. Rows of a program = GP x BLOCK_M (GP: query heads per KV head,
@@ -346,10 +346,10 @@ def compressed_attention(
     inconsistent shapes or inputs the kernels cannot take."""
     _check(q, k_cmp, v_cmp, kv_len, compress_block, compress_stride, None)
     dtype = _common_dtype(q, k_cmp)
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    q = kernel_layout(q, "q")
     # the casts are differentiable: gradients return in k_cmp's / v_cmp's own dtype
     k_cmp, v_cmp = (t.to(dtype) if t.dtype != dtype else t for t in (k_cmp, v_cmp))
-    k_cmp, v_cmp = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cmp, v_cmp))
+    k_cmp, v_cmp = kernel_layout(k_cmp, "k_cmp"), kernel_layout(v_cmp, "v_cmp")
     return _CompressedAttention.apply(q, k_cmp, v_cmp, kv_len, compress_block, compress_stride, float(scale))
 
 
@@ -376,9 +376,9 @@ def selection_scores(
         return torch.zeros(B, Hkv, Tq, n_blocks, device=q.device, dtype=torch.float32)
     out = torch.empty(B, Hkv, Tq, n_blocks, device=q.device, dtype=torch.float32)
     dtype = _common_dtype(q, k_cmp)
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    q = kernel_layout(q, "q")
     k_cmp = k_cmp.to(dtype) if k_cmp.dtype != dtype else k_cmp
-    k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
+    k_cmp = kernel_layout(k_cmp, "k_cmp")
     lse = lse.to(torch.float32)
     tune = LAUNCH_OVERRIDES.get("scores", {})
     G, GP, block_m, head_dim = _layout(q, Hkv, True, tune.get("rows"))  # the probability tiles are fp32
