@@ -74,6 +74,16 @@ def band_selection(
     )
 
 
+def _gate_rows(q_len: int, kv_len: int, gate_block: int, device: torch.device) -> tuple[Tensor | None, int]:
+    """How gate rows become query blocks: ``(None, gate_block)`` when the queries' offset lines up
+    with the gate blocks (rows are query blocks), else ``(rows int64 [Tq], 1)``: each query gets
+    its gate block's row."""
+    off = kv_len - q_len
+    if off % gate_block == 0:
+        return None, gate_block
+    return (torch.arange(q_len, device=device) + off) // gate_block - off // gate_block, 1
+
+
 def pattern_selection(
     pattern: Tensor,
     *,
@@ -91,12 +101,8 @@ def pattern_selection(
     When query blocks line up with gate blocks the rows are used as they are and only the
     causal rule is checked per token; otherwise each query gets its own row (``q_block=1``)."""
     off = kv_len - q_len
-    if off % gate_block == 0:
-        bitmap, q_block = pattern, gate_block
-    else:
-        first = off // gate_block
-        rows = (torch.arange(q_len, device=pattern.device) + off) // gate_block - first
-        bitmap, q_block = pattern[:, :, rows], 1  # [Bp, Hp, Tq, nKB]
+    rows, q_block = _gate_rows(q_len, kv_len, gate_block, pattern.device)
+    bitmap = pattern if rows is None else pattern[:, :, rows]  # [Bp, Hp, nQB, nKB]
     mask_mod = causal_mod(off) if causal else None
     full = None
     if causal:
@@ -139,12 +145,9 @@ def index_selection(
     counts = keep.sum(-1, dtype=torch.int32)
     indices = torch.where(ordered < nkb, ordered, 0).to(torch.int32)
     off = kv_len - q_len
-    if off % gate_block == 0:
-        q_block = gate_block
-    else:  # as pattern_selection: each query gets its gate block's row
-        first = off // gate_block
-        rows = (torch.arange(q_len, device=idx.device) + off) // gate_block - first
-        indices, counts, q_block = indices[:, :, rows], counts[:, :, rows], 1
+    rows, q_block = _gate_rows(q_len, kv_len, gate_block, idx.device)
+    if rows is not None:
+        indices, counts = indices[:, :, rows], counts[:, :, rows]
     valid = torch.arange(indices.shape[-1], device=idx.device) < counts[..., None].long()
     if causal:
         q_lo = torch.arange(indices.shape[2], device=idx.device) * q_block + off
