@@ -319,7 +319,7 @@ def test_key_major_buffers_are_sized_by_the_widest_row_not_the_index_width():
     rows hold 3: the key-major per-block buffers take the widest row's count (the first run on
     the H200 sized them by the index width, 128 at 64k, and spent its time in 128 query chunks).
     Padding the index width with unused entries changes neither the slots nor the result."""
-    from longattn.kernels.block_sparse import _token_chunks
+    from longattn.kernels.block_sparse import _token_lists
 
     dev = _device()
     q, k, v = rand_qkv(1, 4, 2, 40, 40, 64, device=dev, seed=3)
@@ -327,8 +327,8 @@ def test_key_major_buffers_are_sized_by_the_widest_row_not_the_index_width():
     wide = torch.cat([sel.kv_indices, torch.zeros_like(sel.kv_indices[..., :1])], dim=-1)  # 1 unused column
     wide_sel = BlockSelection(sel.kv_num_blocks, wide.contiguous(), q_block=1, kv_block=16, q_len=40, kv_len=40,
                               num_heads=4, causal=True)
-    chunks = list(_token_chunks(wide_sel.kv_num_blocks, wide_sel.kv_indices, 3, 32, 4 * 4 * 64))
-    assert [c[2] for c in chunks] == [int(sel.kv_num_blocks.max())] * len(chunks) == [2]
+    lists = _token_lists(wide_sel.kv_num_blocks, wide_sel.kv_indices, 3, 4 * 4 * 65)
+    assert lists.slots == int(sel.kv_num_blocks.max()) == 2 and lists.chunk >= 40
     out, lse = block_sparse_attention(q, k, v, sel, 0.125)
     out_w, lse_w = block_sparse_attention(q, k, v, wide_sel, 0.125)
     assert torch.equal(out, out_w) and torch.equal(lse, lse_w)

@@ -185,6 +185,7 @@ def _sel_strides(t: Tensor) -> tuple[int, int, int]:
 
 
 def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
+    """``(out, lse, token lists)``; the lists (:class:`_TokenLists`) only for the key-major path."""
     from .kernel import _fwd
 
     if plan.key_major:
@@ -204,7 +205,7 @@ def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_bloc
         KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    return out, lse
+    return out, lse, None
 
 
 def _transpose(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -251,27 +252,44 @@ def _work_items(keys: Tensor, per_item: int) -> tuple[Tensor, Tensor, Tensor]:
     return uniq[runs], start.to(torch.int32), (starts + counts)[runs].to(torch.int32)
 
 
-def _token_chunks(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, per_item: int, bytes_per_slot: int):
-    """The query chunks of a key-major pass over a per-token selection: yields ``(t0, t1, slots,
-    lists)`` with ``lists = (tokens, token_slots, item_key, item_start, item_stop)`` for tokens
-    ``[t0, t1)`` (token indices local to the chunk; an item's key names (chunk, selection batch,
-    selection head, key block), its entries are ``[start, stop)`` of ``tokens``). ``slots`` (the
-    widest row's count of selected blocks) sizes the per-block buffers; a chunk holds at most
-    ``KEY_MAJOR_PARTIAL_BYTES`` of them at ``bytes_per_slot`` per (token, slot). One transposition
+@dataclass(frozen=True)
+class _TokenLists:
+    """A per-token selection transposed once for the key-major kernels (forward and dQ):
+    ``keys int64 [total]`` sorted, naming (query chunk, selection batch, selection head, key
+    block); ``tokens`` / ``token_slots int32 [total]``: each entry's token (local to its chunk of
+    ``chunk`` tokens) and the key block's slot in that token's selection; ``slots``: the widest
+    row's count of selected blocks (it sizes the per-block buffers); ``n_keys``: keys per chunk."""
+
+    chunk: int
+    slots: int
+    n_keys: int
+    keys: Tensor
+    tokens: Tensor
+    token_slots: Tensor
+
+
+def _token_lists(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, bytes_per_slot: int) -> _TokenLists:
+    """Transposes a per-token selection, its queries cut into chunks whose per-block buffers hold
+    at most ``KEY_MAJOR_PARTIAL_BYTES`` at ``bytes_per_slot`` per (token, slot). One transposition
     and a fixed number of host syncs serve every chunk (per-chunk transpositions left the GPU
-    idle between chunks)."""
-    Tq = kvi.shape[2]
+    idle between chunks), and the backward's dQ reuses the forward's."""
     slots = max(1, int(kvn.max())) if kvn.numel() else 1  # rows list their blocks first: slot < kvn
     chunk = max(1, KEY_MAJOR_PARTIAL_BYTES // (bytes_per_slot * slots))
-    n_chunks = _ceil_div(Tq, chunk)
-    n_keys = kvi.shape[0] * kvi.shape[1] * num_kv_blocks  # keys per chunk
     keys, toks, tok_slots = _transpose(kvn, kvi, num_kv_blocks, chunk)
-    item_key, item_start, item_stop = _work_items(keys, per_item)
-    bounds = torch.searchsorted(item_key, torch.arange(n_chunks + 1, device=kvi.device) * n_keys).tolist()
+    return _TokenLists(chunk, slots, kvi.shape[0] * kvi.shape[1] * num_kv_blocks, keys, toks, tok_slots)
+
+
+def _token_chunks(lists: _TokenLists, q_len: int, per_item: int):
+    """The query chunks of a key-major pass: yields ``(t0, t1, items)`` with ``items = (item_key,
+    item_start, item_stop)`` for tokens ``[t0, t1)``: each item is up to ``per_item`` entries
+    ``[start, stop)`` of ``lists.tokens`` that share one key."""
+    item_key, item_start, item_stop = _work_items(lists.keys, per_item)
+    n_chunks = _ceil_div(q_len, lists.chunk)
+    marks = torch.arange(n_chunks + 1, device=item_key.device) * lists.n_keys
+    bounds = torch.searchsorted(item_key, marks).tolist()
     for c in range(n_chunks):
-        t0, t1 = c * chunk, min(Tq, (c + 1) * chunk)
         i0, i1 = bounds[c], bounds[c + 1]
-        yield t0, t1, slots, (toks, tok_slots, item_key[i0:i1], item_start[i0:i1], item_stop[i0:i1])
+        yield c * lists.chunk, min(q_len, (c + 1) * lists.chunk), (item_key[i0:i1], item_start[i0:i1], item_stop[i0:i1])
 
 
 def _chunk_buffer(buf: Tensor | None, shape: tuple[int, ...], n: int, device, fill: float | None = None) -> Tensor:
@@ -286,13 +304,21 @@ def _chunk_buffer(buf: Tensor | None, shape: tuple[int, ...], n: int, device, fi
     return buf, view
 
 
-def _key_major_layout(q: Tensor, kvn: Tensor, plan: _Plan) -> tuple[int, int, int]:
-    """``(grid axis 1, head groups per selection head, batch_from_sel)`` of the key-major kernels:
-    a selection per sequence names its sequence in the work items; a shared one (batch axis 1)
-    is applied to every sequence."""
+def _token_launch(q: Tensor, kvn: Tensor, plan: _Plan, sel_meta, num_kv_blocks: int, scale: float):
+    """What every launch of the key-major kernels shares: ``(grid axis 1, arguments after the
+    strides without the chunk's first token, launch keywords)``. A selection per sequence names
+    its sequence in the work items; a shared one (batch axis 1) is applied to every sequence."""
+    _, kv_block, kv_len, q_offset = sel_meta
     groups = plan.heads_per_sel // plan.P
     per_sequence = kvn.shape[0] > 1
-    return (1 if per_sequence else q.shape[0]) * groups, groups, int(per_sequence)
+    grid1 = (1 if per_sequence else q.shape[0]) * groups
+    args = (kvn.shape[0], kvn.shape[1], num_kv_blocks, groups, int(per_sequence))
+    tail = (kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel, scale * math.log2(math.e),
+            plan.window or 0, plan.sink)
+    kw = dict(D=q.shape[-1], HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
+              KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
+              num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return grid1, args, tail, kw
 
 
 def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
@@ -300,73 +326,65 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
     block, the tokens that chose it in tiles of ``plan.BLOCK_M`` (:func:`kernel._fwd_tokens`),
     then the per-block results merged per token (:func:`kernel._merge_slots`). The per-block
     results take ``B * H * (D + 1)`` fp32 per (token, slot); query ranges run in chunks that keep
-    them under ``KEY_MAJOR_PARTIAL_BYTES`` (one buffer, reused by every chunk)."""
+    them under ``KEY_MAJOR_PARTIAL_BYTES`` (one buffer, reused by every chunk). Returns ``out``,
+    ``lse`` and the transposed selection (:class:`_TokenLists`, for the backward)."""
     from .kernel import _fwd_tokens, _merge_slots
 
     B, H, Tq, D = q.shape
-    _, kv_block, kv_len, q_offset = sel_meta
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    grid1, groups, per_sequence = _key_major_layout(q, kvn, plan)
+    lists = _token_lists(kvn, kvi, num_kv_blocks, 4 * B * H * (D + 1))
+    grid1, args, tail, kw = _token_launch(q, kvn, plan, sel_meta, num_kv_blocks, scale)
     op_buf = lp_buf = None
-    for t0, t1, slots, (toks, tok_slots, item_key, item_start, item_stop) in _token_chunks(
-            kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * (D + 1)):
+    for t0, t1, (item_key, item_start, item_stop) in _token_chunks(lists, Tq, plan.BLOCK_M):
         n = t1 - t0
-        op_buf, op = _chunk_buffer(op_buf, (B, H, n, slots, D), n, q.device)
-        lp_buf, lp = _chunk_buffer(lp_buf, (B, H, n, slots), n, q.device, fill=float("-inf"))
+        op_buf, op = _chunk_buffer(op_buf, (B, H, n, lists.slots, D), n, q.device)
+        lp_buf, lp = _chunk_buffer(lp_buf, (B, H, n, lists.slots), n, q.device, fill=float("-inf"))
         if item_key.numel():
             _fwd_tokens[(item_key.numel(), grid1)](
-                q, k, v, op, lp, item_key, item_start, item_stop, toks, tok_slots,
+                q, k, v, op, lp, item_key, item_start, item_stop, lists.tokens, lists.token_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:4], *lp.stride()[:3],
-                kvn.shape[0], kvn.shape[1], num_kv_blocks, groups, per_sequence,
-                t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
-                scale * math.log2(math.e), plan.window or 0, plan.sink,
-                D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
-                KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
-                num_warps=plan.num_warps, num_stages=plan.num_stages,
+                *args, t0, *tail, **kw,
             )
         _merge_slots[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
             op, lp, out, lse, *op.stride()[:4], *lp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-            t0, n, H, slots, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
+            t0, n, H, lists.slots, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
         )
-    return out, lse
+    return out, lse, lists
 
 
-def _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
-    """dQ of a per-token selection, key-major (:func:`kernel._bwd_dq_tokens`): per (token, slot)
-    the block's share in fp32, summed over the token's filled slots per query chunk
-    (:func:`kernel._sum_slots`)."""
+def _dq_key_major(q, k, v, dout, lse, delta, kvn, lists: _TokenLists, sel_meta, plan: _Plan, scale: float,
+                  num_kv_blocks: int):
+    """dQ of a per-token selection, key-major (:func:`kernel._bwd_dq_tokens`) over the forward's
+    transposed selection ``lists``: per (token, slot) the block's share in fp32, summed over the
+    token's filled slots per query chunk (:func:`kernel._sum_slots`)."""
     from .kernel import _bwd_dq_tokens, _sum_slots
 
     B, H, Tq, D = q.shape
-    _, kv_block, kv_len, q_offset = sel_meta
     dq = torch.empty_like(q)
-    grid1, groups, per_sequence = _key_major_layout(q, kvn, plan)
+    grid1, args, tail, kw = _token_launch(q, kvn, plan, sel_meta, num_kv_blocks, scale)
     part_buf = None
-    for t0, t1, slots, (toks, tok_slots, item_key, item_start, item_stop) in _token_chunks(
-            kvn, kvi, num_kv_blocks, plan.BLOCK_M, 4 * B * H * D):
+    for t0, t1, (item_key, item_start, item_stop) in _token_chunks(lists, Tq, plan.BLOCK_M):
         n = t1 - t0
-        part_buf, part = _chunk_buffer(part_buf, (B, H, n, slots, D), n, q.device)  # filled slots only
+        part_buf, part = _chunk_buffer(part_buf, (B, H, n, lists.slots, D), n, q.device)  # filled slots only
         if item_key.numel():
             _bwd_dq_tokens[(item_key.numel(), grid1)](
-                q, k, v, dout, part, lse, delta, item_key, item_start, item_stop, toks, tok_slots,
+                q, k, v, dout, part, lse, delta, item_key, item_start, item_stop, lists.tokens, lists.token_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *part.stride()[:4],
-                *lse.stride()[:2], kvn.shape[0], kvn.shape[1], num_kv_blocks, groups, per_sequence,
-                t0, kv_len, q_offset, plan.heads_per_kv, plan.heads_per_sel,
-                scale * math.log2(math.e), plan.window or 0, plan.sink,
-                D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
-                KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
-                num_warps=plan.num_warps, num_stages=plan.num_stages,
+                *lse.stride()[:2], *args, t0, *tail, **kw,
             )
         _sum_slots[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
             part, kvn, dq, *part.stride()[:4], *_sel_strides(kvn), *dq.stride()[:3],
-            t0, n, H, plan.heads_per_sel, slots, scale,
+            t0, n, H, plan.heads_per_sel, lists.slots, scale,
             D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
         )
     return dq
 
 
-def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
+def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int,
+              lists: _TokenLists | None = None):
+    """``(dq, dk, dv)``. ``lists``: the forward's transposed per-token selection, reused by the
+    key-major dQ (made here when the forward ran query-major)."""
     from .kernel import _bwd_dkdv, _bwd_dq
 
     B, H, Tq, D = q.shape
@@ -384,7 +402,9 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if plan.key_major:
-        dq = _dq_key_major(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan, scale, num_kv_blocks)
+        if lists is None:
+            lists = _token_lists(kvn, kvi, num_kv_blocks, 4 * B * H * (D + 1))
+        dq = _dq_key_major(q, k, v, dout, lse, delta, kvn, lists, sel_meta, plan, scale, num_kv_blocks)
     else:
         dq = torch.empty_like(q)
         _bwd_dq[(_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))](
@@ -414,17 +434,17 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kvn, kvi, sel_meta, num_kv_blocks, plans, scale):
-        out, lse = _forward(q, k, v, kvn, kvi, sel_meta, plans[0], scale, num_kv_blocks)
+        out, lse, lists = _forward(q, k, v, kvn, kvi, sel_meta, plans[0], scale, num_kv_blocks)
         ctx.save_for_backward(q, k, v, out, lse, kvn, kvi)
-        ctx.meta = (sel_meta, plans[1], scale, num_kv_blocks)
+        ctx.meta = (sel_meta, plans[1], scale, num_kv_blocks, lists)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, kvn, kvi = ctx.saved_tensors
-        sel_meta, plan, scale, num_kv_blocks = ctx.meta
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan, scale, num_kv_blocks)
+        sel_meta, plan, scale, num_kv_blocks, lists = ctx.meta
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan, scale, num_kv_blocks, lists)
         return dq, dk, dv, None, None, None, None, None, None
 
 
