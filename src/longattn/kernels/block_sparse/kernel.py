@@ -235,6 +235,19 @@ def _fwd_tokens(
 
 
 @triton.jit
+def _slot_tile(tok_base, t_len, num_heads, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program ``(t, b * H + h)`` of the slot kernels (:func:`_merge_slots`, :func:`_sum_slots`):
+    batch, head, the ``BLOCK_T`` tokens of the chunk (and their validity and index in ``q``),
+    feature indices and their validity."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, HEAD_DIM)
+    return ((pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64), toks, toks < t_len,
+            (toks + tok_base).to(tl.int64), dims, dims < D)
+
+
+@triton.jit
 def _merge_slots(
     OP, LP, O, LSE,
     sopb, soph, sopt, sops, slpb, slph, slpt, sob, soh, sot, slb, slh,
@@ -244,14 +257,7 @@ def _merge_slots(
     """Combines the per-block results of :func:`_fwd_tokens` through their LSEs: program
     ``(t, b * H + h)`` writes ``O`` and ``LSE`` of ``BLOCK_T`` tokens. A slot no block wrote
     keeps LSE ``-inf`` and is not read; a token with no finite slot gets output 0, LSE ``-inf``."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = toks < t_len
-    dims = tl.arange(0, HEAD_DIM)
-    d_ok = dims < D
+    b, h, toks, t_ok, q_tok, dims, d_ok = _slot_tile(tok_base, t_len, num_heads, D, HEAD_DIM, BLOCK_T)
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, HEAD_DIM], tl.float32)
@@ -270,7 +276,6 @@ def _merge_slots(
     has = den > 0
     out = acc / tl.where(has, den, 1.0)[:, None]
     lse = tl.where(has, m + tl.log(tl.where(has, den, 1.0)), float("-inf"))
-    q_tok = (toks + tok_base).to(tl.int64)
     tl.store(O + b * sob + h * soh + q_tok[:, None] * sot + dims[None, :], out.to(O.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * slb + h * slh + q_tok, lse, mask=t_ok)
@@ -384,15 +389,7 @@ def _sum_slots(
     per-block shares :func:`_bwd_dq_tokens` wrote in the slots the token's selection fills
     (``KVN``: its count of blocks; the other slots are never written, so never read), times the
     softmax scale, in ``DQ``'s dtype."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = toks < t_len
-    q_tok = (toks + tok_base).to(tl.int64)
-    dims = tl.arange(0, HEAD_DIM)
-    d_ok = dims < D
+    b, h, toks, t_ok, q_tok, dims, d_ok = _slot_tile(tok_base, t_len, num_heads, D, HEAD_DIM, BLOCK_T)
     cnt = tl.load(KVN + b * snb + (h // heads_per_sel) * snh + q_tok * snt, mask=t_ok, other=0)
     acc = tl.zeros([BLOCK_T, HEAD_DIM], tl.float32)
     part = DQP + b * sdpb + h * sdph + toks[:, None] * sdpt + dims[None, :]
