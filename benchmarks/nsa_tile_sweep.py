@@ -1,5 +1,6 @@
 """Launch settings of NSA's prefill kernels on the GPU: the compressed branch
-(``compressed_attention``, forward; ``cmp_bwd``: forward + backward), the selection scores
+(``compressed_attention``, forward; ``cmp_bwd``: forward + backward, both backward kernels, or
+``cmp_bwd_dq`` / ``cmp_bwd_dkdv``: one of them, tile shapes too), the selection scores
 (``selection_scores``), through
 ``longattn.kernels.nsa.LAUNCH_OVERRIDES``. T = 65536 by default, B = 1, H = 32, Hkv = 8, D = 128,
 bf16 queries, fp32 compressed tokens (the mean compression), paper defaults. Each configuration's
@@ -26,7 +27,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="nsa_tiles.jsonl")
     ap.add_argument("--max-seconds", type=float, default=100.0)
-    ap.add_argument("--kernels", default="scores,cmp_fwd", help="comma list from scores,cmp_fwd,cmp_bwd")
+    ap.add_argument("--kernels", default="scores,cmp_fwd",
+                    help="comma list from scores, cmp_fwd, cmp_bwd, cmp_bwd_dq, cmp_bwd_dkdv")
     args = ap.parse_args()
     t_end = time.monotonic() + args.max_seconds
 
@@ -59,6 +61,13 @@ def main() -> None:
         "cmp_fwd": [dict(rows=r, num_warps=w, num_stages=s, block_n=n)
                     for r, w, s, n in itertools.product((64, 128, 32), (4, 8), (2,), (32, 64))],
         "cmp_bwd": [dict(num_warps=w, num_stages=s) for w, s in itertools.product((4, 8), (1, 2, 3))],
+        # tile shapes of each backward kernel alone (rows of a query tile, compressed tokens per tile)
+        "cmp_bwd_dq": [dict(rows=r, block_n=n, num_warps=w, num_stages=s) for r, n, w, s in (
+            (128, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3),
+            (64, 128, 4, 2), (128, 32, 4, 3))],
+        "cmp_bwd_dkdv": [dict(rows=r, block_n=n, num_warps=w, num_stages=s) for r, n, w, s in (
+            (32, 128, 4, 2), (64, 128, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2),
+            (128, 64, 4, 2), (32, 128, 4, 3), (64, 64, 4, 3))],
     }
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, kc, vc))
     do = torch.randn_like(q)
@@ -79,7 +88,7 @@ def main() -> None:
                     row["max_abs_diff"] = (p - p_ref).abs().max().item()
                     row["same_blocks_fraction"] = (rank(p) == idx_ref).all(-1).float().mean().item()
                     row["ms"] = median_ms(scores, args.reps)
-                elif kernel == "cmp_bwd":
+                elif kernel.startswith("cmp_bwd"):
                     row["max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(cmp_grad(), g_ref))
                     row["ms"] = median_ms(cmp_grad, args.reps)  # forward + backward
                 else:

@@ -470,3 +470,33 @@ def test_gradients_do_not_depend_on_the_memory_layout_of_q_and_the_output_gradie
     for whole in (False, True):
         for a, b in zip(grads(q_view, g_view, whole), grads(q, g, whole)):
             assert torch.equal(a, b), whole
+
+
+@pytest.mark.parametrize("tiles", [
+    {"cmp_bwd_dq": dict(rows=32, block_n=16), "cmp_bwd_dkdv": dict(rows=16, block_n=32)},
+    {"cmp_bwd_dq": dict(rows=16, block_n=32), "cmp_bwd_dkdv": dict(rows=32, block_n=16, num_warps=2)},
+])
+def test_compressed_backward_tiles_of_each_kernel(tiles, monkeypatch):
+    """Each backward kernel takes its own tile shape (``LAUNCH_OVERRIDES``, the tuning hook of
+    ``benchmarks/nsa_tile_sweep.py``): other shapes than the defaults, different for the dq and
+    the dk/dv kernel, give gradients within the same bounds of fp64."""
+    monkeypatch.setattr(nsa_kernels, "LAUNCH_OVERRIDES", dict(tiles))
+    for case in ((70, 70, 4, 2, 64, torch.float32), (100, 100, 4, 1, 64, torch.bfloat16)):
+        test_compressed_attention_gradients_match_fp64(*case)
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float32, 80), (torch.float16, 64)])
+def test_backward_delta_is_the_row_dot_in_fp32(dtype, D):
+    """``backward_delta`` (one-pass kernel) against fp64 ``rowsum(dO * O)``: inputs as views of
+    ``[B, T, H, D]`` tensors (strided along T and H), fp32 output laid out ``[B, H, Tq]``
+    contiguous; the bound is fp32 summation rounding of D products."""
+    from longattn.kernels.online_softmax import backward_delta
+
+    g = torch.Generator().manual_seed(D)
+    a, b = (torch.randn(2, 37, 3, D, generator=g).to(device=DEV, dtype=dtype).transpose(1, 2) for _ in range(2))
+    got = backward_delta(a, b)
+    want = (a.double() * b.double()).sum(-1)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 37) and got.is_contiguous()
+    bound = D * 2 ** -23 * (a.double() * b.double()).abs().sum(-1)
+    assert torch.all((got.double() - want).abs() <= bound)
+    assert backward_delta(a[:, :, :0], b[:, :, :0]).shape == (2, 3, 0)

@@ -45,3 +45,43 @@ def backward_row_stats(LSE, DELTA, offs, row_ok):
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + offs, mask=row_ok, other=0.0)
     return lse2, delta
+
+
+@triton.jit
+def _row_dot(A, B, OUT, sab, sah, sat, sbb, sbh, sbt, num_heads, q_len,
+             D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``OUT[b, h, t] = sum_d A[b, h, t, d] * B[b, h, t, d]`` in fp32 for ``BLOCK_T`` rows of one
+    ``(batch, head)``; ``OUT`` contiguous ``[B, H, Tq]``."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = (t < q_len)[:, None] & (dims < D)[None, :]
+    a = tl.load(A + b * sab + h * sah + t[:, None] * sat + dims[None, :], mask=ok, other=0.0)
+    x = tl.load(B + b * sbb + h * sbh + t[:, None] * sbt + dims[None, :], mask=ok, other=0.0)
+    tl.store(OUT + pid_bh.to(tl.int64) * q_len + t, tl.sum(a.to(tl.float32) * x.to(tl.float32), 1), mask=t < q_len)
+
+
+def backward_delta(dout, out):
+    """``delta = rowsum(dO * O)`` of an attention backward: ``float32 [B, H, Tq]``, contiguous
+    (laid out as the forward's LSE), from ``dout, out [B, H, Tq, D]`` (unit stride along ``D``).
+    One reading pass in a kernel; ``(dout.float() * out.float()).sum(-1)`` wrote and re-read
+    three fp32 copies of the ``[B, H, Tq, D]`` tensors (about 7 GB at 64k tokens of 32 x 128)."""
+    import torch
+
+    B, H, Tq, D = out.shape
+    delta = torch.empty(B, H, Tq, device=out.device, dtype=torch.float32)
+    if delta.numel() == 0:
+        return delta
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    head_dim = max(16, 1 << (D - 1).bit_length())
+    block_t = max(1, min(64, 8192 // head_dim))
+    _row_dot[(triton.cdiv(Tq, block_t), B * H)](
+        dout, out, delta, *dout.stride()[:3], *out.stride()[:3], H, Tq,
+        D=D, HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4,
+    )
+    return delta

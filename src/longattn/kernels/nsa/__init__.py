@@ -62,9 +62,9 @@ SLC_NUM_WARPS = 4
 CMP_NUM_WARPS = 4
 # And its backward (dq and dk/dv kernels): forward + backward 55.6 ms at 4 warps against 79.1 at 8.
 CMP_BWD_NUM_WARPS = 4
-# Launch settings forced per kernel ("cmp_fwd", "scores"; "cmp_bwd": num_warps, num_stages), e.g. {"scores": {"rows": 32,
-# "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning hook for benchmarks/nsa_tile_sweep.py;
-# empty in normal use.
+# Launch settings forced per kernel ("cmp_fwd", "scores"; the backward's "cmp_bwd_dq" and "cmp_bwd_dkdv", or
+# "cmp_bwd" for both), e.g. {"scores": {"rows": 32, "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning
+# hook for benchmarks/nsa_tile_sweep.py; empty in normal use.
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
 # Backward tiles (rows of the query tiles, compressed tokens per step), fp32 operands? -> size:
 # the backward holds two more accumulators (dK, dV or dQ with dP, dS) than the forward.
@@ -271,6 +271,7 @@ def _cmp_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk_cmp, dv_cmp)`` of the compressed branch from the saved forward (``lse``:
     natural log); ``dq`` in q's dtype, ``dk_cmp``/``dv_cmp`` in the compressed tokens' dtype."""
+    from ..online_softmax import backward_delta
     from .backward import _cmp_bwd_dkdv, _cmp_bwd_dq
 
     B, H, Tq, D = q.shape
@@ -281,32 +282,35 @@ def _cmp_backward(
     if B == 0 or Tq == 0 or nC == 0 or H == 0:
         return dq, dk, dv
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    # [B, H, Tq], contiguous like lse (a reduction's output already is; the kernels index both
-    # with one offset, so the layout is stated, not assumed)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    delta = backward_delta(dout, out)  # [B, H, Tq] fp32, laid out as lse
     if q.dtype != torch.float32:
         # 16-bit queries: the gradient matmuls take the compressed tokens rounded to q's dtype
         # (fp32 accumulation), as a 16-bit attention backward does, at the full tensor-core rate;
         # the fp32 tokens only matter for the selection scores, which carry no gradient
         k_cmp, v_cmp = k_cmp.to(q.dtype), v_cmp.to(q.dtype)
     fp32 = k_cmp.dtype == torch.float32
-    G, GP, block_m, head_dim = _layout(q, Hkv, fp32, BWD_ROWS[fp32])
-    rows = GP * block_m
-    block_n = BWD_BLOCK_N[fp32]
-    tune = LAUNCH_OVERRIDES.get("cmp_bwd", {})
-    common = dict(D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=block_n,
-                  **_dot_args(q, k_cmp.dtype), num_warps=tune.get("num_warps", CMP_BWD_NUM_WARPS),
-                  num_stages=tune.get("num_stages", NUM_STAGES))
+    shared = LAUNCH_OVERRIDES.get("cmp_bwd", {})
     args = (Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e), float(scale))
-    _cmp_bwd_dq[(_ceil_div(Tq, block_m), B * Hkv)](
+
+    def launch(name: str) -> dict:
+        # tiles of one backward kernel: rows of a query tile, compressed tokens per tile
+        tune = {**shared, **LAUNCH_OVERRIDES.get(name, {})}
+        G, GP, block_m, head_dim = _layout(q, Hkv, fp32, tune.get("rows", BWD_ROWS[fp32]))
+        return dict(D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=GP * block_m,
+                    BLOCK_N=tune.get("block_n", BWD_BLOCK_N[fp32]), **_dot_args(q, k_cmp.dtype),
+                    num_warps=tune.get("num_warps", CMP_BWD_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES))
+
+    kw = launch("cmp_bwd_dq")
+    _cmp_bwd_dq[(_ceil_div(Tq, kw["BLOCK_M"]), B * Hkv)](
         q, k_cmp, v_cmp, dout, dq, lse, delta,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-        *lse.stride()[:2], *args, **common,
+        *lse.stride()[:2], *args, **kw,
     )
-    _cmp_bwd_dkdv[(_ceil_div(nC, block_n), B * Hkv)](
+    kw = launch("cmp_bwd_dkdv")
+    _cmp_bwd_dkdv[(_ceil_div(nC, kw["BLOCK_N"]), B * Hkv)](
         q, k_cmp, v_cmp, dout, dk, dv, lse, delta,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *args, **common,
+        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *args, **kw,
     )
     return dq, dk, dv
 
