@@ -69,14 +69,21 @@ out["_merge_slots"] = compile_sm90(_merge_slots, {"OP": "*fp32", "LP": "*fp32", 
 from longattn.kernels.online_softmax import _row_dot
 out["_row_dot"] = compile_sm90(_row_dot, {"A": "*bf16", "B": "*bf16", "OUT": "*fp32"},
                                dict(D=128, HEAD_DIM=128, BLOCK_T=64))
+from longattn.kernels.nsa.combine import _combine_bwd, _combine_fwd
+ptr = {n: "*bf16" for n in ("OC", "OS", "OW", "OUT", "DO", "DC", "DS", "DW")}
+ptr.update(GATES="*fp32", DG="*fp32")
+for per_query in (False, True):
+    for fn in (_combine_fwd, _combine_bwd):
+        out[f"{fn.__name__}[per_query={per_query}]"] = compile_sm90(
+            fn, ptr, dict(D=128, HEAD_DIM=128, BLOCK_T=64, PER_QUERY=per_query), ("g0", "g1", "g2"))
 print(json.dumps(out))
 """
 
 
 def test_new_kernels_compile_for_sm90_within_shared_memory():
     results = compile_sm90_script(_SCRIPT)
-    assert len(results) == 12
+    assert len(results) == 16
     for name, (shared, _spill) in results.items():
         # the matmul kernels stage tiles in shared memory; the dQ slot sum and the row dot are not matmuls
-        low = 0 if name in ("_sum_slots", "_row_dot") else 1
+        low = 0 if name.startswith(("_sum_slots", "_row_dot", "_combine")) else 1
         assert low <= shared <= SM90_SHARED, (name, shared)

@@ -500,3 +500,63 @@ def test_backward_delta_is_the_row_dot_in_fp32(dtype, D):
     bound = D * 2 ** -23 * (a.double() * b.double()).abs().sum(-1)
     assert torch.all((got.double() - want).abs() <= bound)
     assert backward_delta(a[:, :, :0], b[:, :, :0]).shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("per_query", [False, True])
+def test_combine_kernel_matches_nsa_combine(dtype, per_query):
+    """The fused gated sum (``combine_branches``) against the specification ``nsa_combine`` and
+    fp64: forward and gradients of the three branches (and of per-query gates), with strided
+    branch views. The output and the branch gradients ``g_i * dO`` are rounded once to their
+    dtype: within half an ulp of the exact value (one ulp for bf16 in Triton's interpreter, which
+    converts fp32 to bf16 by truncation where the GPU rounds to nearest), plus fp32 accumulation
+    for the sum."""
+    from longattn.kernels import interpreting
+    from longattn.kernels.nsa.combine import combine_branches
+    from longattn.methods.nsa import nsa_combine
+
+    g = torch.Generator().manual_seed(7)
+    B, H, T, D = 2, 3, 41, 80
+    outs = [torch.randn(B, T, H, D, generator=g).to(device=DEV, dtype=dtype).transpose(1, 2).requires_grad_()
+            for _ in range(3)]
+    gates = (torch.rand(B, H, T, 3, generator=g).to(DEV).requires_grad_() if per_query else (0.25, 0.5, 1.3))
+    dout = torch.randn(B, H, T, D, generator=g).to(device=DEV, dtype=dtype)
+    got = combine_branches(*outs, gates)
+    want = nsa_combine(*outs, gates)
+    assert got.dtype == want.dtype == dtype and got.shape == (B, H, T, D)
+    rounding = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 2 ** -24}[dtype]
+    if interpreting() and dtype == torch.bfloat16:
+        rounding *= 2
+    tiny = 2 ** -24 if dtype == torch.float16 else 0.0  # fp16's subnormal spacing (absolute)
+    o64 = [o.detach().double() for o in outs]
+    # the gates as the fp32 values both the kernel and the specification multiply by
+    g64 = ([gates.detach().double()[..., i, None] for i in range(3)] if per_query
+           else torch.tensor(gates, dtype=torch.float32).double().tolist())
+    exact = sum(gi * o for gi, o in zip(g64, o64))
+    bound = exact.abs() * rounding + tiny + 8 * 2 ** -24 * sum((gi * o).abs() for gi, o in zip(g64, o64))
+    assert torch.all((got.double() - exact).abs() <= bound)
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 2  # as close as the spec
+
+    inputs = outs + ([gates] if per_query else [])
+    g_got = torch.autograd.grad(got, inputs, dout)
+    for gi, grad in zip(g64, g_got[:3]):
+        exact_grad = gi * dout.double()  # one product, rounded once (fp32 gates x dO)
+        assert grad.dtype == dtype
+        assert torch.all((grad.double() - exact_grad).abs() <= exact_grad.abs() * rounding * 1.01 + tiny)
+    if per_query:  # sum over D of dO * o_i in fp32
+        terms = [dout.double() * o for o in o64]
+        dg_exact = torch.stack([t.sum(-1) for t in terms], -1)
+        dg_bound = D * 2 ** -23 * torch.stack([t.abs().sum(-1) for t in terms], -1)
+        assert g_got[3].dtype == torch.float32 and torch.all((g_got[3].double() - dg_exact).abs() <= dg_bound)
+
+
+def test_combine_kernel_refuses_mismatched_branches():
+    from longattn.kernels.nsa.combine import combine_branches
+
+    a = torch.zeros(1, 2, 8, 16, device=DEV)
+    with pytest.raises(ValueError, match="share one"):
+        combine_branches(a, a, a[:, :, :4], (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="per-query gates"):
+        combine_branches(a, a, a, torch.zeros(1, 2, 8, 2, device=DEV))
+    with pytest.raises(ValueError, match="three numbers"):
+        combine_branches(a, a, a, (1.0, 1.0))

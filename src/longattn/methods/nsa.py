@@ -642,6 +642,11 @@ def nsa_forward(
         o_cmp = q.new_zeros(q.shape) if o_cmp is None else o_cmp
     o_slc = nsa_selected_branch(q, k, v, sel, scale=scale, backend=backend)
     o_win = nsa_window_branch(q, k, v, config, scale=scale, backend=backend)
+    if backend == "triton":
+        from ..kernels.nsa.combine import combine_branches, combine_unsupported_reason
+
+        if combine_unsupported_reason(o_cmp, o_slc, o_win, gates) is None:
+            return combine_branches(o_cmp, o_slc, o_win, gates)  # nsa_combine's arithmetic, one pass
     return nsa_combine(o_cmp, o_slc, o_win, gates)
 
 
