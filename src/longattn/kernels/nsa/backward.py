@@ -14,7 +14,8 @@ The compressed branch is softmax attention of every query over the compressed to
 * ``_cmp_bwd_dkdv`` -- key-major: one program owns ``BLOCK_N`` compressed tokens of one KV head
   and walks the query tiles from the first one that can see the tile's first token to the end,
   all ``G`` heads of the group as rows of one tile, so ``dK``/``dV`` are summed over the group
-  in registers (no atomics).
+  in registers (no atomics). It works on transposed tiles (``S^T = K Q^T``, then ``dV += P^T
+  dO``, ``dS^T``, ``dK += dS^T Q``), as FlashAttention-2's backward does.
 
 A query that sees nothing (``lse = -inf``) has ``P = 0`` and contributes nothing.
 """
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..online_softmax import backward_row_stats
-from .kernel import _group_tile, _mm, _visible_count
+from .kernel import _group_rows, _group_tile, _mm, _visible_count
 
 
 @triton.jit
@@ -94,20 +95,24 @@ def _cmp_bwd_dkdv(
     # the first query that sees the tile's first token sits at p = n0*d + l - 1
     first = tl.maximum(pid_n * BLOCK_N * cmp_stride + cmp_block - 1 - q_offset, 0)
     for m in range(first // BLOCK_M, (q_len + BLOCK_M - 1) // BLOCK_M):
-        _, _, heads, r_tok, row_ok, q_abs, _, _, q = _group_tile(
-            Q, m, pid_bk, num_kv_heads, q_len, q_offset, sqb, sqh, sqt, G, BLOCK_M, ROWS, HEAD_DIM, D)
-        tile_ok = row_ok[:, None] & d_ok[None, :]
-        q = q.to(K.dtype.element_ty)
-        do = tl.load(DO + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :], mask=tile_ok, other=0.0)
-        do = do.to(V.dtype.element_ty)
+        # transposed: [BLOCK_N, ROWS] scores, so P^T and dS^T come out of their matmuls already
+        # in the layout of the next matmul's left operand (no register transposes through
+        # shared memory); the query tile is loaded transposed instead
+        _, _, r_head, r_tok, row_ok = _group_rows(m, pid_bk, num_kv_heads, q_len, G, BLOCK_M, ROWS)
+        heads = kvh * G + r_head
+        q_abs = r_tok + q_offset
+        qt = tl.load(Q + b * sqb + heads[None, :] * sqh + r_tok[None, :] * sqt + dims[:, None],
+                     mask=d_ok[:, None] & row_ok[None, :], other=0.0).to(K.dtype.element_ty)  # [HEAD_DIM, ROWS]
+        do = tl.load(DO + b * sob + heads[:, None] * soh + r_tok[:, None] * sot + dims[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(V.dtype.element_ty)  # [ROWS, HEAD_DIM]
         lse2, delta = backward_row_stats(LSE, DELTA, b * slb + heads * slh + r_tok, row_ok)
-        s = _mm(q, tl.trans(k), F32, PREC, UPCAST) * sm_scale_log2  # [ROWS, BLOCK_N]
-        keep = (cols[None, :] * cmp_stride + cmp_block - 1 <= q_abs[:, None]) & c_ok[None, :] & row_ok[:, None]
-        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-        dv += _mm(tl.trans(p).to(v.dtype), do, F32, PREC, UPCAST)  # [BLOCK_N, HEAD_DIM]
-        dp = _mm(do, tl.trans(v), F32, PREC, UPCAST)  # [ROWS, BLOCK_N]
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds).to(k.dtype), q, F32, PREC, UPCAST)
+        st = _mm(k, qt, F32, PREC, UPCAST) * sm_scale_log2  # [BLOCK_N, ROWS]
+        keep = (cols[:, None] * cmp_stride + cmp_block - 1 <= q_abs[None, :]) & c_ok[:, None] & row_ok[None, :]
+        pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += _mm(pt.to(v.dtype), do, F32, PREC, UPCAST)  # [BLOCK_N, HEAD_DIM]
+        dpt = _mm(v, tl.trans(do), F32, PREC, UPCAST)  # [BLOCK_N, ROWS]
+        dst = pt * (dpt - delta[None, :])
+        dk += _mm(dst.to(k.dtype), tl.trans(qt), F32, PREC, UPCAST)
     tl.store(DK + b * sdkb + kvh * sdkh + cols[:, None] * sdkt + dims[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b * sdvb + kvh * sdvh + cols[:, None] * sdvt + dims[None, :],
