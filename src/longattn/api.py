@@ -74,7 +74,7 @@ def _nonfinite_flag(t: Tensor) -> Tensor:
     elementwise passes with bool temporaries (1.35 ms for q, k, v at 64k tokens on an H200)."""
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t)
+    lo, hi = torch.aminmax(t.detach())
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
@@ -175,19 +175,21 @@ def attention(
             "call it with return_lse=False"
         )
     # Methods that select keys from the values need finite inputs. On a GPU the check is queued
-    # with the work and read once at the end (a host sync up front would leave the GPU idle while
-    # the rest of the call is launched); a failure on non-finite inputs reports them, not itself.
-    flags = nonfinite_flags(q=q, k=k, v=v) if spec.needs_finite else None
-    if flags is not None and not _defer_finite_check(q.device):
-        raise_if_nonfinite(flags)
+    # after the work and read once at the end: a host sync up front would leave the GPU idle
+    # while the rest of the call is launched, and queued first, its launches delay the
+    # attention kernel's (the top-k call at 64k is bound by the host's launches until the
+    # kernel starts). A failure on non-finite inputs reports them, not itself.
+    deferred = spec.needs_finite and _defer_finite_check(q.device)
+    if spec.needs_finite and not deferred:
+        raise_if_nonfinite(nonfinite_flags(q=q, k=k, v=v))
     try:
         out, lse = _run(spec, inputs, cfg, backend)
     except Exception:
-        if flags is not None:
-            raise_if_nonfinite(flags)
+        if deferred:
+            raise_if_nonfinite(nonfinite_flags(q=q, k=k, v=v))
         raise
-    if flags is not None:
-        raise_if_nonfinite(flags)
+    if deferred:
+        raise_if_nonfinite(nonfinite_flags(q=q, k=k, v=v))
     return (out, lse) if return_lse else out
 
 
