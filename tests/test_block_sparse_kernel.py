@@ -214,6 +214,131 @@ def test_per_token_query_major_kernels_still_match(dtype, monkeypatch):
     test_forward_and_backward_match_reference("moba-per-token", dtype, 4, 2, 16, 40)
 
 
+def _split_test_selection(lists: str, dtype, dev):
+    """The selection of :func:`test_dkdv_split_into_parts_matches_the_unsplit_kernel` and its
+    threshold. ``R`` rows (tokens, or query blocks of 16) per sequence and 4 selection heads for 8
+    query heads on 2 KV heads: P = 2, so a program walks the lists of two head groups, of the
+    even and the odd selection head. In steps of ``u`` (a quarter of the rows) per list: block 0
+    is 4 u (every row) + 2 u (even rows), the last block (8 keys, the rest of its block past
+    ``kv_len``) u + 4 u, block 1 u + u; blocks 2 to the second last are selected by nobody. A
+    per-sequence selection has block 2 in place of block 1 in sequence 1. The threshold 2 u is
+    block 1's program exactly, cuts block 0's program into 3 parts, a boundary between the head
+    groups, and the last block's into 3, the first straddling the groups and the last shorter."""
+    from longattn.kernels.block_sparse import TILE_CAPS
+
+    fp32 = dtype == torch.float32
+    if lists == "per-token":  # a step gathers TILE_CAPS rows / P tokens: a quarter of R
+        q_block, R, u = 1, 4 * (TILE_CAPS[("bwd", fp32)][0] // 2), 1
+    else:  # a step is a tile of BLOCK_M tokens of a query block: 8 in fp32, 16 in bf16
+        q_block, R = 16, 8
+        u = (R // 4) * (2 if fp32 else 1)
+    Bs, Hs, Tq = (2 if lists == "query-blocks" else 1), 4, R * q_block
+    Tk = Tq + 40
+    last = -(-Tk // 16) - 1
+    kvi = torch.zeros(Bs, Hs, R, 3, dtype=torch.int32)
+    kvn = torch.zeros(Bs, Hs, R, dtype=torch.int32)
+    for b in range(Bs):
+        for h in range(Hs):
+            for r in range(R):
+                if h % 2 == 0:
+                    blocks = [0] + [last] * (r % 4 == 0) + [1 + b] * (r % 4 == 1)
+                else:
+                    blocks = [0] * (r % 2 == 0) + [last] + [1 + b] * (r % 4 == 1)
+                kvn[b, h, r] = len(blocks)
+                kvi[b, h, r, :len(blocks)] = torch.tensor(blocks)
+    sel = BlockSelection(kvn.to(dev), kvi.to(dev), q_block=q_block, kv_block=16, q_len=Tq, kv_len=Tk, num_heads=8,
+                         causal=lists == "per-token")
+    return sel, 2 * u
+
+
+@pytest.mark.parametrize("lists", ["per-token", "query-blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dkdv_split_into_parts_matches_the_unsplit_kernel(lists, dtype, monkeypatch):
+    """dK/dV programs longer than DKDV_STEPS_PER_ITEM steps run as parts whose fp32 partials are
+    summed afterwards. With a tiny threshold (:func:`_split_test_selection`): a per-token
+    selection shared by a batch of 2 (causal) and a per-sequence one of 16-token query blocks
+    (bidirectional), both with 2 head groups per KV head, in fp32 and bf16, the work items are
+    the expected parts (a program of exactly the threshold and one with no steps stay whole), and
+    the gradients match the unsplit kernel to rounding and the fp32 reference within the file's
+    tolerance; dK/dV of the unselected blocks are 0."""
+    import longattn.kernels.block_sparse as bs
+
+    dev = _device()
+    B, H, Hkv = 2, 8, 2
+    sel, threshold = _split_test_selection(lists, dtype, dev)
+    causal = lists == "per-token"
+    q, k, v = rand_qkv(B, H, Hkv, sel.q_len, sel.kv_len, 64, dtype=dtype, device=dev,
+                       seed=stable_seed("dkdv-split", lists), requires_grad=True)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(dev, dtype)
+    nkb = sel.num_kv_blocks
+    assert _plan(q, k, sel, "bwd").P == 2 and _plan(q, k, sel, "bwd").BLOCK_N == 16  # a program per key block
+
+    works = []
+    make_work = bs._dkdv_work
+
+    def recorded_work(*args):
+        works.append(make_work(*args))
+        return works[-1]
+
+    monkeypatch.setattr(bs, "_dkdv_work", recorded_work)
+    out, _ = block_sparse_attention(q, k, v, sel, 0.125)
+    monkeypatch.setattr(bs, "DKDV_STEPS_PER_ITEM", threshold)
+    split = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    monkeypatch.setattr(bs, "DKDV_STEPS_PER_ITEM", 1 << 30)  # no program is cut
+    whole = torch.autograd.grad(out, (q, k, v), g)
+
+    # the work items, longest first: program (b * Hkv + kvh) * nkb + kb, each (first, end, partial?)
+    lengths = works[0].items[:, 2] - works[0].items[:, 1]
+    assert (lengths[:-1] >= lengths[1:]).all()
+    items = {}
+    for p, lo, hi, slot in works[0].items.tolist():
+        items.setdefault(p, []).append((lo, hi, slot >= 0))
+    T = threshold
+    cut = torch.zeros(B, Hkv, nkb, dtype=torch.bool)  # the programs run in parts
+    empty = torch.zeros(B, Hkv, nkb, dtype=torch.bool)  # the programs with no steps
+    for b in range(B):
+        exact = 1 + b if sel.kv_num_blocks.shape[0] == 2 else 1
+        for kvh in range(Hkv):
+            prog = (b * Hkv + kvh) * nkb
+            assert sorted(items[prog]) == [(0, T, True), (T, 2 * T, True), (2 * T, 3 * T, True)]
+            assert sorted(items[prog + nkb - 1]) == [(0, T, True), (T, 2 * T, True), (2 * T, 5 * T // 2, True)]
+            assert items[prog + exact] == [(0, T, False)]  # exactly the threshold: whole
+            cut[b, kvh, [0, nkb - 1]] = True
+            for kb in set(range(1, nkb - 1)) - {exact}:
+                assert items[prog + kb] == [(0, 0, False)]  # still an item: it writes the zeros
+                empty[b, kvh, kb] = True
+    assert sorted(works[0].split[:, 0].tolist()) == cut.flatten().nonzero().flatten().tolist()
+    assert works[1].split.numel() == 0
+    cut, empty = (m.repeat_interleave(16, dim=2)[:, :, :sel.kv_len].to(dev) for m in (cut, empty))
+
+    # dQ does not depend on the cut, nor do dK/dV of the programs left whole (the same steps in
+    # the same order). A program summed in parts rounds differently: in fp32 by a few units in
+    # the last place of the largest gradient (at most 2.2 measured, here and with 8 other seeds
+    # per case), in bf16 by at most one unit in the last place of each element (fp32 sums that
+    # differ in their last bits may round to neighbouring bf16 values)
+    assert torch.equal(split[0], whole[0])
+    for which, s, w in zip("kv", split[1:], whole[1:]):
+        assert torch.equal(s[empty], torch.zeros_like(s[empty])), "d" + which
+        assert torch.equal(s[~cut], w[~cut]), "d" + which
+        diff = (s[cut].double() - w[cut].double()).abs()
+        if dtype == torch.float32:
+            bound = 4 * torch.finfo(torch.float32).eps * w.abs().max().item()
+            assert diff.max().item() <= bound, ("d" + which, diff.max().item(), bound)
+        else:
+            ulp = torch.finfo(dtype).eps * torch.maximum(s[cut].abs(), w[cut].abs()).double()
+            assert (diff <= ulp).all(), ("d" + which, (diff - ulp).max().item())
+
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref, _ = _reference(q32, k32, v32, sel, causal)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
+    with plain_precision():
+        plain, _ = _reference(q, k, v, sel, causal)
+        plain_grads = torch.autograd.grad(plain, (q, k, v), g)
+    for which, f, p, r in zip("qkv", split, plain_grads, ref_grads):
+        bound = 2 * _error(p, r) + FLOOR[dtype] * max(1.0, r.abs().max().item())
+        assert _error(f, r) <= bound, ("d" + which, _error(f, r), bound)
+
+
 def test_unselected_key_blocks_are_never_read():
     """NaN in every key/value block that no query selects leaves the output unchanged: the
     kernel does not load what the selection excludes (a load would spread NaN through the

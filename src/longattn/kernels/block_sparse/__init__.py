@@ -8,6 +8,11 @@ The dense reference (``BlockSelection.to_dense_mask`` + softmax) is its specific
 Work and memory are ``O(selected pairs)``: no ``Tq x Tk`` tensor is ever formed. Query heads
 that share a KV head and a selection row (GQA with a group-shared selection, as in NSA) are
 processed by one program, so each selected K/V chunk is loaded once for all of them.
+
+The backward's dK/dV is key-major: a program per key chunk and KV head walks the queries that
+selected its block. A block many queries select (NSA's first block is selected by every token)
+would make one program walk far longer than the rest, so programs past ``DKDV_STEPS_PER_ITEM``
+steps are cut into parts whose fp32 partial sums are added afterwards, in a fixed order.
 """
 
 from __future__ import annotations
@@ -43,6 +48,19 @@ KEY_MAJOR_PER_TOKEN = True
 # key-major forward holds at once; longer query ranges run in chunks of tokens.
 KEY_MAJOR_PARTIAL_BYTES = 1 << 30
 MERGE_BLOCK_T = 32  # tokens per program of the slot merge
+
+# A dK/dV program (one per key chunk, sequence and KV head) walks the lists of the queries that
+# selected its key block, a tile of query rows per step, so a block every query selects makes one
+# very long program: NSA at 64k tokens walks 4,096 steps for its first block against about 64 for
+# the average program and about 1,750 per SM slot for the whole grid, and those few programs set
+# the kernel's time (12.2 ms on the H200). A program of more steps than this is cut into parts of
+# this many steps, run as separate programs whose fp32 partial sums are added afterwards. A part
+# costs one more K/V tile load and a [BLOCK_N, D] fp32 partial of dK and of dV written and read
+# back: the memory traffic of a few steps, a percent or two of 256. A part is about a seventh of
+# an SM slot's share in that NSA case, and inputs with no program past 256 steps (NSA below 4k
+# tokens: its first block is 4,096 tokens / 16 per step) run exactly the unsplit programs.
+DKDV_STEPS_PER_ITEM = 256
+DKDV_SUM_ROWS = 16  # keys per program of the partial sum (BLOCK_N: a power of two >= 16)
 
 
 # Launch settings forced per phase ("fwd", "bwd"), e.g. {"fwd": {"num_warps": 4, "num_stages": 3}}:
@@ -381,21 +399,111 @@ def _dq_key_major(q, k, v, dout, lse, delta, kvn, lists: _TokenLists, sel_meta, 
     return dq
 
 
+@dataclass(frozen=True)
+class _DkdvWork:
+    """The work items of :func:`kernel._bwd_dkdv`. Program ``p = (b * Hkv + kvh) * key_chunks +
+    n`` (``key_chunks = nKB * KV_BLOCK / BLOCK_N``) owns key chunk ``n`` of KV head ``kvh`` of
+    sequence ``b``; its steps are those of its head groups' lists, concatenated in group order.
+    ``items int32 [n_items, 4]``: ``(program, first step, end step, slot)``, longest first:
+    either a whole program, slot -1 (it writes dK/dV), or a part of a program cut into parts,
+    whose fp32 sums go to slot ``slot`` of the partial buffers. ``split int32 [n_split, 3]``:
+    ``(program, first slot, parts)`` of each program cut into parts (its parts' slots are
+    consecutive, in step order). ``slots``: the partial buffers' slots in all."""
+
+    items: Tensor
+    split: Tensor
+    slots: int
+
+
+def _dkdv_work(list_steps: Tensor, batch: int, kv_heads: int, plan: _Plan, chunks: int) -> _DkdvWork:
+    """The work items of the dK/dV programs of ``batch`` sequences and ``kv_heads`` KV heads: a
+    program of at most ``DKDV_STEPS_PER_ITEM`` steps is one item, a longer one is cut into
+    parts of that many steps (the last shorter); a program with no steps is still an item (it
+    writes zeros). ``list_steps int64 [Bs, Hs, nKB]``: the steps of each (selection batch,
+    selection head, key block)'s list; ``chunks``: key chunks per key block. O(programs) work
+    and one host sync."""
+    dev = list_steps.device
+    per_item = DKDV_STEPS_PER_ITEM
+    # the selection head of head group g of KV head kvh (heads kvh * G + g * P, ...), [Hkv, G // P]
+    sel_head = (torch.arange(kv_heads, device=dev)[:, None] * plan.heads_per_kv
+                + torch.arange(0, plan.heads_per_kv, plan.P, device=dev)) // plan.heads_per_sel
+    per_kv_head = list_steps[:, sel_head].sum(2)  # [Bs, Hkv, nKB]
+    seq = torch.arange(batch, device=dev) % list_steps.shape[0]  # a shared selection (Bs = 1) serves all
+    steps = per_kv_head[seq].repeat_interleave(chunks, dim=2).flatten()  # per program
+    parts = ((steps + per_item - 1) // per_item).clamp_min(1)
+    split_parts = torch.where(parts > 1, parts, 0)
+    n_items, slots, n_split = torch.stack([parts.sum(), split_parts.sum(), (parts > 1).sum()]).tolist()  # sync
+    prog = torch.repeat_interleave(torch.arange(steps.numel(), device=dev), parts, output_size=n_items)
+    part = torch.arange(n_items, device=dev) - (torch.cumsum(parts, 0) - parts)[prog]
+    lo = part * per_item
+    hi = torch.minimum(lo + per_item, steps[prog])
+    first_slot = torch.cumsum(split_parts, 0) - split_parts
+    slot = torch.where(parts[prog] > 1, first_slot[prog] + part, -1)
+    longest_first = torch.sort(hi - lo, descending=True, stable=True).indices
+    items = torch.stack([prog, lo, hi, slot], 1)[longest_first]
+    split_prog = torch.nonzero_static(parts > 1, size=n_split).flatten()
+    split = torch.stack([split_prog, first_slot[split_prog], parts[split_prog]], 1)
+    return _DkdvWork(items.to(torch.int32).contiguous(), split.to(torch.int32).contiguous(), slots)
+
+
+def _dkdv(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int,
+          common: dict) -> tuple[Tensor, Tensor]:
+    """``(dk, dv)``, key-major (:func:`kernel._bwd_dkdv`) over the transposed selection, long
+    programs cut into parts (:func:`_dkdv_work`) whose partial sums :func:`kernel._sum_dkdv_parts`
+    adds. ``common``: the backward's launch keywords."""
+    from .kernel import _bwd_dkdv, _sum_dkdv_parts
+
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    q_block, kv_block, kv_len, q_offset = sel_meta
+    Bs, Hs = kvn.shape[:2]
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    t_off, t_qb = transposed_selection(kvn, kvi, num_kv_blocks)
+    counts = (t_off[1:] - t_off[:-1]).long().view(Bs, Hs, num_kv_blocks)
+    token_list = q_block == 1
+    if token_list:
+        # per-token selections: gather as many selecting tokens per step as the rows allow
+        gather = max(1, TILE_CAPS[("bwd", q.dtype == torch.float32)][0] // plan.P)
+        common = dict(common, BLOCK_M=gather, ROWS=_tile_rows(plan.P * gather))
+        list_steps = (counts + gather - 1) // gather
+    else:
+        list_steps = counts * _ceil_div(q_block, plan.BLOCK_M)
+    chunks = kv_block // plan.BLOCK_N
+    work = _dkdv_work(list_steps, B, Hkv, plan, chunks)
+    # fp32 partials of the split programs' parts, [slots, BLOCK_N, D] (one slot at least: the
+    # kernel takes a pointer even when nothing is split)
+    dk_part = torch.empty(max(1, work.slots), plan.BLOCK_N, D, device=q.device, dtype=torch.float32)
+    dv_part = torch.empty_like(dk_part)
+    _bwd_dkdv[(work.items.shape[0],)](
+        q, k, v, dout, dk, dv, dk_part, dv_part, lse, delta, t_off, t_qb, work.items,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
+        Bs, Hs, num_kv_blocks,
+        Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
+        scale, plan.window or 0, plan.sink, TOKEN_LIST=token_list, **common,
+    )
+    if work.split.numel():
+        _sum_dkdv_parts[(work.split.shape[0], plan.BLOCK_N // DKDV_SUM_ROWS)](
+            dk_part, dv_part, dk, dv, work.split, *dk.stride()[:3], *dv.stride()[:3],
+            kv_len, Hkv, num_kv_blocks * chunks, scale,
+            D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_N=plan.BLOCK_N, SUM_ROWS=DKDV_SUM_ROWS, num_warps=4,
+        )
+    return dk, dv
+
+
 def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int,
               lists: _TokenLists | None = None):
     """``(dq, dk, dv)``. ``lists``: the forward's transposed per-token selection, reused by the
     key-major dQ (made here when the forward ran query-major)."""
-    from .kernel import _bwd_dkdv, _bwd_dq
+    from .kernel import _bwd_dq
 
     B, H, Tq, D = q.shape
-    Hkv = k.shape[1]
     q_block, kv_block, kv_len, q_offset = sel_meta
     dout = dout.contiguous()
     # [B, H, Tq], contiguous like lse (a reduction's output already is; the kernels index both
     # with one offset, so the layout is stated, not assumed)
     delta = (dout.float() * out.float()).sum(-1).contiguous()
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     common = dict(
         D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
         KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
@@ -414,20 +522,7 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
             Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
             scale, plan.window or 0, plan.sink, **common,
         )
-    t_off, t_qb = transposed_selection(kvn, kvi, num_kv_blocks)
-    chunks = kv_block // plan.BLOCK_N
-    if q_block == 1:
-        # per-token selections: gather as many selecting tokens per step as the rows allow
-        gather = max(1, TILE_CAPS[("bwd", q.dtype == torch.float32)][0] // plan.P)
-        common.update(BLOCK_M=gather, ROWS=_tile_rows(plan.P * gather))
-    _bwd_dkdv[(num_kv_blocks * chunks, B * Hkv)](
-        q, k, v, dout, dk, dv, lse, delta, t_off, t_qb,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
-        kvn.shape[0], kvn.shape[1], num_kv_blocks,
-        Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
-        scale, plan.window or 0, plan.sink, TOKEN_LIST=q_block == 1, **common,
-    )
+    dk, dv = _dkdv(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan, scale, num_kv_blocks, common)
     return dq, dk, dv
 
 

@@ -10,12 +10,15 @@ FlashAttention-2 style kernels (online softmax in fp32, scores never stored):
   log-sum-exp.
 * ``_bwd_dq`` -- query-major like the forward: recomputes the probabilities from the saved
   log-sum-exp and accumulates ``dQ``.
-* ``_bwd_dkdv`` -- key-major. One program owns ``BLOCK_N`` keys of one key block and one KV head
-  and visits every query block that selected that key block (a transposed, CSR copy of the
-  selection built in plain PyTorch), for every query head of the KV head: ``dK`` and ``dV``
-  are summed in registers, no atomics. For per-token selections (``q_block = 1``, NSA) each
-  step gathers ``BLOCK_M`` of the selecting tokens, so the tile is full even though no two
-  consecutive tokens need share a selection.
+* ``_bwd_dkdv`` -- key-major. A dK/dV program owns ``BLOCK_N`` keys of one key block and one KV
+  head and visits every query block that selected that key block (a transposed, CSR copy of
+  the selection built in plain PyTorch), for every query head of the KV head: ``dK`` and
+  ``dV`` are summed in registers, no atomics. For per-token selections (``q_block = 1``, NSA)
+  each step gathers ``BLOCK_M`` of the selecting tokens, so the tile is full even though no two
+  consecutive tokens need share a selection. The kernel runs work items: a whole program, which
+  writes dK/dV, or a range of the steps of a long program, which writes fp32 partial sums that
+  ``_sum_dkdv_parts`` adds in a fixed order (a block every token selects would otherwise make
+  one program as long as many others together).
 * ``_fwd_tokens`` / ``_merge_slots`` / ``_bwd_dq_tokens`` -- the key-major forward and dQ of
   per-token selections (``q_block = 1``): one program per work item (a key block and up to
   ``BLOCK_M`` of the tokens that chose it), so each block is loaded once per tile instead of
@@ -422,8 +425,16 @@ def _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d
 
 
 @triton.jit
+def _key_chunk_program(prog, num_kv_heads, key_chunks):
+    """Program ``prog = (b * Hkv + kvh) * key_chunks + n`` of the dK/dV kernels: its batch and KV
+    head (int64, as in :func:`_query_rows`) and key chunk ``n``."""
+    pid_bk = prog // key_chunks
+    return (pid_bk // num_kv_heads).to(tl.int64), (pid_bk % num_kv_heads).to(tl.int64), prog % key_chunks
+
+
+@triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, T_OFF, T_QB,
+    Q, K, V, DO, DK, DV, DKP, DVP, LSE, DELTA, T_OFF, T_QB, ITEMS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
     sel_batch, sel_heads, num_kv_blocks,
@@ -434,17 +445,25 @@ def _bwd_dkdv(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, TOKEN_LIST: tl.constexpr,
 ):
-    """Program ``(n, b * Hkv + kvh)``: keys ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of KV head
-    ``kvh``. ``T_OFF [sel_batch * sel_heads * num_kv_blocks + 1]`` / ``T_QB``: for each
-    (selection batch, selection head, key block), the query blocks that selected it.
-    ``TOKEN_LIST`` (per-token selections, ``q_block = 1``, as NSA's): each step gathers the next
-    ``BLOCK_M`` query tokens of that list (not one token per step)."""
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    num_kv_heads = num_heads // heads_per_kv
-    b = (pid_bk // num_kv_heads).to(tl.int64)  # int64 offsets, as in _query_rows
-    kvh = (pid_bk % num_kv_heads).to(tl.int64)
+    """Program ``i`` runs work item ``ITEMS[i] = (prog, lo, hi, slot)`` (int32 ``[items, 4]``).
+    Program ``prog = (b * Hkv + kvh) * key_chunks + n`` (``key_chunks = num_kv_blocks *
+    KV_BLOCK // BLOCK_N``) owns keys ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of KV head ``kvh``: for
+    each group ``g`` of ``P`` of the KV head's query heads it walks the list of the query blocks
+    that selected its key block -- ``T_OFF [sel_batch * sel_heads * num_kv_blocks + 1]`` /
+    ``T_QB``, per (selection batch, selection head, key block) -- each step one tile of
+    ``BLOCK_M`` query rows per head. ``TOKEN_LIST`` (per-token selections, ``q_block = 1``, as
+    NSA's): each step gathers the next ``BLOCK_M`` tokens of the list (not one token per step).
+    The item does steps ``[lo, hi)`` of the concatenation of its groups' lists, in ``g`` order.
+    ``slot < 0`` (the item is its whole program): dK (times ``sm_scale``) and dV go to ``DK`` /
+    ``DV`` in their dtype. Else the fp32 sums, without the scale, go to slot ``slot`` of ``DKP`` /
+    ``DVP`` (contiguous ``[slots, BLOCK_N, D]``) for :func:`_sum_dkdv_parts`."""
+    item = tl.program_id(0)
+    prog = tl.load(ITEMS + item * 4)
+    lo = tl.load(ITEMS + item * 4 + 1)
+    hi = tl.load(ITEMS + item * 4 + 2)
+    slot = tl.load(ITEMS + item * 4 + 3)
     CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
+    b, kvh, pid_n = _key_chunk_program(prog, num_heads // heads_per_kv, num_kv_blocks * CHUNKS)
     kb = pid_n // CHUNKS
     k_pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_pos < kv_len
@@ -471,22 +490,71 @@ def _bwd_dkdv(
         start = tl.load(T_OFF + key)
         stop = tl.load(T_OFF + key + 1)
         heads = h0 + r_head
+        # [lo, hi) counts from the start of this group's list: its steps there are [max(lo, 0),
+        # min(hi, n_steps)), none when the item ends before the list or starts after it
         if TOKEN_LIST:
-            for e0 in range(0, stop - start, BLOCK_M):
-                ent_ok = (e0 + r_in) < (stop - start)
-                r_tok = tl.load(T_QB + start + e0 + r_in, mask=ent_ok, other=0)
+            n_steps = (stop - start + BLOCK_M - 1) // BLOCK_M
+            for e in range(tl.maximum(lo, 0), tl.minimum(hi, n_steps)):
+                ent_ok = (e * BLOCK_M + r_in) < (stop - start)
+                r_tok = tl.load(T_QB + start + e * BLOCK_M + r_in, mask=ent_ok, other=0)
                 row_ok = (r_head < P) & ent_ok & (r_tok < q_len)
                 dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
                                     sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
                                     window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
         else:
-            for e in range((stop - start) * tiles_per_qblock):
+            n_steps = (stop - start) * tiles_per_qblock
+            for e in range(tl.maximum(lo, 0), tl.minimum(hi, n_steps)):
                 qb = tl.load(T_QB + start + e // tiles_per_qblock)
                 r_tok = qb * q_block + (e % tiles_per_qblock) * BLOCK_M + r_in
                 row_ok = (r_head < P) & (r_tok < q_len) & (r_tok < (qb + 1) * q_block)
                 dk, dv = _dkdv_rows(dk, dv, k, v, Q, DO, LSE, DELTA, b, heads, r_tok, row_ok, dims, d_ok, k_pos,
                                     sqb, sqh, sqt, sdob, sdoh, sdot, slb, slh, kv_len, q_offset, sm_scale_log2,
                                     window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE, UPCAST)
-    dk = dk * sm_scale
-    tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_tile_ok)
-    tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_tile_ok)
+        lo -= n_steps
+        hi -= n_steps
+    if slot < 0:
+        dk = dk * sm_scale
+        tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + dims[None, :], dk.to(DK.dtype.element_ty),
+                 mask=kv_tile_ok)
+        tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kv_tile_ok)
+    else:
+        part = slot.to(tl.int64) * (BLOCK_N * D) + tl.arange(0, BLOCK_N)[:, None] * D + dims[None, :]
+        tl.store(DKP + part, dk, mask=kv_tile_ok)
+        tl.store(DVP + part, dv, mask=kv_tile_ok)
+
+
+@triton.jit
+def _sum_dkdv_parts(
+    DKP, DVP, DK, DV, SPLIT,
+    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+    kv_len, num_kv_heads, key_chunks, sm_scale,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SUM_ROWS: tl.constexpr,
+):
+    """dK and dV of the :func:`_bwd_dkdv` programs cut into parts. Program ``(i, r)`` takes split
+    program ``SPLIT[i] = (prog, first slot, parts)`` (int32 ``[n_split, 3]``; its parts' partials
+    sit in consecutive slots of ``DKP`` / ``DVP``) and keys ``[r * SUM_ROWS, (r + 1) * SUM_ROWS)``
+    of its ``BLOCK_N``: sums the parts in slot order in fp32 (deterministic), scales dK by
+    ``sm_scale`` and writes both in ``DK``'s / ``DV``'s dtype, for keys below ``kv_len``."""
+    i = tl.program_id(0)
+    prog = tl.load(SPLIT + i * 3)
+    first = tl.load(SPLIT + i * 3 + 1)
+    parts = tl.load(SPLIT + i * 3 + 2)
+    b, kvh, pid_n = _key_chunk_program(prog, num_kv_heads, key_chunks)
+    rows = tl.program_id(1) * SUM_ROWS + tl.arange(0, SUM_ROWS)
+    k_pos = pid_n * BLOCK_N + rows
+    dims = tl.arange(0, HEAD_DIM)
+    ok = (k_pos < kv_len)[:, None] & (dims < D)[None, :]
+    part = first.to(tl.int64) * (BLOCK_N * D) + rows[:, None] * D + dims[None, :]
+    dkp = DKP + part
+    dvp = DVP + part
+    dk = tl.zeros([SUM_ROWS, HEAD_DIM], tl.float32)
+    dv = tl.zeros([SUM_ROWS, HEAD_DIM], tl.float32)
+    for _ in range(0, parts):
+        dk += tl.load(dkp, mask=ok, other=0.0)
+        dv += tl.load(dvp, mask=ok, other=0.0)
+        dkp += BLOCK_N * D
+        dvp += BLOCK_N * D
+    tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + dims[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=ok)
