@@ -10,7 +10,6 @@ the same dtype, plus a floor."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
@@ -550,37 +549,3 @@ def test_sparse_decode_refuses_a_cache_view_past_int32_offsets(monkeypatch):
     monkeypatch.setattr(kernels, "MAX_SLICE_OFFSET", 63 * 64)  # below this view's span, 63 * 64 + 31
     with pytest.raises(ValueError, match="k_cache .*2\\^31"):
         sparse_decode(q, k_cache, v_cache, lens, idx, cnt, block_size=16, backend="triton")
-
-
-FULL_HINT_CASES = [(case, causal) for case in ("topk", "window", "bigbird", "moba") for causal in (True, False)
-                   if causal or longattn.get_method(_method(case)).bidirectional]
-
-
-@pytest.mark.parametrize("case,causal", FULL_HINT_CASES)
-def test_full_blocks_skip_the_mask_with_the_same_result(case, causal):
-    """The query-major forward runs a row's leading full blocks (the selection's ``block_full``
-    hint) without the token mask. On full blocks the mask keeps every pair, so the output and
-    LSE must equal, bit for bit, those of the same selection without the hint, and match the
-    fp32 reference within the file's bound. Tk = 90 is not a multiple of the 16-key blocks: the
-    last block is partial, and a bidirectional selection marks it full, which the kernel must
-    still mask past ``kv_len``."""
-    dev = _device()
-    for dtype in (torch.float32, torch.bfloat16):
-        Tq = Tk = 90
-        q, k, v = rand_qkv(1, 4, 2, Tq, Tk, 64, dtype=dtype, device=dev, seed=stable_seed("full", case, causal))
-        spec = longattn.get_method(_method(case))
-        config = dict(CASES[case], **({"window": 48} if case == "window" else {}))  # 16-key blocks inside it
-        sel = spec.selector(q, k, causal, spec.make_config(**config))
-        assert sel.block_full is not None and sel.q_block > 1
-        listed = torch.arange(sel.kv_indices.shape[-1], device=dev) < sel.kv_num_blocks[..., None]
-        assert (sel.block_full & listed).any()  # the unmasked loop runs
-        if not causal:
-            last = (sel.kv_indices == sel.num_kv_blocks - 1) & sel.block_full & listed
-            assert last.any(), "the partial last block is marked full somewhere"
-        out, lse = block_sparse_attention(q, k, v, sel, 0.125)
-        out0, lse0 = block_sparse_attention(q, k, v, dataclasses.replace(sel, block_full=None), 0.125)
-        assert torch.equal(out, out0) and torch.equal(lse, lse0)
-        ref, _ = _reference(q.float(), k.float(), v.float(), sel, causal)
-        with plain_precision():
-            plain, _ = _reference(q, k, v, sel, causal)
-        assert _error(out, ref) <= 2 * _error(plain, ref) + FLOOR[dtype]

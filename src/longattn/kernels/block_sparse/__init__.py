@@ -202,9 +202,8 @@ def _sel_strides(t: Tensor) -> tuple[int, int, int]:
     return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, kvn, kvi, kvf, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
-    """``(out, lse, token lists)``; the lists (:class:`_TokenLists`) only for the key-major path.
-    ``kvf``: the selection's ``block_full`` as int8 (or None), used by the query-major kernel."""
+def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
+    """``(out, lse, token lists)``; the lists (:class:`_TokenLists`) only for the key-major path."""
     from .kernel import _fwd
 
     if plan.key_major:
@@ -215,14 +214,13 @@ def _forward(q, k, v, kvn, kvi, kvf, sel_meta, plan: _Plan, scale: float, num_kv
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     grid = (_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))
     _fwd[grid](
-        q, k, v, out, lse, kvn, kvi, kvi if kvf is None else kvf,
+        q, k, v, out, lse, kvn, kvi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-        *_sel_strides(kvn), *_sel_strides(kvi), *_sel_strides(kvi if kvf is None else kvf),
+        *_sel_strides(kvn), *_sel_strides(kvi),
         Tq, kv_len, q_offset, q_block, H, plan.heads_per_kv, plan.heads_per_sel,
         scale * math.log2(math.e), plan.window or 0, plan.sink,
         D=D, HEAD_DIM=plan.HEAD_DIM, P=plan.P, BLOCK_M=plan.BLOCK_M, ROWS=plan.ROWS,
         KV_BLOCK=kv_block, BLOCK_N=plan.BLOCK_N, **_rule_args(plan),
-        HAS_FULL=kvf is not None, K_PAD=max(16, 1 << (kvi.shape[-1] - 1).bit_length()),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out, lse, None
@@ -529,8 +527,8 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kvn, kvi, kvf, sel_meta, num_kv_blocks, plans, scale):
-        out, lse, lists = _forward(q, k, v, kvn, kvi, kvf, sel_meta, plans[0], scale, num_kv_blocks)
+    def forward(ctx, q, k, v, kvn, kvi, sel_meta, num_kv_blocks, plans, scale):
+        out, lse, lists = _forward(q, k, v, kvn, kvi, sel_meta, plans[0], scale, num_kv_blocks)
         ctx.save_for_backward(q, k, v, out, lse, kvn, kvi)
         ctx.meta = (sel_meta, plans[1], scale, num_kv_blocks, lists)
         ctx.mark_non_differentiable(lse)
@@ -541,7 +539,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v, out, lse, kvn, kvi = ctx.saved_tensors
         sel_meta, plan, scale, num_kv_blocks, lists = ctx.meta
         dq, dk, dv = _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan, scale, num_kv_blocks, lists)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection, scale: float) -> tuple[Tensor, Tensor]:
@@ -558,11 +556,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
     q, k, v = (kernel_layout(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     kvn = sel.kv_num_blocks.to(torch.int32)
     kvi = sel.kv_indices.to(torch.int32).contiguous()
-    # full blocks (the selection's hint) let the forward skip the token mask
-    kvf = None if sel.block_full is None else sel.block_full.contiguous().view(torch.int8)
     plans = (_plan(q, k, sel, "fwd"), _plan(q, k, sel, "bwd"))
     sel_meta = (sel.q_block, sel.kv_block, sel.kv_len, sel.q_offset)
-    return _BlockSparseAttention.apply(q, k, v, kvn, kvi, kvf, sel_meta, sel.num_kv_blocks, plans, float(scale))
+    return _BlockSparseAttention.apply(q, k, v, kvn, kvi, sel_meta, sel.num_kv_blocks, plans, float(scale))
 
 
 __all__ = ["block_sparse_attention", "inputs_unsupported_reason", "selection_unsupported_reason", "transposed_selection"]

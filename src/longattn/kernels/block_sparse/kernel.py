@@ -90,20 +90,16 @@ def _query_rows(pid_m, pid_bh, num_heads, heads_per_kv, heads_per_sel, q_block, 
 @triton.jit
 def _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok, kv_len,
                   sm_scale_log2, window, sink, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  TWO_SIDED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr = True):
+                  TWO_SIDED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step of the forward kernels: the rows ``q [ROWS, HEAD_DIM]`` (absolute
-    positions ``q_abs``) against the keys ``k_pos [BLOCK_N]`` of one KV head. ``MASKED=False``:
-    every key is below ``kv_len`` and the token rule keeps every pair (a full block), so the
-    step skips the mask; the rows past the queries (``row_ok`` False) then compute values
-    nobody stores."""
+    positions ``q_abs``) against the keys ``k_pos [BLOCK_N]`` of one KV head."""
     k_ok = k_pos < kv_len
     kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
     s = _mm(q, kt, IEEE, UPCAST)
     s = s * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
-    if MASKED:
-        keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
-        keep = keep & row_ok[:, None]
-        s = tl.where(keep, s, float("-inf"))
+    keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
+    keep = keep & row_ok[:, None]
+    s = tl.where(keep, s, float("-inf"))
     p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
     v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
@@ -112,20 +108,16 @@ def _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_p
 
 @triton.jit
 def _fwd(
-    Q, K, V, O, LSE, KVN, KVI, KVF,
+    Q, K, V, O, LSE, KVN, KVI,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
-    snb, snh, snq, sib, sih, siq, sfb, sfh, sfq,
+    snb, snh, snq, sib, sih, siq,
     q_len, kv_len, q_offset, q_block, num_heads, heads_per_kv, heads_per_sel,
     sm_scale_log2, window, sink,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TWO_SIDED: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, HAS_FULL: tl.constexpr, K_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """``KVF`` (``HAS_FULL``): the selection's ``block_full`` as int8, laid out like ``KVI``
-    (``K_PAD``: its width padded to a power of two). The leading selected blocks that are full
-    and wholly below ``kv_len`` run without the token mask (in a causal row, every block but
-    the last ones near the diagonal); the rest are masked."""
     b, h0, kvh, hs, row_sel, r_head, r_tok, row_ok = _query_rows(
         tl.program_id(0), tl.program_id(1), num_heads, heads_per_kv, heads_per_sel, q_block, q_len,
         P, BLOCK_M, ROWS)
@@ -146,21 +138,7 @@ def _fwd(
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
     cols = tl.arange(0, BLOCK_N)
-    n_full = 0  # leading selected blocks that need no mask
-    if HAS_FULL:
-        j = tl.arange(0, K_PAD)
-        listed = j < n_sel
-        full = tl.load(KVF + b * sfb + hs * sfh + row_sel * sfq + j, mask=listed, other=0) != 0
-        kbs = tl.load(idx_base + j, mask=listed, other=0)
-        whole = full & ((kbs + 1) * KV_BLOCK <= kv_len)
-        n_full = tl.min(tl.where(listed & ~whole, j, n_sel), 0)
-    for t in range(0, n_full * CHUNKS):
-        kb = tl.load(idx_base + t // CHUNKS)
-        k_pos = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N + cols
-        acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
-                                      kv_len, sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE,
-                                      UPCAST, MASKED=False)
-    for t in range(n_full * CHUNKS, n_sel * CHUNKS):
+    for t in range(0, n_sel * CHUNKS):
         kb = tl.load(idx_base + t // CHUNKS)
         k_pos = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N + cols
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
