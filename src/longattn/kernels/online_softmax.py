@@ -48,19 +48,43 @@ def backward_row_stats(LSE, DELTA, offs, row_ok):
 
 
 @triton.jit
-def _row_dot(A, B, OUT, sab, sah, sat, sbb, sbh, sbt, num_heads, q_len,
-             D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """``OUT[b, h, t] = sum_d A[b, h, t, d] * B[b, h, t, d]`` in fp32 for ``BLOCK_T`` rows of one
-    ``(batch, head)``; ``OUT`` contiguous ``[B, H, Tq]``."""
+def row_tile(num_heads, q_len, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program ``(t tile, b * H + h)`` of the row-wise kernels over ``[B, H, Tq, D]`` tensors
+    (:func:`backward_delta`, NSA's branch combine): batch and head (int64), its ``BLOCK_T`` rows
+    ``t``, the feature lanes, which rows exist and the ``[BLOCK_T, HEAD_DIM]`` tile mask."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, HEAD_DIM)
-    ok = (t < q_len)[:, None] & (dims < D)[None, :]
-    a = tl.load(A + b * sab + h * sah + t[:, None] * sat + dims[None, :], mask=ok, other=0.0)
-    x = tl.load(B + b * sbb + h * sbh + t[:, None] * sbt + dims[None, :], mask=ok, other=0.0)
-    tl.store(OUT + pid_bh.to(tl.int64) * q_len + t, tl.sum(a.to(tl.float32) * x.to(tl.float32), 1), mask=t < q_len)
+    t_ok = t < q_len
+    return b, h, t, dims, t_ok, t_ok[:, None] & (dims < D)[None, :]
+
+
+@triton.jit
+def load_rows(X, b, h, t, dims, ok, sxb, sxh, sxt):
+    """The :func:`row_tile` tile of ``X [B, H, Tq, D]`` (strided, unit stride along ``D``) in fp32."""
+    return tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+def row_launch(x) -> tuple[tuple[int, int], dict]:
+    """``(grid, launch keywords)`` of a :func:`row_tile` kernel over ``x [B, H, Tq, D]``: 8,192
+    elements per program at most (64 rows of 128)."""
+    B, H, Tq, D = x.shape
+    head_dim = max(16, 1 << (D - 1).bit_length())
+    block_t = max(1, min(64, 8192 // head_dim))
+    return (triton.cdiv(Tq, block_t), B * H), dict(D=D, HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4)
+
+
+@triton.jit
+def _row_dot(A, B, OUT, sab, sah, sat, sbb, sbh, sbt, num_heads, q_len,
+             D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``OUT[b, h, t] = sum_d A[b, h, t, d] * B[b, h, t, d]`` in fp32 for ``BLOCK_T`` rows of one
+    ``(batch, head)``; ``OUT`` contiguous ``[B, H, Tq]``."""
+    b, h, t, dims, t_ok, ok = row_tile(num_heads, q_len, D, HEAD_DIM, BLOCK_T)
+    a = load_rows(A, b, h, t, dims, ok, sab, sah, sat)
+    x = load_rows(B, b, h, t, dims, ok, sbb, sbh, sbt)
+    tl.store(OUT + (b * num_heads + h) * q_len + t, tl.sum(a * x, 1), mask=t_ok)
 
 
 def backward_delta(dout, out):
@@ -78,10 +102,6 @@ def backward_delta(dout, out):
         dout = dout.contiguous()
     if out.stride(-1) != 1:
         out = out.contiguous()
-    head_dim = max(16, 1 << (D - 1).bit_length())
-    block_t = max(1, min(64, 8192 // head_dim))
-    _row_dot[(triton.cdiv(Tq, block_t), B * H)](
-        dout, out, delta, *dout.stride()[:3], *out.stride()[:3], H, Tq,
-        D=D, HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4,
-    )
+    grid, kw = row_launch(out)
+    _row_dot[grid](dout, out, delta, *dout.stride()[:3], *out.stride()[:3], H, Tq, **kw)
     return delta

@@ -18,20 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-
-@triton.jit
-def _rows(pid_t, pid_bh, num_heads, q_len, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, HEAD_DIM)
-    t_ok = t < q_len
-    return b, h, t, dims, t_ok, t_ok[:, None] & (dims < D)[None, :]
-
-
-@triton.jit
-def _tile(X, b, h, t, dims, ok, sxb, sxh, sxt):
-    return tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+from ..online_softmax import load_rows, row_launch, row_tile
 
 
 @triton.jit
@@ -54,11 +41,11 @@ def _combine_fwd(
     num_heads, q_len, g0, g1, g2,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PER_QUERY: tl.constexpr,
 ):
-    b, h, t, dims, t_ok, ok = _rows(tl.program_id(0), tl.program_id(1), num_heads, q_len, D, HEAD_DIM, BLOCK_T)
+    b, h, t, dims, t_ok, ok = row_tile(num_heads, q_len, D, HEAD_DIM, BLOCK_T)
     c, s, w = _gates(GATES, b, h, t, t_ok, sgb, sgh, sgt, g0, g1, g2, PER_QUERY)
-    out = c * _tile(OC, b, h, t, dims, ok, scb, sch, sct)
-    out = out + s * _tile(OS, b, h, t, dims, ok, ssb, ssh, sst)
-    out = out + w * _tile(OW, b, h, t, dims, ok, swb, swh, swt)
+    out = c * load_rows(OC, b, h, t, dims, ok, scb, sch, sct)
+    out = out + s * load_rows(OS, b, h, t, dims, ok, ssb, ssh, sst)
+    out = out + w * load_rows(OW, b, h, t, dims, ok, swb, swh, swt)
     tl.store(OUT + b * sob + h * soh + t[:, None] * sot + dims[None, :], out.to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -71,26 +58,18 @@ def _combine_bwd(
 ):
     """``DC``/``DS``/``DW``: contiguous ``[B, H, Tq, D]``; ``DG``: contiguous fp32 ``[B, H, Tq, 3]``
     (written only ``PER_QUERY``)."""
-    b, h, t, dims, t_ok, ok = _rows(tl.program_id(0), tl.program_id(1), num_heads, q_len, D, HEAD_DIM, BLOCK_T)
+    b, h, t, dims, t_ok, ok = row_tile(num_heads, q_len, D, HEAD_DIM, BLOCK_T)
     c, s, w = _gates(GATES, b, h, t, t_ok, sgb, sgh, sgt, g0, g1, g2, PER_QUERY)
-    do = _tile(DO, b, h, t, dims, ok, sdb, sdh, sdt)
+    do = load_rows(DO, b, h, t, dims, ok, sdb, sdh, sdt)
     row = (b * num_heads + h) * q_len + t  # row of the contiguous outputs
     offs = row[:, None] * D + dims[None, :]
     tl.store(DC + offs, (c * do).to(DC.dtype.element_ty), mask=ok)
     tl.store(DS + offs, (s * do).to(DS.dtype.element_ty), mask=ok)
     tl.store(DW + offs, (w * do).to(DW.dtype.element_ty), mask=ok)
     if PER_QUERY:
-        tl.store(DG + row * 3, tl.sum(do * _tile(OC, b, h, t, dims, ok, scb, sch, sct), 1), mask=t_ok)
-        tl.store(DG + row * 3 + 1, tl.sum(do * _tile(OS, b, h, t, dims, ok, ssb, ssh, sst), 1), mask=t_ok)
-        tl.store(DG + row * 3 + 2, tl.sum(do * _tile(OW, b, h, t, dims, ok, swb, swh, swt), 1), mask=t_ok)
-
-
-def _launch(x: Tensor) -> dict:
-    D = x.shape[-1]
-    head_dim = max(16, 1 << (D - 1).bit_length())
-    block_t = max(1, min(64, 8192 // head_dim))
-    return dict(grid=(triton.cdiv(x.shape[2], block_t), x.shape[0] * x.shape[1]),
-                kw=dict(D=D, HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4))
+        tl.store(DG + row * 3, tl.sum(do * load_rows(OC, b, h, t, dims, ok, scb, sch, sct), 1), mask=t_ok)
+        tl.store(DG + row * 3 + 1, tl.sum(do * load_rows(OS, b, h, t, dims, ok, ssb, ssh, sst), 1), mask=t_ok)
+        tl.store(DG + row * 3 + 2, tl.sum(do * load_rows(OW, b, h, t, dims, ok, swb, swh, swt), 1), mask=t_ok)
 
 
 def _strides(*ts: Tensor) -> list[int]:
@@ -103,11 +82,11 @@ class _Combine(torch.autograd.Function):
         out = torch.empty(o_slc.shape, device=o_slc.device, dtype=o_slc.dtype)
         per_query = gates is not None
         g = gates if per_query else out  # a placeholder pointer when the gates are constants
-        L = _launch(out)
         if out.numel():
-            _combine_fwd[L["grid"]](
+            grid, kw = row_launch(out)
+            _combine_fwd[grid](
                 o_cmp, o_slc, o_win, g, out, *_strides(o_cmp, o_slc, o_win, g, out),
-                out.shape[1], out.shape[2], *consts, PER_QUERY=per_query, **L["kw"],
+                out.shape[1], out.shape[2], *consts, PER_QUERY=per_query, **kw,
             )
         ctx.save_for_backward(o_cmp, o_slc, o_win, gates)
         ctx.consts = consts
@@ -122,12 +101,12 @@ class _Combine(torch.autograd.Function):
         per_query = gates is not None
         dg = torch.empty(*dout.shape[:3], 3, device=dout.device, dtype=torch.float32) if per_query else None
         g = gates if per_query else dout
-        L = _launch(dout)
         if dout.numel():
-            _combine_bwd[L["grid"]](
+            grid, kw = row_launch(dout)
+            _combine_bwd[grid](
                 dout, o_cmp, o_slc, o_win, g, *grads, dg if per_query else dout,
                 *_strides(dout, o_cmp, o_slc, o_win, g), dout.shape[1], dout.shape[2], *ctx.consts,
-                PER_QUERY=per_query, **L["kw"],
+                PER_QUERY=per_query, **kw,
             )
         return (*grads, dg.to(gates.dtype) if per_query else None, None)
 
