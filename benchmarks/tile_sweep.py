@@ -10,6 +10,7 @@ numbers are what a choice of ``TILE_CAPS`` / ``LAUNCH_OVERRIDES`` in
 ``longattn.kernels.block_sparse`` rests on.
 
     python3 benchmarks/tile_sweep.py --out $OUT/tiles.jsonl --max-seconds 120
+    python3 benchmarks/tile_sweep.py --phases fwd --configs "128,32,4,3;128,32,8,3" --out $OUT/t.jsonl
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ def main() -> None:
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--max-seconds", type=float, default=150.0)
+    ap.add_argument("--phases", default="fwd,bwd", help="which phases to sweep (fwd, bwd or both)")
+    ap.add_argument("--configs", default=None,
+                    help="replace the built-in lists: 'rows,block_n,warps,stages;...' (for every swept phase)")
     args = ap.parse_args()
+    custom = ([tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")] if args.configs else None)
 
     import longattn
     from longattn.kernels import block_sparse as bs
@@ -70,7 +75,9 @@ def main() -> None:
     ref_grads = [x.float() for x in run_bwd(qg, kg, vg)]
     rows = []
     with open(args.out, "a") as fh:
-        for phase, configs in (("fwd", FWD), ("bwd", BWD)):
+        for phase, configs in (("fwd", custom or FWD), ("bwd", custom or BWD)):
+            if phase not in args.phases.split(","):
+                continue
             for rows_cap, bn_cap, warps, stages in configs:
                 if time.time() - t_start > args.max_seconds:
                     print(f"budget reached; {phase} {rows_cap},{bn_cap},{warps},{stages} not run")

@@ -392,17 +392,22 @@ for G, Tq, D, S in [(4, 1, 128, 64), (8, 16, 256, 8)]:
     const = dict(G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=S, R=4, E=1, NBC=max(16, MERGE_TILE // (GP * TQP)))
     out[f"merge[G={G}, Tq={Tq}, D={D}, S={S}]"] = compile_sm90(_cmp_decode_merge, ptr, const, warps=4 if D <= 128 else 8)
 ptr = {"S": "*fp32", "IDX": "*i32", "CNT": "*i32", "FULL": "*i8", "KV_LENS": "*i32"}
-out["rank[kv_lens]"] = compile_sm90(_select_rank, ptr, dict(BLOCK_R=4, NB_PAD=1024, K_PAD=16, HAS_KV_LENS=True), warps=8)
+out["rank[kv_lens]"] = compile_sm90(_select_rank, ptr, dict(BLOCK_R=4, NB_PAD=1024, K_PAD=16, HAS_KV_LENS=True,
+                                                             CAUSAL=True), warps=8)
+# block top-k's rows (a query block each, 1024 key blocks at 128k), bidirectional
+out["rank[topk, bidirectional]"] = compile_sm90(_select_rank, ptr, dict(BLOCK_R=4, NB_PAD=1024, K_PAD=16,
+                                                                        HAS_KV_LENS=False, CAUSAL=False), warps=8)
 print(json.dumps(out))
 """
 
 
 def test_kernels_compile_for_sm90_within_shared_memory_without_spilling():
-    """The decode kernels (and the ranking kernel with per-sequence lengths) compile for the H200
+    """The decode kernels (and the ranking kernel with per-sequence lengths, and bidirectional
+    as block top-k runs it) compile for the H200
     (sm_90) with the ptxas that ships with Triton (:mod:`tests.sm90`): each configuration
     :func:`decode_tile_config` picks fits shared memory and (almost) does not spill."""
     results = compile_sm90_script(_COMPILE_SCRIPT)
-    assert len(results) == 7
+    assert len(results) == 8
     for name, (shared, spill) in results.items():
         assert 0 <= shared <= SM90_SHARED, (name, shared)
         assert spill <= MAX_SPILL, (name, spill)

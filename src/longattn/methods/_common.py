@@ -229,17 +229,20 @@ def _ranked(scores: Tensor, eligible: Tensor, forced: Tensor) -> Tensor:
 
 
 def topk_block_indices(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``forced`` blocks plus the best-scoring ``eligible`` ones, ``k`` blocks in all where
-    enough are eligible: ``(indices int64 [..., min(k, nKB)], keep bool [..., min(k, nKB)])``
+    """The ``forced`` blocks plus the best-scoring ``eligible`` ones (equal scores: the lower
+    block index first), ``k`` blocks in all where enough are eligible: ``(indices int64 [..., min(k, nKB)], keep bool [..., min(k, nKB)])``
     (``keep`` is False for a slot filled by a block neither eligible nor forced). Inputs
     ``[..., nKB]``."""
     ranked = _ranked(scores, eligible, forced)
     k = min(k, scores.shape[-1])
     if k > MAX_PASSES_K:
-        values, top = ranked.topk(k, dim=-1)
-        return top, values > float("-inf")
+        # a stable sort, so equal scores go to the lower block index (torch.topk leaves ties
+        # unordered), as max does below and the ranking kernels do
+        values, top = ranked.sort(dim=-1, descending=True, stable=True)
+        return top[..., :k], values[..., :k] > float("-inf")
     # k passes of max instead of torch.topk: over many short rows (MoBA's per-token gate at 64k:
-    # 2M rows of 128 blocks) topk took 12 ms of a 19 ms selection on the H200
+    # 2M rows of 128 blocks) topk took 12 ms of a 19 ms selection on the H200. max returns the
+    # first of equal maxima, so ties go to the lower block index
     tops, values = [], []
     for i in range(k):
         v, a = ranked.max(dim=-1)
@@ -250,7 +253,7 @@ def topk_block_indices(scores: Tensor, eligible: Tensor, forced: Tensor, k: int)
     return torch.stack(tops, -1), torch.stack(values, -1) > float("-inf")
 
 
-MAX_PASSES_K = 8  # topk_block_indices: up to this k, k passes of max; beyond, torch.topk
+MAX_PASSES_K = 8  # topk_block_indices: up to this k, k passes of max; beyond, a stable sort
 
 
 def topk_blocks(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_selection_method
-from ..selection import BlockSelection
+from ..selection import BlockSelection, _ceil_div, causal_mod
 from ._common import (
     check_positive_int,
     check_tileable,
@@ -45,18 +45,87 @@ class TopKConfig:
 
 
 def select_topk(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> BlockSelection:
-    B, H, Tq, _ = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    bs = config.block_size
-    rows = gate_block_positions(Tq, Tk, bs, q.device)  # [nG] absolute query blocks
-    scores = pooled_block_scores(q, k, bs, bs)  # [B, H, nG, nKB]
+    """Block top-k selection of ``q [B, H, Tq, D]`` over ``k [B, Hkv, Tk, D]``. On a GPU with
+    Triton (and query blocks aligned to key blocks) the ranking runs in one kernel
+    (:func:`select_topk_ranked`); elsewhere in PyTorch (:func:`select_topk_reference`, the
+    specification). Both give the same selection, bit for bit."""
+    if q.is_cuda and ranking_kernel_unsupported_reason(q, k, config) is None:
+        return select_topk_ranked(q, k, causal, config)
+    return select_topk_reference(q, k, causal, config)
+
+
+def _scores(q: Tensor, k: Tensor, config: TopKConfig) -> Tensor:
+    """Pooled block scores ``[B, H or Hkv (shared), nG, nKB]`` (fp32)."""
+    B, H = q.shape[:2]
+    Hkv = k.shape[1]
+    scores = pooled_block_scores(q, k, config.block_size, config.block_size)  # [B, H, nG, nKB]
     if config.shared_kv_heads:
         scores = scores.view(B, Hkv, H // Hkv, *scores.shape[2:]).sum(2)  # [B, Hkv, nG, nKB]
+    return scores
+
+
+def select_topk_reference(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> BlockSelection:
+    """The PyTorch specification of :func:`select_topk`: scores, ``topk_block_indices``
+    (ties to the lower block index) and :func:`index_selection`."""
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    bs = config.block_size
+    rows = gate_block_positions(Tq, Tk, bs, q.device)  # [nG] absolute query blocks
+    scores = _scores(q, k, config)
     c = torch.arange(scores.shape[-1], device=q.device)
     own = c[None, :] == rows[:, None]  # [nG, nKB]
     eligible = c[None, :] <= rows[:, None] if causal else torch.ones_like(own)
     idx, keep = topk_block_indices(scores, eligible.expand_as(scores), own.expand_as(scores), config.top_k)
     return index_selection(idx, keep, gate_block=bs, kv_block=bs, q_len=Tq, kv_len=Tk, num_heads=H, causal=causal)
+
+
+def ranking_kernel_unsupported_reason(q: Tensor, k: Tensor, config: TopKConfig) -> str | None:
+    """``None`` when :func:`select_topk_ranked` can run on these inputs, else why not."""
+    from ..kernels.nsa import MAX_SELECT_BLOCKS
+    from ..kernels import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(q.device)
+    if reason:
+        return reason
+    Tq, Tk = q.shape[2], k.shape[2]
+    if (Tk - Tq) % config.block_size:
+        return (f"the {Tq} queries end with the {Tk} keys, so their blocks do not line up with the "
+                f"key blocks of {config.block_size} (each query would need its own row)")
+    if _ceil_div(Tk, config.block_size) > MAX_SELECT_BLOCKS:
+        return f"the ranking kernel ranks at most {MAX_SELECT_BLOCKS} key blocks per row"
+    return None
+
+
+def select_topk_ranked(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> BlockSelection:
+    """:func:`select_topk` with the ranking, the index order and the block kinds in one Triton
+    kernel (:func:`longattn.kernels.nsa.rank_blocks`, a row per query block whose first query
+    sits at ``row * block_size + Tk - Tq``) instead of some twenty PyTorch operations; the
+    scores are the reference's. Raises ``ValueError`` where the kernel cannot run
+    (:func:`ranking_kernel_unsupported_reason`)."""
+    from ..kernels.nsa import rank_blocks
+
+    reason = ranking_kernel_unsupported_reason(q, k, config)
+    if reason:
+        raise ValueError(f"select_topk_ranked cannot run: {reason}")
+    H, Tq = q.shape[1], q.shape[2]
+    Tk = k.shape[2]
+    bs = config.block_size
+    off = Tk - Tq
+    idx, cnt, full = rank_blocks(_scores(q, k, config), first_position=off, row_stride=bs, block=bs,
+                                 top_k=config.top_k, num_init_blocks=0, num_local_blocks=1, causal=causal)
+    return BlockSelection(
+        kv_num_blocks=cnt,
+        kv_indices=idx,
+        q_block=bs,
+        kv_block=bs,
+        q_len=Tq,
+        kv_len=Tk,
+        num_heads=H,
+        causal=causal,
+        mask_mod=causal_mod(off) if causal else None,
+        block_full=full,
+        validate=False,
+    )
 
 
 register_selection_method(

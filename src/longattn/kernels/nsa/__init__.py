@@ -173,23 +173,45 @@ def select_blocks(
         if kv_lens.shape != (B,) or kv_lens.device != p_slc.device:
             raise ValueError(f"kv_lens must have shape [B]=({B},) on {p_slc.device}, got {tuple(kv_lens.shape)} "
                              f"on {kv_lens.device}")
-    K = min(num_selected, nKB)
-    dev = p_slc.device
-    idx = torch.empty(B, Hkv, Tq, K, dtype=torch.int32, device=dev)
-    cnt = torch.empty(B, Hkv, Tq, dtype=torch.int32, device=dev)
-    full = torch.empty(B, Hkv, Tq, K, dtype=torch.int8, device=dev)
-    if B * Hkv * Tq == 0 or nKB == 0:
+    return rank_blocks(p_slc, first_position=kv_len - Tq if kv_lens is None else -Tq, row_stride=1,
+                       block=select_block, top_k=num_selected, num_init_blocks=num_init_blocks,
+                       num_local_blocks=num_local_blocks, causal=True, kv_lens=kv_lens)
+
+
+def rank_blocks(
+    scores: Tensor, *, first_position: int, row_stride: int, block: int, top_k: int, num_init_blocks: int,
+    num_local_blocks: int, causal: bool, kv_lens: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ranking kernel behind :func:`select_blocks` (NSA's per-token rows) and the block
+    top-k selection of :mod:`longattn.methods.topk` (a row per query block), on checked
+    arguments: row ``t`` of ``scores float32 [B, Hs, R, nKB]`` sits at position ``p = t *
+    row_stride + first_position`` (``+ kv_lens[b]`` when given). Causal: block ``j`` is eligible
+    iff ``j * block <= p``, else every block is. Forced: the first ``num_init_blocks`` and the
+    ``num_local_blocks`` ending at ``p // block``. Keeps ``count = min(eligible, K)``, ``K =
+    min(top_k, nKB)``, blocks: forced, then by score, ties to the lower index. Returns
+    ``(indices int32 [B, Hs, R, K] ascending then 0, counts int32 [B, Hs, R], full bool
+    [B, Hs, R, K])``; full: causal and ``(j + 1) * block - 1 <= p``, or any kept block when not
+    causal."""
+    from .kernel import _select_rank
+
+    B, Hs, R, nKB = scores.shape
+    K = min(top_k, nKB)
+    dev = scores.device
+    idx = torch.empty(B, Hs, R, K, dtype=torch.int32, device=dev)
+    cnt = torch.empty(B, Hs, R, dtype=torch.int32, device=dev)
+    full = torch.empty(B, Hs, R, K, dtype=torch.int8, device=dev)
+    if B * Hs * R == 0 or nKB == 0:
         return idx, cnt.zero_(), full.view(torch.bool)
-    if p_slc.stride(-1) != 1:
-        p_slc = p_slc.contiguous()
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
     nb_pad = max(16, _pow2_at_least(nKB))
     block_r, warps = _rank_layout(nb_pad)
-    _select_rank[(_ceil_div(Tq, block_r), B * Hkv)](
-        p_slc, idx, cnt, full,
-        *p_slc.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
-        Tq, nKB, kv_len - Tq if kv_lens is None else -Tq, Hkv, select_block, K, num_init_blocks, num_local_blocks,
+    _select_rank[(_ceil_div(R, block_r), B * Hs)](
+        scores, idx, cnt, full,
+        *scores.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
+        R, nKB, first_position, Hs, block, K, num_init_blocks, num_local_blocks, row_stride,
         BLOCK_R=block_r, NB_PAD=nb_pad, K_PAD=max(16, _pow2_at_least(K)), num_warps=warps,
-        KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None,
+        KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None, CAUSAL=causal,
     )
     return idx, cnt, full.view(torch.bool)
 
@@ -403,4 +425,4 @@ def selection_scores(
 
 
 __all__ = ["compressed_attention", "selection_scores", "compressed_unsupported_reason", "select_blocks",
-           "select_unsupported_reason", "ROW_CAP", "CMP_BLOCK_N", "SLC_BLOCK_N", "MAX_SELECT_BLOCKS"]
+           "select_unsupported_reason", "rank_blocks", "ROW_CAP", "CMP_BLOCK_N", "SLC_BLOCK_N", "MAX_SELECT_BLOCKS"]

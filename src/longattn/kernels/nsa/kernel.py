@@ -183,29 +183,34 @@ def _slc_scores(
 def _select_rank(
     S, IDX, CNT, FULL,
     ssb, ssh, sst, sib, sih, sit, scb, sch, sfb, sfh, sft,
-    q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local,
+    q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local, row_stride,
     BLOCK_R: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    KV_LENS=None, HAS_KV_LENS: tl.constexpr = False,
+    KV_LENS=None, HAS_KV_LENS: tl.constexpr = False, CAUSAL: tl.constexpr = True,
 ):
-    """Per-token block selection of ``BLOCK_R`` consecutive queries of one ``(batch, KV head)``
-    from their scores ``S[b, kvh, t, :n_blocks]``: ``count = min(eligible, top_k)`` blocks --
-    the forced ones, then by score (NaN and -inf as the lowest float, +inf as the largest),
-    ties to the lower index -- written ascending to ``IDX[b, kvh, t, :count]`` (0 after, up
-    to ``top_k``), with ``FULL`` (block wholly at or before the query) and ``CNT``.
-    Query ``t`` sits at ``t + q_offset``, plus ``KV_LENS[b]`` when ``HAS_KV_LENS`` (per-sequence
-    lengths, as in decoding)."""
+    """Block selection of ``BLOCK_R`` consecutive rows of one ``(batch, head)`` from their
+    scores ``S[b, kvh, t, :n_blocks]``: ``count = min(eligible, top_k)`` blocks -- the forced
+    ones, then by score (NaN and -inf as the lowest float, +inf as the largest), ties to the
+    lower index -- written ascending to ``IDX[b, kvh, t, :count]`` (0 after, up to ``top_k``),
+    with ``FULL`` (block wholly at or before the row's position) and ``CNT``.
+    Row ``t`` sits at position ``t * row_stride + q_offset`` (``row_stride`` 1: a query per row,
+    NSA; the block size: a query block per row, whose first query is that position, block
+    top-k), plus ``KV_LENS[b]`` when ``HAS_KV_LENS`` (per-sequence lengths, as in decoding).
+    ``CAUSAL``: block ``j`` is eligible iff ``j * select_block <= position``, else every block
+    is (and every kept block is full)."""
     pid_r = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // num_kv_heads).to(tl.int64)
     kvh = (pid_bk % num_kv_heads).to(tl.int64)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] local query index
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] local row index
     r_ok = r < q_len
-    pos = r + q_offset  # absolute query position
+    pos = r * row_stride + q_offset  # absolute position (of the row's first query)
     if HAS_KV_LENS:
         pos = pos + tl.load(KV_LENS + b).to(tl.int32)
     c = tl.arange(0, NB_PAD)  # block index
     cb = c[None, :]
-    eligible = (cb * select_block <= pos[:, None]) & (cb < n_blocks) & r_ok[:, None]  # [BLOCK_R, NB_PAD]
+    eligible = (cb < n_blocks) & r_ok[:, None]  # [BLOCK_R, NB_PAD]
+    if CAUSAL:
+        eligible = eligible & (cb * select_block <= pos[:, None])
     own = pos // select_block
     forced = eligible & ((cb < n_init) | ((cb <= own[:, None]) & (cb > own[:, None] - n_local)))
     s = tl.load(S + b * ssb + kvh * ssh + r[:, None].to(tl.int64) * sst + cb, mask=eligible, other=0.0)
@@ -246,7 +251,10 @@ def _select_rank(
     slot = tl.cumsum(kept.to(tl.int32), axis=1) - 1  # ascending order
     i_row = IDX + b * sib + kvh * sih + r[:, None].to(tl.int64) * sit
     f_row = FULL + b * sfb + kvh * sfh + r[:, None].to(tl.int64) * sft
-    full = (cb + 1) * select_block - 1 <= pos[:, None]
+    if CAUSAL:
+        full = (cb + 1) * select_block - 1 <= pos[:, None]
+    else:
+        full = tl.full([BLOCK_R, NB_PAD], 1, tl.int1)  # every kept block: no token rule inside it
     tl.store(i_row + slot, tl.broadcast_to(cb, [BLOCK_R, NB_PAD]).to(tl.int32), mask=kept)
     tl.store(f_row + slot, full.to(tl.int8), mask=kept)
     w = tl.arange(0, K_PAD)[None, :]
