@@ -89,17 +89,20 @@ def _query_rows(pid_m, pid_bh, num_heads, heads_per_kv, heads_per_sel, q_block, 
 
 @triton.jit
 def _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok, kv_len,
-                  sm_scale_log2, window, sink, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  sm_scale_log2, window, sink, visible, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   TWO_SIDED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step of the forward kernels: the rows ``q [ROWS, HEAD_DIM]`` (absolute
-    positions ``q_abs``) against the keys ``k_pos [BLOCK_N]`` of one KV head."""
+    positions ``q_abs``) against the keys ``k_pos [BLOCK_N]`` of one KV head. ``visible``: every
+    valid row sees every key of the chunk, so the token mask is skipped (it would keep every
+    score of those rows; invalid rows are never stored)."""
     k_ok = k_pos < kv_len
     kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
     s = _mm(q, kt, IEEE, UPCAST)
     s = s * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
-    keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
-    keep = keep & row_ok[:, None]
-    s = tl.where(keep, s, float("-inf"))
+    if not visible:
+        keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
+        keep = keep & row_ok[:, None]
+        s = tl.where(keep, s, float("-inf"))
     p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
     v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
@@ -138,12 +141,22 @@ def _fwd(
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     CHUNKS: tl.constexpr = KV_BLOCK // BLOCK_N
     cols = tl.arange(0, BLOCK_N)
+    q_lo = (tl.program_id(0) * BLOCK_M + q_offset).to(tl.int32)  # the tile's first query position
     for t in range(0, n_sel * CHUNKS):
         kb = tl.load(idx_base + t // CHUNKS)
-        k_pos = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N + cols
+        c_first = kb * KV_BLOCK + (t % CHUNKS) * BLOCK_N
+        k_pos = c_first + cols
+        # a chunk below kv_len that every query of the tile may see needs no token mask
+        # (most of a causal top-k row: all its blocks but the diagonal one)
+        c_last = c_first + BLOCK_N - 1
+        visible = c_last < kv_len
+        if CAUSAL:
+            visible = visible & (c_last <= q_lo)
+        if HAS_WINDOW:
+            visible = visible & (c_last < 0)
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
-                                      kv_len, sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE,
-                                      UPCAST)
+                                      kv_len, sm_scale_log2, window, sink, visible, CAUSAL, HAS_WINDOW, TWO_SIDED,
+                                      IEEE, UPCAST)
 
     out, lse = finish_rows(acc, m_i, l_i)
     o_ptr = O + b * sob + (h0 + r_head)[:, None] * soh + r_tok[:, None] * sot + dims[None, :]
@@ -228,8 +241,8 @@ def _fwd_tokens(
     for c in range(0, n_chunks):
         k_pos = kb * KV_BLOCK + c * BLOCK_N + cols
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
-                                      kv_len, sm_scale_log2, window, sink, CAUSAL, HAS_WINDOW, TWO_SIDED, IEEE,
-                                      UPCAST)
+                                      kv_len, sm_scale_log2, window, sink, False, CAUSAL, HAS_WINDOW, TWO_SIDED,
+                                      IEEE, UPCAST)
     out, lse = finish_rows(acc, m_i, l_i)
     part = b * slpb + heads * slph + r_tok * slpt + slot
     tl.store(OP + b * sopb + heads[:, None] * soph + r_tok[:, None] * sopt + slot[:, None] * sops + dims[None, :],
