@@ -127,6 +127,46 @@ def test_forward_and_backward_match_reference(case, dtype, H, Hkv, Tq, Tk):
             assert _error(f, r) <= bound, (case, causal, "d" + which, _error(f, r), bound)
 
 
+@pytest.mark.parametrize("growth", [30.0, 3.0, -5.0])
+def test_scores_that_grow_along_the_keys(growth):
+    """The forward rescales its accumulator only when a row's maximum grows by more than
+    ``LAZY_RESCALE_LOG2`` (2^8): keys whose scores rise by ``growth`` (log2 units) every 16 keys
+    force a rescale on every step (30: without it the probabilities would pass 2^128 and
+    overflow), keep a stale maximum over several steps (3, the probabilities reaching 2^8), or
+    never raise it after the first (-5). Every query sees every earlier key (top-k keeps every
+    block); output and log-sum-exp against an fp64 softmax, within twice plain PyTorch's fp32
+    error plus the floor. fp32 only: the rescaling is fp32 arithmetic in every dtype, and in
+    bf16 the interpreter's truncating casts of the probabilities dominate the error (as before
+    the lazy rescale: same error at every growth)."""
+    from longattn.kernels.online_softmax import LAZY_RESCALE_LOG2
+
+    assert 3.0 < LAZY_RESCALE_LOG2 < 30.0
+    dev, T, D = _device(), 96, 64
+    scale = D ** -0.5
+    q = torch.ones(1, 2, T, D)
+    # score of key t (log2 units) = t * growth / 16, up to ~6 * growth over the 96 keys
+    k = (torch.arange(T, dtype=torch.float64) * growth / 16 / (D * scale * 1.4426950408889634))
+    k = k[None, None, :, None].expand(1, 1, T, D).float().clone()
+    v = torch.randn(1, 1, T, D, generator=torch.Generator().manual_seed(7))
+    q, k, v = (t.to(dev) for t in (q, k, v))
+    spec = longattn.get_method("topk")
+    sel = spec.selector(q, k, True, spec.make_config(block_size=16, top_k=T // 16))
+    assert int(sel.kv_num_blocks.max()) == T // 16
+    out, lse = block_sparse_attention(q, k, v, sel, scale)
+    with plain_precision():
+        plain = torch.nn.functional.scaled_dot_product_attention(
+            q, k.expand(1, 2, T, D), v.expand(1, 2, T, D), is_causal=True)
+    # fp64 causal softmax of the same inputs
+    qd, kd, vd = (t.double().cpu() for t in (q, k, v))
+    sc = (qd @ kd.transpose(-1, -2)).squeeze(0) * scale  # [2, T, T]
+    sc = sc.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.softmax(sc, -1) @ vd[0]
+    want_lse = torch.logsumexp(sc, -1)
+    assert torch.isfinite(out).all()
+    assert _error(out[0].cpu(), want) <= 2 * _error(plain[0].cpu(), want) + FLOOR[torch.float32]
+    assert _error(lse[0].cpu(), want_lse) <= 1e-5 * max(1.0, want_lse.abs().max().item())
+
+
 @pytest.mark.parametrize("D", [40, 128])
 def test_other_head_dims(D):
     """D = 40 (padded to 64 inside the kernel) and D = 128, GQA, queries shorter than keys."""

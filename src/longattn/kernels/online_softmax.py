@@ -25,6 +25,36 @@ def online_softmax_step(s, m_i, l_i):
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
+#: :func:`online_softmax_step_lazy` keeps a row's reference maximum until a tile's scores exceed
+#: it by more than this (log2 units): probabilities then stay below ``2**8``, far inside fp32
+#: and bf16 range, and the accumulator is rescaled only on the few tiles that raise a maximum.
+LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
+
+
+@triton.jit
+def online_softmax_step_lazy(s, m_i, l_i, acc):
+    """:func:`online_softmax_step` that rescales the accumulator ``acc [ROWS, D]`` and the sums
+    only when some row's maximum grew by more than ``LAZY_RESCALE_LOG2`` (then every row moves
+    to its new maximum); otherwise the rows keep their reference ``m_i``, so ``p = exp2(s -
+    m_i) <= 2**LAZY_RESCALE_LOG2``. The sum, the output ``acc / l`` and the log-sum-exp ``m_i +
+    log2(l)`` are the same numbers as with the exact maximum, up to rounding (the trick of
+    FlashAttention-4: most tiles after the first few skip ``ROWS x D`` multiplications).
+    Returns ``p``, the accumulator, the reference maximum and the sum (``p`` not yet added to
+    ``acc``)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with no key yet (m_i = -inf) that sees one now always triggers the rescale
+    grow = tl.max((m_new > m_i + LAZY_RESCALE_LOG2).to(tl.int32), 0)
+    if grow > 0:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows with no key yet
+    p = tl.exp2(s - m_ref[:, None])
+    return p, acc, m_i, l_i + tl.sum(p, 1)
+
+
 @triton.jit
 def finish_rows(acc, m_i, l_i):
     """Normalised output ``acc / l`` and natural-log LSE of rows accumulated by

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..online_softmax import backward_row_stats, finish_rows, online_softmax_step
+from ..online_softmax import backward_row_stats, finish_rows, online_softmax_step_lazy
 
 @triton.jit
 def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -103,9 +103,9 @@ def _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_p
         keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
         keep = keep & row_ok[:, None]
         s = tl.where(keep, s, float("-inf"))
-    p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+    p, acc, m_i, l_i = online_softmax_step_lazy(s, m_i, l_i, acc)
     v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+    acc = acc + _mm(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, m_i, l_i
 
 
