@@ -31,8 +31,10 @@ from .. import interpreting, kernel_layout, triton_unavailable_reason
 # have (ptxas on the sm_90a targets, checked for D = 64 and 128): fp32 tiles are smaller, and the
 # backward, which holds more accumulators, has fewer rows.
 TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
-    ("fwd", False): (128, 32),
+    ("fwd", False): (128, 64),  # the query-major forward
+    ("fwd-tokens", False): (128, 32),  # the key-major per-token forward (MoBA's gate, NSA's selected branch)
     ("fwd", True): (32, 32),
+    ("fwd-tokens", True): (32, 32),
     ("bwd", False): (64, 64),
     ("bwd", True): (16, 32),
 }
@@ -147,11 +149,12 @@ def heads_per_program(heads_per_kv: int, heads_per_sel: int, max_rows: int) -> i
 
 def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Plan:
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-    max_rows, max_block_n = TILE_CAPS[(phase, q.dtype == torch.float32)]
+    key_major = KEY_MAJOR_PER_TOKEN and sel.q_block == 1
+    caps = "fwd-tokens" if key_major and phase == "fwd" else phase
+    max_rows, max_block_n = TILE_CAPS[(caps, q.dtype == torch.float32)]
     G = H // Hkv
     hps = H // sel.kv_num_blocks.shape[1]
     P = heads_per_program(G, hps, max_rows)
-    key_major = KEY_MAJOR_PER_TOKEN and sel.q_block == 1
     if key_major:  # BLOCK_M: tokens gathered per program from a key block's list
         block_m = _largest_pow2_divisor_at_most(1 << 30, max(1, max_rows // P))
     else:
@@ -161,9 +164,11 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
     rule = token_rule_of(sel.mask_mod)
     head_dim = max(16, 1 << (D - 1).bit_length())
     # 16-bit launch settings from benchmarks/tile_sweep.py on the H200 (top-k, T = 64k, D = 128,
-    # bf16; docs/benchmarks.md): 4 warps beat 8 in both phases (forward 6.0 ms at 128 x 32 tiles
-    # and 3 stages against 7.3 ms at 128 x 64 / 8 warps / 2 stages; forward + backward 26.8 ms
-    # against 45.9 ms at 8 warps). fp32 keeps its small tiles at 4 warps and 2 stages.
+    # bf16; docs/benchmarks.md): 4 warps beat 8 in both phases (forward + backward 26.8 ms
+    # against 45.9 ms at 8 warps). The query-major forward with the mask skip and the lazy
+    # rescale: 5.21 ms at 128 x 64 tiles and 3 stages, 5.40 at 2 stages, 6.41 at 128 x 32 (the
+    # previous default, which without those two changes took 6.0); the key-major forward keeps
+    # 128 x 32. fp32 keeps its small tiles at 4 warps and 2 stages.
     sixteen = q.dtype != torch.float32
     warps = 4
     stages = 3 if sixteen and phase == "fwd" else 2
