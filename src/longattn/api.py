@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .auto import auto_order
+from .finite import collecting_witnesses
 from .registry import BACKENDS, AttnInputs, MethodSpec, get_method
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -78,17 +79,33 @@ def _nonfinite_flag(t: Tensor) -> Tensor:
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def nonfinite_flags(**tensors: Tensor) -> tuple[list[str], Tensor]:
-    """The names and a bool tensor ``[len(tensors)]`` flagging those holding NaN or Inf,
-    computed without a host sync (:func:`raise_if_nonfinite` reads it)."""
-    return list(tensors), torch.stack([_nonfinite_flag(t) for t in tensors.values()])
+NonfiniteFlags = tuple[list[str], Tensor, list[Tensor | None]]
 
 
-def raise_if_nonfinite(flags: tuple[list[str], Tensor]) -> None:
-    """Raise ``ValueError`` naming the first flagged tensor (one host sync)."""
-    names, values = flags
-    for name, bad in zip(names, values.tolist()):
-        if bad:
+def nonfinite_flags(witnesses: dict | None = None, **tensors: Tensor) -> NonfiniteFlags:
+    """The names, a bool tensor ``[len(tensors)]`` flagging those holding NaN or Inf, computed
+    without a host sync (:func:`raise_if_nonfinite` reads it), and per tensor the tensor itself
+    where its flag came from a witness (else None). ``witnesses``: fp32 block sums of some of
+    the tensors, keyed by :func:`longattn.finite.tensor_key` (:mod:`longattn.finite`); a
+    witnessed tensor is flagged from its sums (a NaN or Inf element makes its sum NaN or Inf)
+    instead of a pass over its elements."""
+    from .finite import tensor_key
+
+    flags, confirm = [], []
+    for t in tensors.values():
+        sums = witnesses.get(tensor_key(t)) if witnesses else None
+        flags.append(_nonfinite_flag(t if sums is None else sums))
+        confirm.append(None if sums is None else t)
+    return list(tensors), torch.stack(flags), confirm
+
+
+def raise_if_nonfinite(flags: NonfiniteFlags) -> None:
+    """Raise ``ValueError`` naming the first tensor holding NaN or Inf (one host sync). A flag
+    that came from a witness is confirmed on the tensor first: finite elements whose fp32 sum
+    overflowed are not an error."""
+    names, values, confirm = flags
+    for name, bad, t in zip(names, values.tolist(), confirm):
+        if bad and (t is None or bool(_nonfinite_flag(t))):
             raise ValueError(
                 f"{name} contains NaN or Inf; this method selects keys from the input values "
                 "and cannot handle non-finite inputs"
@@ -179,17 +196,20 @@ def attention(
     # while the rest of the call is launched, and queued first, its launches delay the
     # attention kernel's (the top-k call at 64k is bound by the host's launches until the
     # kernel starts). A failure on non-finite inputs reports them, not itself.
+    # Deferred, the check reuses the fp32 block sums of q or k that the method's selection
+    # computed (longattn.finite): no second pass over those tensors.
     deferred = spec.needs_finite and _defer_finite_check(q.device)
     if spec.needs_finite and not deferred:
         raise_if_nonfinite(nonfinite_flags(q=q, k=k, v=v))
-    try:
-        out, lse = _run(spec, inputs, cfg, backend)
-    except Exception:
-        if deferred:
-            raise_if_nonfinite(nonfinite_flags(q=q, k=k, v=v))
-        raise
+    with collecting_witnesses() as witnesses:
+        try:
+            out, lse = _run(spec, inputs, cfg, backend)
+        except Exception:
+            if deferred:
+                raise_if_nonfinite(nonfinite_flags(witnesses, q=q, k=k, v=v))
+            raise
     if deferred:
-        raise_if_nonfinite(nonfinite_flags(q=q, k=k, v=v))
+        raise_if_nonfinite(nonfinite_flags(witnesses, q=q, k=k, v=v))
     return (out, lse) if return_lse else out
 
 

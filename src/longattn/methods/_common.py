@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..finite import witness_sums
 from ..selection import BlockSelection, _ceil_div, band_mod, causal_mod
 
 
@@ -182,9 +183,11 @@ def _block_means(x: Tensor, front: int, block: int) -> Tensor:
     B, H, T, D = x.shape
     n = _ceil_div(front + T, block)
     back = n * block - front - T
+    source = x
     if front or back:
         x = torch.cat([x.new_zeros(B, H, front, D), x, x.new_zeros(B, H, back, D)], dim=2)
     sums = x.view(B, H, n, block, D).sum(3, dtype=torch.float32)
+    witness_sums(source, sums)  # every element of x summed once: the finiteness check reuses it
     if not front and not back and block & (block - 1) == 0:
         # every block whole and a power of two long (exact reciprocal, so the same bits as the
         # division by counts below): three fewer launches
