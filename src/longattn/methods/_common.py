@@ -214,11 +214,14 @@ def pooled_block_scores(q: Tensor, k: Tensor, gate_block: int, kv_block: int) ->
     """``mean(q over a gate block) . mean(k over a key block)`` in fp32, per query head:
     ``[B, H, nG, nKB]`` (the gate of MoBA and of block top-k; linear in ``q``, so it is also
     the mean of the per-token gates of the block)."""
-    from ..backends import expand_kv_heads
-
     qm = pooled_queries(q, k.shape[2], gate_block)  # [B, H, nG, D]
     km = pooled_keys(k, kv_block)  # [B, Hkv, nKB, D]
-    return torch.matmul(qm, expand_kv_heads(km, q.shape[1]).transpose(-1, -2))
+    B, H, nG, D = qm.shape
+    Hkv = km.shape[1]
+    # the G query heads of a KV head stacked into one [G * nG, D] operand (heads h = kvh * G + g):
+    # one matmul per KV head, no copy of the key means per query head
+    scores = torch.matmul(qm.view(B, Hkv, (H // Hkv) * nG, D), km.transpose(-1, -2))
+    return scores.view(B, H, nG, km.shape[2])
 
 
 def _ranked(scores: Tensor, eligible: Tensor, forced: Tensor) -> Tensor:
