@@ -561,8 +561,13 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
     q, k, v = (kernel_layout(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     kvn = sel.kv_num_blocks.to(torch.int32)
     kvi = sel.kv_indices.to(torch.int32).contiguous()
-    plans = (_plan(q, k, sel, "fwd"), _plan(q, k, sel, "bwd"))
     sel_meta = (sel.q_block, sel.kv_block, sel.kv_len, sel.q_offset)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        # inference: the forward alone, without the autograd node and the backward's plan (host
+        # time the GPU would otherwise wait through before the kernel starts)
+        out, lse, _ = _forward(q, k, v, kvn, kvi, sel_meta, _plan(q, k, sel, "fwd"), float(scale), sel.num_kv_blocks)
+        return out, lse
+    plans = (_plan(q, k, sel, "fwd"), _plan(q, k, sel, "bwd"))
     return _BlockSparseAttention.apply(q, k, v, kvn, kvi, sel_meta, sel.num_kv_blocks, plans, float(scale))
 
 
