@@ -76,3 +76,11 @@ def test_witnesses_are_only_collected_inside_the_context():
             witness_sums(x, x.sum(0))
         assert tensor_key(x) in inner and not wit
     assert tensor_key(x[:1]) != tensor_key(x)  # a view of other elements is another tensor
+
+
+def test_a_per_token_gate_checks_the_tensor_itself(device, deferred, checked_sizes):
+    """MoBA's per-token gate pools q in blocks of one token: its "sums" are an fp32 copy of q,
+    larger than q, so q is checked itself; k's block sums still stand in for k."""
+    q, k, v = rand_qkv(1, 4, 2, 128, 128, 16, device=device, seed=6)
+    longattn.attention(q, k, v, method="moba", block_size=32, top_k=2, backend="reference")
+    assert sorted(checked_sizes) == sorted([q.numel(), k.numel() // 32, v.numel()])

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..online_softmax import backward_row_stats, finish_rows, online_softmax_step_lazy
+from ..online_softmax import backward_row_stats, finish_rows, online_softmax_step, online_softmax_step_lazy
 
 @triton.jit
 def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -90,11 +90,13 @@ def _query_rows(pid_m, pid_bh, num_heads, heads_per_kv, heads_per_sel, q_block, 
 @triton.jit
 def _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok, kv_len,
                   sm_scale_log2, window, sink, visible, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  TWO_SIDED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                  TWO_SIDED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, LAZY: tl.constexpr):
     """One online-softmax step of the forward kernels: the rows ``q [ROWS, HEAD_DIM]`` (absolute
     positions ``q_abs``) against the keys ``k_pos [BLOCK_N]`` of one KV head. ``visible``: every
     valid row sees every key of the chunk, so the token mask is skipped (it would keep every
-    score of those rows; invalid rows are never stored)."""
+    score of those rows; invalid rows are never stored). ``LAZY``: rescale the accumulator only
+    when a maximum grows past ``LAZY_RESCALE_LOG2`` (the query-major forward, whose long rows of
+    64-key steps gain from it; the key-major forward's short 32-key items were slower with it)."""
     k_ok = k_pos < kv_len
     kt = tl.load(k_base + k_pos[None, :] * skt + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
     s = _mm(q, kt, IEEE, UPCAST)
@@ -103,7 +105,11 @@ def _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_p
         keep = _token_mask(q_abs, k_pos, kv_len, CAUSAL, HAS_WINDOW, TWO_SIDED, window, sink)
         keep = keep & row_ok[:, None]
         s = tl.where(keep, s, float("-inf"))
-    p, acc, m_i, l_i = online_softmax_step_lazy(s, m_i, l_i, acc)
+    if LAZY:
+        p, acc, m_i, l_i = online_softmax_step_lazy(s, m_i, l_i, acc)
+    else:
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None]
     v = tl.load(v_base + k_pos[:, None] * svt + dims[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     acc = acc + _mm(p.to(v.dtype), v, IEEE, UPCAST)
     return acc, m_i, l_i
@@ -156,7 +162,7 @@ def _fwd(
             visible = visible & (c_last < 0)
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
                                       kv_len, sm_scale_log2, window, sink, visible, CAUSAL, HAS_WINDOW, TWO_SIDED,
-                                      IEEE, UPCAST)
+                                      IEEE, UPCAST, True)
 
     out, lse = finish_rows(acc, m_i, l_i)
     o_ptr = O + b * sob + (h0 + r_head)[:, None] * soh + r_tok[:, None] * sot + dims[None, :]
@@ -242,7 +248,7 @@ def _fwd_tokens(
         k_pos = kb * KV_BLOCK + c * BLOCK_N + cols
         acc, m_i, l_i = _attend_chunk(acc, m_i, l_i, q, q_abs, row_ok, k_base, v_base, skt, svt, k_pos, dims, d_ok,
                                       kv_len, sm_scale_log2, window, sink, False, CAUSAL, HAS_WINDOW, TWO_SIDED,
-                                      IEEE, UPCAST)
+                                      IEEE, UPCAST, False)
     out, lse = finish_rows(acc, m_i, l_i)
     part = b * slpb + heads * slph + r_tok * slpt + slot
     tl.store(OP + b * sopb + heads[:, None] * soph + r_tok[:, None] * sopt + slot[:, None] * sops + dims[None, :],
