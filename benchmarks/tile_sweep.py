@@ -85,6 +85,8 @@ def main() -> None:
                 bs.TILE_CAPS.clear()
                 bs.TILE_CAPS.update(default_caps)
                 bs.TILE_CAPS[(phase, False)] = (rows_cap, bn_cap)
+                if phase == "fwd":  # per-token selections run the key-major forward, under its own cap
+                    bs.TILE_CAPS[("fwd-tokens", False)] = (rows_cap, bn_cap)
                 bs.LAUNCH_OVERRIDES.clear()
                 bs.LAUNCH_OVERRIDES[phase] = {"num_warps": warps, "num_stages": stages}
                 rec = {"phase": phase, "T": args.T, "method": args.method, "Hkv": args.hkv,

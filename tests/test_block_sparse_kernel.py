@@ -170,6 +170,22 @@ def test_scores_that_grow_along_the_keys(growth):
     assert _error(lse[0].cpu(), want_lse) <= 1e-5 * max(1.0, want_lse.abs().max().item())
 
 
+def test_forward_mode_ad_is_refused_not_dropped():
+    """Dual tensors (forward-mode AD) carry no ``requires_grad``: the inference shortcut must not
+    take them, or their tangents would vanish silently; the autograd Function refuses them."""
+    from torch.autograd import forward_ad as fwAD
+
+    q, k, v = rand_qkv(1, 2, 1, 32, 32, 16, device=_device(), seed=9)
+    sel = _selection("topk", q, k, True)
+    with torch.no_grad():
+        out, _ = block_sparse_attention(q, k, v, sel, 0.25)  # the shortcut: no autograd node
+    assert out.grad_fn is None
+    with fwAD.dual_level():
+        dq = fwAD.make_dual(q, torch.ones_like(q))
+        with pytest.raises(RuntimeError, match="jvp"):
+            block_sparse_attention(dq, k, v, sel, 0.25)
+
+
 @pytest.mark.parametrize("D", [40, 128])
 def test_other_head_dims(D):
     """D = 40 (padded to 64 inside the kernel) and D = 128, GQA, queries shorter than keys."""

@@ -266,7 +266,8 @@ MAX_PASSES_K = 8  # topk_block_indices: up to this k, k passes of max; beyond, a
 def topk_blocks(scores: Tensor, eligible: Tensor, forced: Tensor, k: int) -> Tensor:
     """The blocks of :func:`topk_block_indices` as a ``bool [..., nKB]`` pattern, computed
     independently with ``torch.topk`` (the bitmap form, with :func:`pattern_selection` the
-    executable specification the index form is tested against)."""
+    executable specification the index form is tested against). Equal scores at the cut may go
+    either way here (``torch.topk`` does not order ties); the index form takes the lower index."""
     n = scores.shape[-1]
     ranked = _ranked(scores, eligible, forced)
     top = ranked.topk(min(k, n), dim=-1).indices

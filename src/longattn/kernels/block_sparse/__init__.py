@@ -22,14 +22,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ...selection import BlockSelection, _ceil_div, token_rule_of
 from .. import interpreting, kernel_layout, triton_unavailable_reason
 
-# Tile caps (query rows = heads x tokens per program, keys per inner step), chosen so that the
-# kernels compile for sm_90 without register spills or more shared memory than a block may
-# have (ptxas on the sm_90a targets, checked for D = 64 and 128): fp32 tiles are smaller, and the
-# backward, which holds more accumulators, has fewer rows.
+# Tile caps (query rows = heads x tokens per program, keys per inner step), chosen by measured
+# time on the H200 (benchmarks/tile_sweep.py) within the shared memory a block may have on sm_90
+# (tests/test_kernels_compile.py): fp32 tiles are smaller, and the backward, which holds more
+# accumulators, has fewer rows. ptxas reports some register spills for the 16-bit query-major
+# forward at 128 x 64 (832 bytes at D = 128); it was still the fastest tile measured.
 TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
     ("fwd", False): (128, 64),  # the query-major forward
     ("fwd-tokens", False): (128, 32),  # the key-major per-token forward (MoBA's gate, NSA's selected branch)
@@ -562,9 +564,11 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
     kvn = sel.kv_num_blocks.to(torch.int32)
     kvi = sel.kv_indices.to(torch.int32).contiguous()
     sel_meta = (sel.q_block, sel.kv_block, sel.kv_len, sel.q_offset)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))) and not any(
+            forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)):
         # inference: the forward alone, without the autograd node and the backward's plan (host
-        # time the GPU would otherwise wait through before the kernel starts)
+        # time the GPU would otherwise wait through before the kernel starts). Dual tensors of
+        # forward-mode AD go through the Function, which says it has no jvp.
         out, lse, _ = _forward(q, k, v, kvn, kvi, sel_meta, _plan(q, k, sel, "fwd"), float(scale), sel.num_kv_blocks)
         return out, lse
     plans = (_plan(q, k, sel, "fwd"), _plan(q, k, sel, "bwd"))

@@ -104,6 +104,7 @@ def compressed_unsupported_reason(
 
 
 MAX_SELECT_BLOCKS = 8192  # nKB limit of select_blocks: a row of keys lives in registers
+MAX_RANK_SLICES = 65535  # B x heads of one ranking launch: its grid's second axis (CUDA's limit)
 RANK_TILE = 4096  # elements (rows x NB_PAD) of one program of select_blocks
 
 
@@ -113,6 +114,9 @@ def select_unsupported_reason(p_slc: Tensor) -> str | None:
         return f"expected scores p_slc [B, Hkv, Tq, nKB], got shape {tuple(p_slc.shape)}"
     if p_slc.dtype != torch.float32:
         return f"the selection kernel ranks float32 scores, got {p_slc.dtype}"
+    if p_slc.shape[0] * p_slc.shape[1] > MAX_RANK_SLICES:
+        return (f"the selection kernel ranks at most {MAX_RANK_SLICES} (batch x head) slices per launch, got "
+                f"{p_slc.shape[0]} x {p_slc.shape[1]}")
     if p_slc.shape[-1] > MAX_SELECT_BLOCKS:
         return (f"the selection kernel ranks at most {MAX_SELECT_BLOCKS} blocks per query (a row of "
                 f"scores lives in registers), got nKB={p_slc.shape[-1]}")
@@ -425,4 +429,4 @@ def selection_scores(
 
 
 __all__ = ["compressed_attention", "selection_scores", "compressed_unsupported_reason", "select_blocks",
-           "select_unsupported_reason", "rank_blocks", "ROW_CAP", "CMP_BLOCK_N", "SLC_BLOCK_N", "MAX_SELECT_BLOCKS"]
+           "select_unsupported_reason", "rank_blocks", "MAX_RANK_SLICES", "ROW_CAP", "CMP_BLOCK_N", "SLC_BLOCK_N", "MAX_SELECT_BLOCKS"]

@@ -229,14 +229,16 @@ def _select_rank(
     n_elig = tl.sum(eligible.to(tl.int32), axis=1)  # [BLOCK_R]
     count = tl.minimum(n_elig, top_k)
 
-    # per row, the threshold t: the largest int with count(key >= t) >= count. Invariant:
-    # count(key >= lo) >= count > count(key >= hi); the search ends when hi = lo + 1 in every
-    # row of the program. It starts on the row's own key range: forced blocks (the key of
+    # per row, a threshold t such that the keys > t number fewer than count and the keys >= t
+    # at least count (the tie rule below then keeps the right set). Invariant until a row's
+    # exact hit: count(key >= lo) >= count > count(key >= hi); the search ends when hi = lo + 1
+    # in every row of the program. It starts on the row's own key range: forced blocks (the key of
     # +inf) are kept whatever the threshold, so if they alone fill the row, t is that key;
     # otherwise lo = the smallest eligible key (all n_elig >= count of them are >= lo) and hi =
     # one past the largest unforced eligible key (only the n_forced < count forced keys are >=
-    # hi). A step whose count is exactly ``count`` ends the row (lo = mid, hi = mid + 1): the
-    # keys >= mid are then exactly the kept ones, and the tie rule below keeps those. Float
+    # hi). A step whose count is exactly ``count`` ends the row (lo = mid, hi = mid + 1; the
+    # invariant's right half may then fail): the keys >= mid are exactly the kept ones, the
+    # keys > mid fewer than count, and the tie rule below keeps all of them. Float
     # keys of one row span far fewer than 2^32 values and the exact hit comes once the interval
     # is about as narrow as the gap between the count-th and the next key: ~10-20 steps instead
     # of 32. lo, hi are int64 (hi - lo can pass 2^31); mid lies in the int32 range.
