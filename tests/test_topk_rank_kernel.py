@@ -172,3 +172,28 @@ def test_too_many_slices_for_one_launch_fall_back():
         select_topk_ranked(q, k, True, cfg)
     shared = TopKConfig(block_size=16, top_k=1, shared_kv_heads=True)  # B x 8 slices: fine
     assert ranking_kernel_unsupported_reason(q, k, shared) is None
+
+
+def test_a_failing_kernel_falls_back_to_the_reference_with_a_warning(monkeypatch):
+    """A GPU Triton cannot compile for (or any other kernel failure): ``select_topk`` warns and
+    selects with the reference; running out of memory is raised, not hidden."""
+    import longattn.methods.topk as mod
+
+    monkeypatch.setattr(mod, "_kernel_device", lambda q: True)
+    q, k, _ = rand_qkv(1, 2, 1, 64, 64, 16, device=DEV, seed=8)
+    cfg = TopKConfig(block_size=16, top_k=2)
+
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for this GPU")
+
+    monkeypatch.setattr(mod, "select_topk_ranked", broken)
+    with pytest.warns(RuntimeWarning, match="ranking kernel failed.*no kernel image"):
+        sel = select_topk(q, k, True, cfg)
+    _assert_same(sel, select_topk_reference(q, k, True, cfg))
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(mod, "select_topk_ranked", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        select_topk(q, k, True, cfg)

@@ -12,6 +12,7 @@ shares one selection (each selected K/V block is then read once per group).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,24 @@ def select_topk(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> Block
     """Block top-k selection of ``q [B, H, Tq, D]`` over ``k [B, Hkv, Tk, D]``. On a GPU with
     Triton (and query blocks aligned to key blocks) the ranking runs in one kernel
     (:func:`select_topk_ranked`); elsewhere in PyTorch (:func:`select_topk_reference`, the
-    specification). Both give the same selection, bit for bit."""
-    if q.is_cuda and ranking_kernel_unsupported_reason(q, k, config) is None:
-        return select_topk_ranked(q, k, causal, config)
+    specification). Both give the same selection, bit for bit. If the kernel fails to run (a
+    GPU Triton cannot compile for), the reference serves, with a RuntimeWarning; running out of
+    memory is raised."""
+    if _kernel_device(q) and ranking_kernel_unsupported_reason(q, k, config) is None:
+        try:
+            return select_topk_ranked(q, k, causal, config)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any kernel failure: the specification serves
+            warnings.warn(f"the top-k ranking kernel failed ({type(err).__name__}: {err}); "
+                          "selecting with the PyTorch reference", RuntimeWarning, stacklevel=2)
     return select_topk_reference(q, k, causal, config)
+
+
+def _kernel_device(q: Tensor) -> bool:
+    """Whether :func:`select_topk` tries the ranking kernel for ``q``: on CUDA only (on CPU the
+    Triton interpreter would be far slower than PyTorch)."""
+    return q.is_cuda
 
 
 def _scores(q: Tensor, k: Tensor, config: TopKConfig) -> Tensor:
