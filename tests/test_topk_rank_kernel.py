@@ -149,8 +149,8 @@ def test_select_topk_takes_the_kernel_on_a_gpu_only(monkeypatch):
     import longattn.methods.topk as mod
 
     calls = []
-    real = mod.select_topk_ranked
-    monkeypatch.setattr(mod, "select_topk_ranked", lambda *a: calls.append(1) or real(*a))
+    real = mod._ranked_selection
+    monkeypatch.setattr(mod, "_ranked_selection", lambda *a: calls.append(1) or real(*a))
     q, k, _ = rand_qkv(1, 2, 1, 64, 64, 16, device=DEV, seed=5)
     cfg = TopKConfig(block_size=16, top_k=2)
     sel = select_topk(q, k, True, cfg)
@@ -186,7 +186,7 @@ def test_a_failing_kernel_falls_back_to_the_reference_with_a_warning(monkeypatch
     def broken(*args):
         raise RuntimeError("no kernel image is available for this GPU")
 
-    monkeypatch.setattr(mod, "select_topk_ranked", broken)
+    monkeypatch.setattr(mod, "_ranked_selection", broken)
     with pytest.warns(RuntimeWarning, match="ranking kernel failed.*no kernel image"):
         sel = select_topk(q, k, True, cfg)
     _assert_same(sel, select_topk_reference(q, k, True, cfg))
@@ -194,6 +194,6 @@ def test_a_failing_kernel_falls_back_to_the_reference_with_a_warning(monkeypatch
     def oom(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(mod, "select_topk_ranked", oom)
+    monkeypatch.setattr(mod, "_ranked_selection", oom)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         select_topk(q, k, True, cfg)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .auto import auto_order
-from .finite import collecting_witnesses
+from .finite import collecting_witnesses, tensor_key
 from .registry import BACKENDS, AttnInputs, MethodSpec, get_method
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -89,8 +89,6 @@ def nonfinite_flags(witnesses: dict | None = None, **tensors: Tensor) -> Nonfini
     the tensors, keyed by :func:`longattn.finite.tensor_key` (:mod:`longattn.finite`); a
     witnessed tensor is flagged from its sums (a NaN or Inf element makes its sum NaN or Inf)
     instead of a pass over its elements."""
-    from .finite import tensor_key
-
     flags, confirm = [], []
     for t in tensors.values():
         sums = witnesses.get(tensor_key(t)) if witnesses else None

@@ -155,17 +155,28 @@ def index_selection(
         full = valid & ((indices.long() + 1) * kv_block - 1 <= q_lo[:, None])
     else:
         full = valid
+    return indexed_selection(counts, indices.contiguous(), full.contiguous(), q_block=q_block, kv_block=kv_block,
+                             q_len=q_len, kv_len=kv_len, num_heads=num_heads, causal=causal)
+
+
+def indexed_selection(
+    counts: Tensor, indices: Tensor, full: Tensor, *, q_block: int, kv_block: int, q_len: int, kv_len: int,
+    num_heads: int, causal: bool,
+) -> BlockSelection:
+    """The :class:`BlockSelection` of rows already in index form (``counts int32 [Bp, Hp, nQB]``,
+    ``indices int32 [Bp, Hp, nQB, k]`` ascending then 0, ``full bool [Bp, Hp, nQB, k]``), causal
+    aligned to the end of the keys; not validated (the callers build them consistent)."""
     return BlockSelection(
         kv_num_blocks=counts,
-        kv_indices=indices.contiguous(),
+        kv_indices=indices,
         q_block=q_block,
         kv_block=kv_block,
         q_len=q_len,
         kv_len=kv_len,
         num_heads=num_heads,
         causal=causal,
-        mask_mod=causal_mod(off) if causal else None,
-        block_full=full.contiguous(),
+        mask_mod=causal_mod(kv_len - q_len) if causal else None,
+        block_full=full,
         validate=False,
     )
 

@@ -19,12 +19,13 @@ import torch
 from torch import Tensor
 
 from ..registry import register_selection_method
-from ..selection import BlockSelection, _ceil_div, causal_mod
+from ..selection import BlockSelection, _ceil_div
 from ._common import (
     check_positive_int,
     check_tileable,
     gate_block_positions,
     index_selection,
+    indexed_selection,
     pooled_block_scores,
     topk_block_indices,
 )
@@ -54,7 +55,7 @@ def select_topk(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> Block
     memory is raised."""
     if _kernel_device(q) and ranking_kernel_unsupported_reason(q, k, config) is None:
         try:
-            return select_topk_ranked(q, k, causal, config)
+            return _ranked_selection(q, k, causal, config)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - any kernel failure: the specification serves
@@ -120,30 +121,23 @@ def select_topk_ranked(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -
     sits at ``row * block_size + Tk - Tq``) instead of some twenty PyTorch operations; the
     scores are the reference's. Raises ``ValueError`` where the kernel cannot run
     (:func:`ranking_kernel_unsupported_reason`)."""
-    from ..kernels.nsa import rank_blocks
-
     reason = ranking_kernel_unsupported_reason(q, k, config)
     if reason:
         raise ValueError(f"select_topk_ranked cannot run: {reason}")
+    return _ranked_selection(q, k, causal, config)
+
+
+def _ranked_selection(q: Tensor, k: Tensor, causal: bool, config: TopKConfig) -> BlockSelection:
+    """:func:`select_topk_ranked` on inputs already checked."""
+    from ..kernels.nsa import rank_blocks
+
     H, Tq = q.shape[1], q.shape[2]
     Tk = k.shape[2]
     bs = config.block_size
-    off = Tk - Tq
-    idx, cnt, full = rank_blocks(_scores(q, k, config), first_position=off, row_stride=bs, block=bs,
+    idx, cnt, full = rank_blocks(_scores(q, k, config), first_position=Tk - Tq, row_stride=bs, block=bs,
                                  top_k=config.top_k, num_init_blocks=0, num_local_blocks=1, causal=causal)
-    return BlockSelection(
-        kv_num_blocks=cnt,
-        kv_indices=idx,
-        q_block=bs,
-        kv_block=bs,
-        q_len=Tq,
-        kv_len=Tk,
-        num_heads=H,
-        causal=causal,
-        mask_mod=causal_mod(off) if causal else None,
-        block_full=full,
-        validate=False,
-    )
+    return indexed_selection(cnt, idx, full, q_block=bs, kv_block=bs, q_len=Tq, kv_len=Tk, num_heads=H,
+                             causal=causal)
 
 
 register_selection_method(
