@@ -72,6 +72,19 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _fp32_and_plain(attend, q, k, v, g):
+    """The two references of the tolerance rule: ``attend`` (``(q, k, v) -> (out, ...)``) on fp32
+    copies of the inputs and, under :func:`plain_precision`, on the inputs themselves, each with
+    its gradients for ``g``: ``(fp32 result tuple, fp32 grads, plain out, plain grads)``."""
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = attend(q32, k32, v32)
+    ref_grads = torch.autograd.grad(ref[0], (q32, k32, v32), g.float())
+    with plain_precision():
+        plain = attend(q, k, v)[0]
+        plain_grads = torch.autograd.grad(plain, (q, k, v), g)
+    return ref, ref_grads, plain, plain_grads
+
+
 def _abs_dkdv_terms(q, k, v, g, sel, scale):
     """fp64 ``(sum |dS^T Q| * scale, sum |P^T dO|)`` term by term: for each dK/dV element the sum of
     the absolute values of the products it adds up (over the query rows of every head of its KV
@@ -105,12 +118,8 @@ def test_forward_and_backward_match_reference(case, dtype, H, Hkv, Tq, Tk):
         sel = _selection(case, q.detach(), k.detach(), causal)
         assert selection_unsupported_reason(q, k, sel) is None
 
-        q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-        ref, ref_lse = _reference(q32, k32, v32, sel, causal)
-        ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
-        with plain_precision():
-            plain, _ = _reference(q, k, v, sel, causal)
-            plain_grads = torch.autograd.grad(plain, (q, k, v), g)
+        (ref, ref_lse), ref_grads, plain, plain_grads = _fp32_and_plain(
+            lambda a, b, c: _reference(a, b, c, sel, causal), q, k, v, g)
 
         out, lse = block_sparse_attention(q, k, v, sel, q.shape[-1] ** -0.5)
         grads = torch.autograd.grad(out, (q, k, v), g)
@@ -403,12 +412,7 @@ def test_dkdv_split_into_parts_matches_the_unsplit_kernel(lists, dtype, monkeypa
             bound = bound + torch.finfo(dtype).eps * torch.maximum(s[cut].abs(), w[cut].abs()).double()
         assert (diff <= bound).all(), ("d" + which, (diff - bound).max().item())
 
-    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    ref, _ = _reference(q32, k32, v32, sel, causal)
-    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
-    with plain_precision():
-        plain, _ = _reference(q, k, v, sel, causal)
-        plain_grads = torch.autograd.grad(plain, (q, k, v), g)
+    _, ref_grads, _, plain_grads = _fp32_and_plain(lambda a, b, c: _reference(a, b, c, sel, causal), q, k, v, g)
     for which, f, p, r in zip("qkv", split, plain_grads, ref_grads):
         bound = 2 * _error(p, r) + FLOOR[dtype] * max(1.0, r.abs().max().item())
         assert _error(f, r) <= bound, ("d" + which, _error(f, r), bound)
@@ -499,12 +503,8 @@ def test_nsa_selected_and_window_branches_through_the_kernels(dtype):
     cfg = dict(num_selected=4, window=32, select_block=32)
     q, k, v = rand_qkv(1, 4, 2, 64, 64, 64, dtype=dtype, device=dev, seed=11, requires_grad=True)
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(dev, dtype)
-    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    ref = longattn.attention(q32, k32, v32, method="nsa", backend="reference", **cfg)
-    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
-    with plain_precision():
-        plain = longattn.attention(q, k, v, method="nsa", backend="reference", **cfg)
-        plain_grads = torch.autograd.grad(plain, (q, k, v), g)
+    (ref,), ref_grads, plain, plain_grads = _fp32_and_plain(
+        lambda a, b, c: (longattn.attention(a, b, c, method="nsa", backend="reference", **cfg),), q, k, v, g)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = longattn.attention(q, k, v, method="nsa", backend="triton", **cfg)
