@@ -7,7 +7,12 @@ budget of 128-token blocks chosen by ``select_topk_blocks``:
 * the top-k selection kernels alone;
 * the split-K attention over a fixed selection with ``num_splits`` in the heuristic's choice and
   a sweep (1 means the split kernel writes the output directly, no merge);
-* selection + attention with the default settings.
+* selection + attention with the default settings;
+* the fused select-and-attend kernel (``longattn.kernels.decode.fused``) in its three launch
+  modes (one cooperative launch; two launches with programmatic dependent launch; two plain
+  launches) and several split counts, checked against the unfused path first;
+* the launch floor: one empty Triton kernel, two in a row (plain and with programmatic
+  dependent launch), and a 2-element ``torch.zeros`` before one (the fused kernel's counters).
 
 One JSON line per measurement to ``--out`` (appended as it goes) and a table on stdout.
 
@@ -20,7 +25,18 @@ import argparse
 import json
 
 import torch
+import triton
+import triton.language as tl
 from _timing import graph_median_ms
+
+
+@triton.jit
+def _empty(X, USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if tl.program_id(0) < 0:  # never: keeps the pointer argument
+        tl.store(X, 0)
 
 
 def main() -> None:
@@ -28,11 +44,13 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=131072)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--splits", default="1,4,8,16,32,64")
+    ap.add_argument("--fused-splits", default="8,16,32")
     ap.add_argument("--out", default="decode_sweep.jsonl")
     args = ap.parse_args()
 
     from longattn.decode import block_key_means, select_topk_blocks, sparse_decode
     from longattn.kernels.decode import choose_num_splits, sparse_decode_triton, tile_config
+    from longattn.kernels.decode.fused import select_attend_triton
     from longattn.kernels.decode.kernel import _sm_count
 
     dev = torch.device("cuda")
@@ -46,6 +64,7 @@ def main() -> None:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    launch_floor(record, flush)
     for B in (int(x) for x in args.batches.split(",")):
         T = args.T
         g = torch.Generator(device=dev).manual_seed(B)
@@ -75,8 +94,34 @@ def main() -> None:
             return sparse_decode(q, k, v, lens, i, c, block_size=bs, scale=scale, backend="triton", validate=False)
 
         record(**base, what="select_and_attend", num_splits=auto, ms=graph_median_ms(both, flush=flush))
+
+        want = both()
+        for mode in ("two", "pdl", "single"):  # the cooperative one last: a hang would lose the rest
+            for s in [None, *(int(x) for x in args.fused_splits.split(","))]:
+                fn = lambda s=s, mode=mode: select_attend_triton(
+                    q, k, v, lens, block_size=bs, top_k=top_k, n_sink=1, n_local=1, scale=scale, key_means=means,
+                    num_splits=s, mode=mode)[0]
+                try:
+                    got = fn()
+                    torch.cuda.synchronize()
+                    max_err = (got.float() - want.float()).abs().max().item()
+                    ms = graph_median_ms(fn, flush=flush) if max_err < 2e-2 else None
+                    record(**base, what="fused", mode=mode, num_splits=s, max_err_vs_unfused=max_err, ms=ms)
+                except Exception as e:  # noqa: BLE001 - a refused cooperative grid is a result too
+                    record(**base, what="fused", mode=mode, num_splits=s, error=f"{type(e).__name__}: {e}"[:300])
         del k, v, means
         torch.cuda.empty_cache()
+
+
+def launch_floor(record, flush) -> None:
+    """Graph-replay times of empty kernels: what a launch costs before any work."""
+    x = torch.zeros(1, device="cuda")
+    one = lambda: _empty[(256,)](x, USE_GDC=False)
+    two = lambda: (_empty[(256,)](x, USE_GDC=False), _empty[(256,)](x, USE_GDC=False))
+    two_pdl = lambda: (_empty[(256,)](x, USE_GDC=True), _empty[(256,)](x, USE_GDC=True, launch_pdl=True))
+    zeros_one = lambda: (torch.zeros(2, 8, dtype=torch.int32, device="cuda"), _empty[(256,)](x, USE_GDC=False))
+    for what, fn in (("empty_x1", one), ("empty_x2", two), ("empty_x2_pdl", two_pdl), ("zeros_then_empty", zeros_one)):
+        record(what=what, ms=graph_median_ms(fn, flush=flush))
 
 
 if __name__ == "__main__":
