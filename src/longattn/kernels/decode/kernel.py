@@ -142,60 +142,6 @@ def _dot(a, b, MODE: tl.constexpr):
 
 
 @triton.jit
-def _attend_chunk(
-    q, k_base, v_base, blk, chunk, kv_len, q_pos, row_ok, m_i, l_i, acc, qk_scale,
-    stride_kt, stride_kd, stride_vt, stride_vd,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_MODE: tl.constexpr,
-):
-    """One ``BLOCK_N``-key chunk (number ``chunk``) of key block ``blk`` into the online softmax
-    of the rows ``q [BLOCK_M, D]`` (absolute positions ``q_pos``): keys at positions
-    ``>= kv_len`` or after a row's own position are masked and never loaded. Returns the new
-    ``(m_i, l_i, acc)``."""
-    n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
-    within = chunk * BLOCK_N + n
-    pos = blk * BLOCK_SIZE + within  # absolute key positions  [BLOCK_N]
-    key_ok = (within < BLOCK_SIZE) & (pos < kv_len)
-    k = tl.load(k_base + pos[:, None] * stride_kt + d[None, :] * stride_kd,
-                mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-    s = _dot(q, tl.trans(k), DOT_MODE)
-    s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
-    ok = key_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
-    s = tl.where(ok, s, float("-inf"))
-    p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-    v = tl.load(v_base + pos[:, None] * stride_vt + d[None, :] * stride_vd,
-                mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-    pv = _dot(p.to(v.dtype), v, DOT_MODE)  # P rounded to the V dtype, as flash attention does
-    return m_i, l_i, acc * alpha[:, None] + pv
-
-
-@triton.jit
-def _store_rows(acc, m_i, l_i, O, L, flat, row_ok, HEAD_DIM: tl.constexpr):
-    """Normalise the rows (``acc / l``; 0 for a row that read nothing) and store them at flat
-    rows ``flat`` of ``O [.., HEAD_DIM]`` (in O's dtype) with their natural-log LSE in ``L``
-    (``-inf`` for a row that read nothing)."""
-    d = tl.arange(0, HEAD_DIM)
-    has = l_i > 0.0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(O + flat[:, None] * HEAD_DIM + d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(L + flat, lse, mask=row_ok)
-
-
-@triton.jit
-def _group_rows(b, hkv, pid_m, num_kv_heads, G: tl.constexpr, TQ: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows ``r = g * TQ + i`` of row tile ``pid_m`` of a GQA group (query head ``hkv * G + g``,
-    query ``i``): returns ``(rows, row_ok, head, qi, flat)``, ``flat`` the row's index in a
-    contiguous ``[B, H, Tq]`` layout (``H = num_kv_heads * G``)."""
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < G * TQ
-    g = rows // TQ
-    qi = rows % TQ
-    flat = (b * num_kv_heads * G + hkv * G) * TQ + rows
-    return rows, row_ok, hkv * G + g, qi, flat
-
-
-@triton.jit
 def _decode_split_kernel(
     Q, K, V, Lens, Idx, Cnt, O, L,
     qk_scale,  # scale * log2(e)
@@ -218,9 +164,14 @@ def _decode_split_kernel(
     kv_len = tl.load(Lens + b).to(tl.int64)
     count = tl.load(Cnt + b * stride_cb + hkv * stride_ch).to(tl.int32)
 
-    rows, row_ok, head, qi, flat = _group_rows(b, hkv, pid_m, num_kv_heads, G, TQ, BLOCK_M)
+    # rows of this program: r = g * TQ + i  ->  query head hkv * G + g, query i
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < G * TQ
+    g = rows // TQ
+    qi = rows % TQ
     q_pos = kv_len - TQ + qi  # absolute position of each row's query  [BLOCK_M]
     d = tl.arange(0, HEAD_DIM)
+    head = hkv * G + g
     q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
 
@@ -233,52 +184,38 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n = tl.arange(0, BLOCK_N)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     i_base = Idx + b * stride_ib + hkv * stride_ih
     for u in range(u_lo, u_hi):
-        blk = tl.load(i_base + (u // CHUNKS) * stride_ik).to(tl.int64)
-        m_i, l_i, acc = _attend_chunk(
-            q, k_base, v_base, blk, u % CHUNKS, kv_len, q_pos, row_ok, m_i, l_i, acc, qk_scale,
-            stride_kt, stride_kd, stride_vt, stride_vd, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_MODE)
-    # O and L are contiguous [(split,) B, H, Tq(, D)]
-    _store_rows(acc, m_i, l_i, O + pid_s * stride_os, L + pid_s * stride_ls, flat, row_ok, HEAD_DIM)
+        slot = u // CHUNKS
+        chunk = u % CHUNKS
+        blk = tl.load(i_base + slot * stride_ik).to(tl.int64)
+        within = chunk * BLOCK_N + n
+        pos = blk * BLOCK_SIZE + within  # absolute key positions  [BLOCK_N]
+        key_ok = (within < BLOCK_SIZE) & (pos < kv_len)
+        k = tl.load(k_base + pos[:, None] * stride_kt + d[None, :] * stride_kd,
+                    mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        s = _dot(q, tl.trans(k), DOT_MODE)
+        s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        ok = key_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        s = tl.where(ok, s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        v = tl.load(v_base + pos[:, None] * stride_vt + d[None, :] * stride_vd,
+                    mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        pv = _dot(p.to(v.dtype), v, DOT_MODE)  # P rounded to the V dtype, as flash attention does
+        acc = acc * alpha[:, None] + pv
 
-
-@triton.jit
-def _merge_rows(Op, Lp, O, L, r0, n_rows, num_splits, stride_os, stride_ls,
-                HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_D: tl.constexpr,
-                BYPASS_L1: tl.constexpr):
-    """Combine the ``num_splits`` partials of the flat rows ``r0 .. r0 + n_rows - 1``
-    (``n_rows <= MERGE_ROWS``) through their LSE and store the rows of ``O`` (its dtype) and
-    ``L``. Every split of every row is loaded at once (``MERGE_D`` columns at a time), not in a
-    loop of dependent loads. ``BYPASS_L1``: load the partials through L2 only (``.cg``), for
-    partials that other programs of the same grid just wrote."""
-    sp = tl.arange(0, S_PAD)[:, None]
-    rows = r0 + tl.arange(0, MERGE_ROWS)
-    rows_ok = tl.arange(0, MERGE_ROWS) < n_rows
-    ok = (sp < num_splits) & rows_ok[None, :]  # [S_PAD, MERGE_ROWS]
-    l_ptrs = Lp + sp * stride_ls + rows[None, :]
-    if BYPASS_L1:
-        lse_s = tl.load(l_ptrs, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    else:
-        lse_s = tl.load(l_ptrs, mask=ok, other=float("-inf"))
-    m = tl.max(lse_s, axis=0)  # [MERGE_ROWS]
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe[None, :])  # 0 for a split that read nothing (its partial row is 0)
-    l = tl.sum(w, axis=0)
-    has = l > 0.0
-    for dc in tl.static_range(HEAD_DIM // MERGE_D):
-        dd = dc * MERGE_D + tl.arange(0, MERGE_D)
-        o_ptrs = Op + sp[:, :, None] * stride_os + rows[None, :, None] * HEAD_DIM + dd[None, None, :]
-        if BYPASS_L1:
-            o_s = tl.load(o_ptrs, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-        else:
-            o_s = tl.load(o_ptrs, mask=ok[:, :, None], other=0.0)  # [S_PAD, MERGE_ROWS, MERGE_D]
-        out = tl.sum(w[:, :, None] * o_s, axis=0) / tl.where(has, l, 1.0)[:, None]
-        tl.store(O + rows[:, None] * HEAD_DIM + dd[None, :], out.to(O.dtype.element_ty), mask=rows_ok[:, None])
-    lse = tl.where(has, m_safe + tl.log(tl.where(has, l, 1.0)), float("-inf"))
-    tl.store(L + rows, lse, mask=rows_ok)
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    # O and L are contiguous [(split,) B, H, Tq(, D)]: row r of this group is flat row
+    # (b * H + hkv * G) * TQ + r, with H = num_kv_heads * G
+    flat = (b * num_kv_heads * G + hkv * G) * TQ + rows
+    o_ptrs = O + pid_s * stride_os + flat[:, None] * HEAD_DIM + d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(L + pid_s * stride_ls + flat, lse, mask=row_ok)
 
 
 @triton.jit
@@ -288,8 +225,21 @@ def _merge_kernel(
 ):
     """One output row per program; all of its ``num_splits`` partials are loaded at once (no
     loop over splits: a loop of dependent loads is latency-bound at a few rows)."""
-    _merge_rows(Op, Lp, O, L, tl.program_id(0).to(tl.int64), 1, num_splits, stride_os, stride_ls,
-                HEAD_DIM, S_PAD, 1, HEAD_DIM, False)
+    r = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, S_PAD)
+    s_ok = sp < num_splits
+    d = tl.arange(0, HEAD_DIM)
+    lse_s = tl.load(Lp + sp * stride_ls + r, mask=s_ok, other=float("-inf"))  # [S_PAD]
+    o_s = tl.load(Op + sp[:, None] * stride_os + r * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    m = tl.max(lse_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)  # 0 for a split that read nothing (its partial row is 0)
+    l = tl.sum(w, axis=0)
+    has = l > 0.0
+    out = tl.sum(w[:, None] * o_s, axis=0) / tl.where(has, l, 1.0)  # [D]
+    lse = tl.where(has, m_safe + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    tl.store(O + r * HEAD_DIM + d, out.to(O.dtype.element_ty))
+    tl.store(L + r, lse)
 
 
 def _ready(device: torch.device) -> None:

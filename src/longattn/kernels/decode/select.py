@@ -13,16 +13,14 @@ takes two kernels:
    the group's heads and queries (two fp32 ``tl.dot`` per tile). The many programs read the
    summaries (MBs at 128k tokens) in parallel.
 2. ``_rank_kernel``, grid ``(B * Hkv,)``: loads one row of scores (``NB_PAD`` wide, in
-   registers) and ranks it (:func:`_rank_keep`): forced blocks (the first ``n_sink`` and the
-   last ``n_local`` blocks holding valid keys) first, then eligible blocks by score, NaN scores
-   last among the eligible. The row is mapped to order-preserving int32 keys; a radix select
-   (four passes of a 256-bin histogram, one byte of the keys each) finds the threshold key, the
-   ``count``-th largest with ``count = min(top_k, blocks)``, and the kernel keeps every key
-   above it plus the lowest-index keys equal to it (ties go to the lower block index).
-   ``O(4 * NB_PAD)`` work, independent of ``top_k``. The kept blocks are written in ascending
-   order (``tl.cumsum`` of the kept flags gives each kept block its slot); unused slots 0.
-
-The fused decoding kernel (:mod:`.fused`) calls the same scoring and ranking helpers.
+   registers) and ranks it: forced blocks (the first ``n_sink`` and the last ``n_local``
+   blocks holding valid keys) first, then eligible blocks by score, NaN scores last among the
+   eligible. The row is mapped to order-preserving int32 keys; a 32-step bisection over the
+   int32 range finds the threshold key ``t`` (the largest with ``count(key >= t) >= count``),
+   and the kernel keeps every key above ``t`` plus the lowest-index keys equal to ``t`` until
+   ``count = min(top_k, blocks)`` are kept (ties go to the lower block index). ``O(32 * NB_PAD)``
+   work, independent of ``top_k``. The kept blocks are written in ascending order (``tl.cumsum``
+   of the kept flags gives each kept block its slot); unused slots 0.
 
 The number of blocks of a sequence is ``clamp(ceil(len / block), 1, nBlocks)``, as the reference
 clamps the lengths to ``[1, Tmax]``.
@@ -49,45 +47,6 @@ def _n_blocks(Lens, b, block_size, nb_max):
 
 
 @triton.jit
-def _tile_scores(
-    Q, KM, KMIN, KMAX, b, hkv, start, nb,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_mb, stride_mh, stride_mn, stride_md,
-    G: tl.constexpr, TQ: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_NB: tl.constexpr, QUEST: tl.constexpr,
-):
-    """Scores of blocks ``n = start + [0, BLOCK_NB)`` of ``(sequence b, KV head hkv)``: returns
-    ``(n, n < nb, fp32 scores [BLOCK_NB])`` (0 past ``nb``). Top-k mode: ``(sum over the group's
-    heads and queries of q) . mean key``; Quest mode: the page upper bound ``relu(q) . kmax +
-    min(q, 0) . kmin`` summed over the group's heads and queries."""
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < G * TQ
-    head = hkv * G + rows // TQ
-    t = rows % TQ
-    d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [ROWS, D], q's dtype
-
-    n = start + tl.arange(0, BLOCK_NB)
-    n_ok = n < nb  # blocks past this sequence's length are never ranked
-    m_off = b * stride_mb + hkv * stride_mh + n[:, None].to(tl.int64) * stride_mn + d[None, :] * stride_md
-    if QUEST:  # in fp32: exact products and the interpreter compares fp32 correctly
-        q32 = q.to(tl.float32)
-        q_pos = tl.maximum(q32, 0.0)
-        q_neg = tl.minimum(q32, 0.0)
-        kmin = tl.load(KMIN + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_NB, D]
-        kmax = tl.load(KMAX + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        bound = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee") + tl.dot(
-            q_neg, tl.trans(kmin), input_precision="ieee")
-        s = tl.sum(bound, axis=0)  # [BLOCK_NB]; padded rows of q are 0
-    else:
-        q_sum = tl.sum(q.to(tl.float32), axis=0)  # [D]
-        km = tl.load(KM + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(km * q_sum[None, :], axis=1)
-    return n, n_ok, s
-
-
-@triton.jit
 def _score_kernel(
     Q, KM, KMIN, KMAX, Lens, Scratch,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -106,26 +65,52 @@ def _score_kernel(
     nb = _n_blocks(Lens, b, block_size, nb_max)
     start = tile * BLOCK_NB
     if start < nb:
-        n, n_ok, s = _tile_scores(
-            Q, KM, KMIN, KMAX, b, hkv, start, nb,
-            stride_qb, stride_qh, stride_qt, stride_qd, stride_mb, stride_mh, stride_mn, stride_md,
-            G, TQ, HEAD_DIM, ROWS, BLOCK_NB, QUEST)
+        rows = tl.arange(0, ROWS)
+        row_ok = rows < G * TQ
+        head = hkv * G + rows // TQ
+        t = rows % TQ
+        d = tl.arange(0, HEAD_DIM)
+        q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [ROWS, D], q's dtype
+
+        n = start + tl.arange(0, BLOCK_NB)
+        n_ok = n < nb  # blocks past this sequence's length are never ranked
+        m_off = b * stride_mb + hkv * stride_mh + n[:, None].to(tl.int64) * stride_mn + d[None, :] * stride_md
+        if QUEST:  # in fp32: exact products and the interpreter compares fp32 correctly
+            q32 = q.to(tl.float32)
+            q_pos = tl.maximum(q32, 0.0)
+            q_neg = tl.minimum(q32, 0.0)
+            kmin = tl.load(KMIN + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_NB, D]
+            kmax = tl.load(KMAX + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            bound = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee") + tl.dot(
+                q_neg, tl.trans(kmin), input_precision="ieee")
+            s = tl.sum(bound, axis=0)  # [BLOCK_NB]; padded rows of q are 0
+        else:
+            q_sum = tl.sum(q.to(tl.float32), axis=0)  # [D]
+            km = tl.load(KM + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(km * q_sum[None, :], axis=1)
         tl.store(Scratch + pid.to(tl.int64) * stride_sr + n, s, mask=n_ok)
 
 
 @triton.jit
-def _rank_keep(s, c, nb, top_k, n_sink, n_local, NB_PAD: tl.constexpr):
-    """Which of the ``NB_PAD`` blocks ``c`` with scores ``s`` (fp32, only ``c < nb`` meaningful)
-    are kept: ``(kept bool [NB_PAD], count)``, ``count = min(top_k, nb)``. Forced blocks (the
-    first ``n_sink`` and the last ``n_local`` of the ``nb``) first, then the eligible ones by
-    score, ties to the lower index, NaN last among the eligible.
+def _rank_kernel(
+    Scratch, Lens, Idx, Cnt,
+    stride_sr, stride_ib, stride_ih, stride_ik,
+    num_kv_heads, nb_max, block_size, top_k, n_sink, n_local, width,
+    NB_PAD: tl.constexpr, W_PAD: tl.constexpr,
+):
+    """Keep ``count = min(top_k, nb)`` blocks of row ``pid`` of ``Scratch`` (forced first, then
+    by score, ties to the lower index, NaN last among the eligible); write their indices
+    ascending to ``Idx[b, hkv, :count]``, 0 to ``Idx[b, hkv, count:width]`` and ``count`` to
+    ``Cnt[b, hkv]``."""
+    pid = tl.program_id(0)
+    b = (pid // num_kv_heads).to(tl.int64)
+    hkv = (pid % num_kv_heads).to(tl.int64)
+    nb = _n_blocks(Lens, b, block_size, nb_max)
 
-    Scores become order-preserving int32 keys; a radix select over their four bytes (most
-    significant first: a 256-bin histogram of the candidates' byte, the bin that holds the
-    ``need``-th largest, then only that bin's keys stay candidates) finds the threshold key
-    ``thr``, the ``count``-th largest. Every key above ``thr`` is kept, and the lowest-index
-    keys equal to ``thr`` fill the rest. Four histogram passes, independent of ``top_k``."""
+    c = tl.arange(0, NB_PAD)
     eligible = c < nb
+    s = tl.load(Scratch + pid.to(tl.int64) * stride_sr + c, mask=eligible, other=0.0)
     forced = eligible & ((c < n_sink) | (c >= nb - n_local))
     s = tl.where(s == s, s, -3.0e38)  # NaN: eligible, but below every number
     s = tl.minimum(tl.maximum(s, -3.0e38), 3.0e38)  # +-inf scores rank like the largest numbers
@@ -137,48 +122,25 @@ def _rank_keep(s, c, nb, top_k, n_sink, n_local, NB_PAD: tl.constexpr):
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     count = tl.minimum(nb, top_k)  # >= 1: nb >= 1 and top_k >= 1
 
-    # Radix select on u = key + 2^31 (the unsigned order of the keys), one byte per pass. In
-    # each pass: need >= 1 of the candidates are still to be kept, and the threshold's bytes so
-    # far are the candidates' common prefix. Padding lanes (-inf keys) are candidates too: they
-    # rank last and count <= nb keeps them out.
-    bins = tl.arange(0, 256)
-    cand = c >= 0
-    need = count
-    thr_u = tl.full([], 0, tl.int64)
-    for r in tl.static_range(4):
-        byte = (key >> (24 - 8 * r)) & 255  # byte r of u (the top byte of u is key's ^ 128)
-        if r == 0:
-            byte = byte ^ 128
-        hist = tl.histogram(byte, 256, mask=cand)  # [256] candidates per byte value
-        above_or_in = tl.cumsum(hist, 0, reverse=True)  # candidates with byte >= bin
-        pick = tl.sum((above_or_in >= need).to(tl.int32), 0) - 1  # the bin holding the need-th largest
-        need -= tl.max(tl.where(bins > pick, above_or_in, 0), 0)  # candidates above that bin are kept
-        cand = cand & (byte == pick)
-        thr_u = thr_u * 256 + pick
-    thr = (thr_u - 2147483648).to(tl.int32)  # back from u to the signed key
-    tie = key == thr
+    # threshold t: the largest int with count(key >= t) >= count. Invariant: count(key >= lo)
+    # >= count > count(key >= hi); 32 halvings of [-2^31, 2^31] leave hi = lo + 1. lo, hi, mid
+    # are int64 (hi = 2^31 does not fit int32); mid and lo always lie in the int32 range, so the
+    # row-wide comparisons are in int32.
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483648, tl.int64)
+    for _ in range(0, 32):
+        mid = lo + ((hi - lo) >> 1)
+        n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        ok = n_ge >= count
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    thr = lo.to(tl.int32)
+    above = key > thr  # all kept: fewer than count of them
+    tie = key == thr  # the lowest-index ties fill the rest
+    n_above = tl.sum(above.to(tl.int32), axis=0)
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1 for the lowest-index tie
-    kept = (key > thr) | (tie & (tie_rank <= need))  # need = ties still to keep
-    return kept, count
+    kept = above | (tie & (tie_rank <= count - n_above))
 
-
-@triton.jit
-def _rank_kernel(
-    Scratch, Lens, Idx, Cnt,
-    stride_sr, stride_ib, stride_ih, stride_ik,
-    num_kv_heads, nb_max, block_size, top_k, n_sink, n_local, width,
-    NB_PAD: tl.constexpr, W_PAD: tl.constexpr,
-):
-    """Keep ``count = min(top_k, nb)`` blocks of row ``pid`` of ``Scratch`` (see
-    :func:`_rank_keep`); write their indices ascending to ``Idx[b, hkv, :count]``, 0 to
-    ``Idx[b, hkv, count:width]`` and ``count`` to ``Cnt[b, hkv]``."""
-    pid = tl.program_id(0)
-    b = (pid // num_kv_heads).to(tl.int64)
-    hkv = (pid % num_kv_heads).to(tl.int64)
-    nb = _n_blocks(Lens, b, block_size, nb_max)
-    c = tl.arange(0, NB_PAD)
-    s = tl.load(Scratch + pid.to(tl.int64) * stride_sr + c, mask=c < nb, other=0.0)
-    kept, count = _rank_keep(s, c, nb, top_k, n_sink, n_local, NB_PAD)
     slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
     i_base = Idx + b * stride_ib + hkv * stride_ih
     tl.store(i_base + slot * stride_ik, c.to(tl.int32), mask=kept)
