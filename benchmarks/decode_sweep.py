@@ -8,11 +8,9 @@ budget of 128-token blocks chosen by ``select_topk_blocks``:
 * the split-K attention over a fixed selection with ``num_splits`` in the heuristic's choice and
   a sweep (1 means the split kernel writes the output directly, no merge);
 * selection + attention with the default settings;
-* the fused select-and-attend kernel (``longattn.kernels.decode.fused``) in its three launch
-  modes (one cooperative launch; two launches with programmatic dependent launch; two plain
-  launches) and several split counts, checked against the unfused path first;
 * the launch floor: one empty Triton kernel, two in a row (plain and with programmatic
-  dependent launch), and a 2-element ``torch.zeros`` before one (the fused kernel's counters).
+  dependent launch), and a small ``torch.zeros`` before one (the cost of a per-call counter
+  buffer that a kernel with an in-kernel merge would need).
 
 One JSON line per measurement to ``--out`` (appended as it goes) and a table on stdout.
 
@@ -44,13 +42,11 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=131072)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--splits", default="1,4,8,16,32,64")
-    ap.add_argument("--fused-splits", default="8,16,32")
     ap.add_argument("--out", default="decode_sweep.jsonl")
     args = ap.parse_args()
 
     from longattn.decode import block_key_means, select_topk_blocks, sparse_decode
     from longattn.kernels.decode import choose_num_splits, sparse_decode_triton, tile_config
-    from longattn.kernels.decode.fused import select_attend_triton
     from longattn.kernels.decode.kernel import _sm_count
 
     dev = torch.device("cuda")
@@ -95,20 +91,6 @@ def main() -> None:
 
         record(**base, what="select_and_attend", num_splits=auto, ms=graph_median_ms(both, flush=flush))
 
-        want = both()
-        for mode in ("two", "pdl", "single"):  # the cooperative one last: a hang would lose the rest
-            for s in [None, *(int(x) for x in args.fused_splits.split(","))]:
-                fn = lambda s=s, mode=mode: select_attend_triton(
-                    q, k, v, lens, block_size=bs, top_k=top_k, n_sink=1, n_local=1, scale=scale, key_means=means,
-                    num_splits=s, mode=mode)[0]
-                try:
-                    got = fn()
-                    torch.cuda.synchronize()
-                    max_err = (got.float() - want.float()).abs().max().item()
-                    ms = graph_median_ms(fn, flush=flush) if max_err < 2e-2 else None
-                    record(**base, what="fused", mode=mode, num_splits=s, max_err_vs_unfused=max_err, ms=ms)
-                except Exception as e:  # noqa: BLE001 - a refused cooperative grid is a result too
-                    record(**base, what="fused", mode=mode, num_splits=s, error=f"{type(e).__name__}: {e}"[:300])
         del k, v, means
         torch.cuda.empty_cache()
 

@@ -1,0 +1,119 @@
+"""Where the microseconds of one sparse decoding step go, kernel by kernel: CUPTI kernel
+durations (``torch.profiler``) of CUDA-graph replays, with L2 flushed before each replay (cold,
+as ``suite.py`` and ``decode_sweep.py`` time decode) and without (warm), at 128k cached tokens,
+B = 1, H = 32, Hkv = 8, D = 128, bf16, a 4,096-token top-k budget of 128-token blocks.
+
+Variants: an empty kernel (the launch floor), the selection (scoring and ranking kernels), the
+split-K attention alone (32 splits), the merge alone, and the whole step (selection, attention,
+merge). Per variant: the graph replay time (CUDA events) and each kernel's mean duration in
+replay order; at the end, each compiled kernel's registers, spills and shared memory.
+
+    python3 benchmarks/decode_profile.py --out $OUT/decode_profile.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+from _timing import graph_median_ms
+
+
+@triton.jit
+def _empty(X):
+    if tl.program_id(0) < 0:  # never: keeps the pointer argument
+        tl.store(X, 0)
+
+
+def kernel_times(fn, flush: torch.Tensor | None, reps: int = 20) -> list[tuple[str, float]]:
+    """Mean CUPTI duration (us) of each kernel of one graph replay of ``fn``, in launch order."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    per_replay: list[list[tuple[str, float]]] = []
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            g.replay()
+            torch.cuda.synchronize()
+        ks = [(e.name, e.device_time) for e in prof.events() if e.device_time > 0 and "zero" not in e.name.lower()]
+        per_replay.append(ks)
+    n = min(len(k) for k in per_replay)
+    return [(per_replay[0][i][0][:60], statistics.mean(k[i][1] for k in per_replay)) for i in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=131072)
+    ap.add_argument("--out", default="decode_profile.jsonl")
+    args = ap.parse_args()
+
+    from longattn.decode import block_key_means, select_topk_blocks, sparse_decode
+    from longattn.kernels.decode import decode_partials, merge_partials
+
+    dev = torch.device("cuda")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    B, H, Hkv, D, bs, budget, T = 1, 32, 8, 128, 128, 4096, args.T
+    top_k = budget // bs
+    scale = D ** -0.5
+    g = torch.Generator(device=dev).manual_seed(1)
+    k = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
+    lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    means = block_key_means(k, lens, bs)
+    idx, cnt = select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton")
+    o_part, l_part = decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=32)
+    x = torch.zeros(1, device=dev)
+
+    variants = {
+        "empty": lambda: _empty[(256,)](x),
+        "select": lambda: select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means,
+                                             backend="triton"),
+        "split_only": lambda: decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=32,
+                                              o_part=o_part, lse_part=l_part),
+        "merge_only": lambda: merge_partials(o_part, l_part, q.dtype),
+        "step": lambda: sparse_decode(q, k, v, lens, *select_topk_blocks(
+            q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton"),
+            block_size=bs, scale=scale, backend="triton", validate=False),
+    }
+    with open(args.out, "a") as f:
+        for name, fn in variants.items():
+            for cold in (True, False):
+                fl = flush if cold else None
+                row = {"variant": name, "L2": "cold" if cold else "warm",
+                       "replay_us": round(graph_median_ms(fn, flush=fl) * 1e3, 2),
+                       "kernels_us": [(n, round(t, 2)) for n, t in kernel_times(fn, fl)]}
+                print(json.dumps(row), flush=True)
+                f.write(json.dumps(row) + "\n")
+        from longattn.kernels.decode.kernel import _decode_split_kernel, _merge_kernel
+        from longattn.kernels.decode.select import _rank_kernel, _score_kernel
+
+        for kern in (_decode_split_kernel, _merge_kernel, _rank_kernel, _score_kernel):
+            for dev_cache in kern.device_caches.values():
+                for key, ck in dev_cache[0].items():
+                    row = {"kernel": kern.__name__,
+                           "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None),
+                           "shared": ck.metadata.shared, "num_warps": ck.metadata.num_warps, "key": str(key)[-160:]}
+                    print(json.dumps(row), flush=True)
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
