@@ -79,31 +79,39 @@ def _nonfinite_flag(t: Tensor) -> Tensor:
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-NonfiniteFlags = tuple[list[str], Tensor, list[Tensor | None]]
+def _finite_probe(t: Tensor) -> Tensor:
+    """0-dim float32: the sum of ``t``'s elements, accumulated in fp32. It is finite when every
+    element is finite; a NaN or an infinity among them makes it NaN or infinite (so can finite
+    elements whose sum overflows, which :func:`raise_if_nonfinite` tells apart). One reduction
+    kernel: the exact check (:func:`_nonfinite_flag`) takes about ten small kernels per tensor,
+    which queue after a top-k forward's attention kernel."""
+    return t.detach().sum(dtype=torch.float32)
+
+
+NonfiniteFlags = tuple[list[str], Tensor, list[Tensor]]
 
 
 def nonfinite_flags(witnesses: dict | None = None, **tensors: Tensor) -> NonfiniteFlags:
-    """The names, a bool tensor ``[len(tensors)]`` flagging those holding NaN or Inf, computed
-    without a host sync (:func:`raise_if_nonfinite` reads it), and per tensor the tensor itself
-    where its flag came from a witness (else None). ``witnesses``: fp32 block sums of some of
-    the tensors, keyed by :func:`longattn.finite.tensor_key` (:mod:`longattn.finite`); a
-    witnessed tensor is flagged from its sums (a NaN or Inf element makes its sum NaN or Inf)
-    instead of a pass over its elements."""
-    flags, confirm = [], []
+    """The names, a float32 tensor ``[len(tensors)]`` of probes (:func:`_finite_probe`), finite
+    for a tensor whose elements are all finite, computed without a host sync
+    (:func:`raise_if_nonfinite` reads it), and the tensors. ``witnesses``: fp32 block sums of some
+    of the tensors, keyed by :func:`longattn.finite.tensor_key` (:mod:`longattn.finite`); a
+    witnessed tensor is probed through its sums (a NaN or Inf element makes its block's sum NaN
+    or Inf) instead of a pass over its elements."""
+    probes = []
     for t in tensors.values():
         sums = witnesses.get(tensor_key(t)) if witnesses else None
-        flags.append(_nonfinite_flag(t if sums is None else sums))
-        confirm.append(None if sums is None else t)
-    return list(tensors), torch.stack(flags), confirm
+        probes.append(_finite_probe(t if sums is None else sums))
+    return list(tensors), torch.stack(probes), list(tensors.values())
 
 
 def raise_if_nonfinite(flags: NonfiniteFlags) -> None:
-    """Raise ``ValueError`` naming the first tensor holding NaN or Inf (one host sync). A flag
-    that came from a witness is confirmed on the tensor first: finite elements whose fp32 sum
-    overflowed are not an error."""
-    names, values, confirm = flags
-    for name, bad, t in zip(names, values.tolist(), confirm):
-        if bad and (t is None or bool(_nonfinite_flag(t))):
+    """Raise ``ValueError`` naming the first tensor holding NaN or Inf (one host sync). A probe
+    that is not finite is confirmed on the tensor by the exact check: finite elements whose fp32
+    sum overflowed are not an error."""
+    names, probes, tensors = flags
+    for name, value, t in zip(names, probes.tolist(), tensors):
+        if not math.isfinite(value) and bool(_nonfinite_flag(t)):
             raise ValueError(
                 f"{name} contains NaN or Inf; this method selects keys from the input values "
                 "and cannot handle non-finite inputs"
