@@ -103,9 +103,10 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")
         from longattn.kernels.decode.kernel import _decode_split_kernel, _merge_kernel
-        from longattn.kernels.decode.select import _rank_kernel, _score_kernel
+        from longattn.kernels.decode.select import _score_kernel
+        from longattn.kernels.nsa.kernel import _select_rank
 
-        for kern in (_decode_split_kernel, _merge_kernel, _rank_kernel, _score_kernel):
+        for kern in (_decode_split_kernel, _merge_kernel, _select_rank, _score_kernel):
             for dev_cache in kern.device_caches.values():
                 for key, ck in dev_cache[0].items():
                     row = {"kernel": kern.__name__,

@@ -722,3 +722,24 @@ def test_selector_bad_input(call, exc, pattern):
     kw = _good()
     with pytest.raises(exc, match=pattern):
         call(kw["q"], kw["k_cache"], kw["cache_seqlens"])
+
+
+@needs_triton
+@pytest.mark.parametrize("limit,value,pattern", [
+    ("MAX_RANK_SLICES", 3, r"at most 3 \(sequence, KV head\) rows, got 4"),
+    ("MAX_SELECT_BLOCKS", 8, r"at most 8 blocks, this cache has 19"),
+])
+def test_selection_past_the_kernel_limits_falls_back_under_auto(monkeypatch, limit, value, pattern):
+    """Past the ranking kernel's limits (rows of a launch: its grid's second axis; blocks of a
+    row: registers), ``backend="triton"`` names the limit and ``"auto"`` runs the reference."""
+    import longattn.kernels.decode.select as select_kernels
+
+    q, k, _ = make_inputs(2, 4, 2, 1, 300, 32, seed=21)
+    lens = lengths(300, 170)
+    monkeypatch.setattr(select_kernels, limit, value)
+    for select, kw in ((select_topk_blocks, {"block_size": 16}), (select_quest_pages, {"page_size": 16})):
+        with pytest.raises(ValueError, match=pattern):
+            select(q, k, lens, top_k=4, backend="triton", **kw)
+        got = select(q, k, lens, top_k=4, backend="auto", **kw)
+        want = select(q, k, lens, top_k=4, backend="reference", **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

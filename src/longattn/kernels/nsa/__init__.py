@@ -125,10 +125,11 @@ def select_unsupported_reason(p_slc: Tensor) -> str | None:
     return triton_unavailable_reason(p_slc.device)
 
 
-def _rank_layout(nb_pad: int) -> tuple[int, int]:
-    """``(BLOCK_R, num_warps)`` of the ranking kernel for rows of ``nb_pad`` columns: about
-    ``RANK_TILE`` elements per program (16 per thread at 8 warps), at most 16 rows."""
-    block_r = max(1, min(16, RANK_TILE // nb_pad))
+def _rank_layout(nb_pad: int, rows: int) -> tuple[int, int]:
+    """``(BLOCK_R, num_warps)`` of the ranking kernel for ``rows`` rows of ``nb_pad`` columns:
+    about ``RANK_TILE`` elements per program (16 per thread at 8 warps), at most 16 rows and no
+    more than the rows there are (a decoding step ranks one row per sequence and head)."""
+    block_r = max(1, min(16, RANK_TILE // nb_pad, _pow2_at_least(rows)))
     tile = block_r * nb_pad
     return block_r, 4 if tile <= 2048 else 8 if tile <= 4096 else 16
 
@@ -209,7 +210,7 @@ def rank_blocks(
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     nb_pad = max(16, _pow2_at_least(nKB))
-    block_r, warps = _rank_layout(nb_pad)
+    block_r, warps = _rank_layout(nb_pad, R)
     _select_rank[(_ceil_div(R, block_r), B * Hs)](
         scores, idx, cnt, full,
         *scores.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
