@@ -42,7 +42,9 @@ def collecting_witnesses() -> Iterator[dict]:
 
 def witness_sums(source: Tensor, sums: Tensor) -> None:
     """Record ``sums`` (fp32 or wider) as partial sums that together add up every element of
-    ``source`` exactly once, when witnesses are being collected."""
+    ``source`` exactly once, or those sums each multiplied by a positive factor of at most 1 (block
+    means: a factor cannot turn a NaN or an infinity finite, nor a finite sum infinite), when
+    witnesses are being collected."""
     found = _WITNESSES.get()
     if found is not None:
         found[tensor_key(source)] = sums.detach()

@@ -197,13 +197,17 @@ def _block_means(x: Tensor, front: int, block: int) -> Tensor:
     source = x
     if front or back:
         x = torch.cat([x.new_zeros(B, H, front, D), x, x.new_zeros(B, H, back, D)], dim=2)
-    sums = x.view(B, H, n, block, D).sum(3, dtype=torch.float32)
-    if n < T:  # every element of x summed once into fewer rows: the finiteness check reuses them
-        witness_sums(source, sums)
+    blocks = x.view(B, H, n, block, D)
     if not front and not back and block & (block - 1) == 0:
-        # every block whole and a power of two long (exact reciprocal, so the same bits as the
-        # division by counts below): three fewer launches
-        return sums / block
+        # every block whole and a power of two long: one reduction (the mean multiplies the
+        # fp32 sum by the exact reciprocal, so the same bits as the division by counts below)
+        means = blocks.mean(3, dtype=torch.float32)
+        if n < T:  # every element of x summed once into fewer rows: the finiteness check reuses them
+            witness_sums(source, means)
+        return means
+    sums = blocks.sum(3, dtype=torch.float32)
+    if n < T:
+        witness_sums(source, sums)
     counts = torch.full((n,), float(block), device=x.device)
     counts[0] -= front
     counts[-1] -= back
@@ -232,8 +236,9 @@ def pooled_block_scores(q: Tensor, k: Tensor, gate_block: int, kv_block: int) ->
     Hkv = km.shape[1]
     # the G query heads of a KV head stacked into one [G * nG, D] operand (heads h = kvh * G + g):
     # one matmul per KV head, no copy of the key means per query head
-    scores = torch.matmul(qm.view(B, Hkv, (H // Hkv) * nG, D), km.transpose(-1, -2))
-    return scores.view(B, H, nG, km.shape[2])
+    nKB = km.shape[2]
+    scores = torch.bmm(qm.view(B * Hkv, (H // Hkv) * nG, D), km.view(B * Hkv, nKB, D).transpose(1, 2))
+    return scores.view(B, H, nG, nKB)
 
 
 def _ranked(scores: Tensor, eligible: Tensor, forced: Tensor) -> Tensor:
