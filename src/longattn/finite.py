@@ -1,16 +1,17 @@
 """Finiteness witnesses: block sums a method computed anyway stand in for a pass over its input.
 
 Methods that select keys from the input values (top-k, MoBA, NSA) need finite inputs, and
-``longattn.attention`` checks ``q``, ``k`` and ``v`` for NaN and infinities. On a GPU that check
-is a full read of the three tensors (0.3 ms of a 6 ms top-k forward at 64k tokens on an H200).
-Those methods already add up every element of ``q`` and/or ``k`` in fp32 to pool them into
-blocks, and an fp32 sum that includes a NaN or an infinity is itself NaN or infinite. So while
+``longattn.attention`` checks ``q``, ``k`` and ``v`` for NaN and infinities: one fp32 sum per
+tensor (:func:`longattn.api.nonfinite_flags`), on a GPU a full read of each tensor. Those
+methods already add up every element of ``q`` and/or ``k`` in fp32 to pool them into blocks
+(sums, or means: the sums times the exact reciprocal of the block length), and an fp32 sum
+that includes a NaN or an infinity is itself NaN or infinite. So while
 :func:`collecting_witnesses` is active, :func:`witness_sums` records such sums per source
-tensor, and the check then looks at the small sums instead of the tensor.
+tensor, and the check then sums the small block sums instead of the tensor.
 
 The check stays exact: finite inputs whose fp32 sum overflows make a finite tensor look
-non-finite, so a flagged witness is confirmed on the tensor itself before anything is raised
-(:func:`longattn.api.raise_if_nonfinite`).
+non-finite, so a sum that is not finite is confirmed on the tensor itself before anything is
+raised (:func:`longattn.api.raise_if_nonfinite`).
 """
 
 from __future__ import annotations
