@@ -64,7 +64,7 @@ def host_marks(fn, reps: int = 30) -> list[tuple[str, float]]:
 
     for mod, name in ((api, "validate_inputs"), (api, "resolve_backend"), (common, "pooled_queries"),
                       (common, "pooled_keys"), (topk, "pooled_block_scores"), (nsa, "rank_blocks"),
-                      (bsp, "checked_block_sparse_attention"), (bsp, "_forward"), (api, "nonfinite_flags")):
+                      (bsp, "_unchecked_block_sparse_attention"), (bsp, "_forward"), (api, "nonfinite_flags")):
         wrap(mod, name)
     run0 = tjit.JITFunction.run
 

@@ -725,21 +725,67 @@ def test_selector_bad_input(call, exc, pattern):
 
 
 @needs_triton
-@pytest.mark.parametrize("limit,value,pattern", [
-    ("MAX_RANK_SLICES", 3, r"at most 3 \(sequence, KV head\) rows, got 4"),
-    ("MAX_SELECT_BLOCKS", 8, r"at most 8 blocks, this cache has 19"),
-])
-def test_selection_past_the_kernel_limits_falls_back_under_auto(monkeypatch, limit, value, pattern):
-    """Past the ranking kernel's limits (rows of a launch: its grid's second axis; blocks of a
-    row: registers), ``backend="triton"`` names the limit and ``"auto"`` runs the reference."""
+def test_selection_past_the_kernel_limit_falls_back_under_auto(monkeypatch):
+    """Past the ranking kernel's blocks per row (a row of keys lives in registers),
+    ``backend="triton"`` names the limit and ``"auto"`` runs the reference."""
     import longattn.kernels.decode.select as select_kernels
 
     q, k, _ = make_inputs(2, 4, 2, 1, 300, 32, seed=21)
     lens = lengths(300, 170)
-    monkeypatch.setattr(select_kernels, limit, value)
+    monkeypatch.setattr(select_kernels, "MAX_SELECT_BLOCKS", 8)
     for select, kw in ((select_topk_blocks, {"block_size": 16}), (select_quest_pages, {"page_size": 16})):
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(ValueError, match=r"at most 8 blocks, this cache has 19"):
             select(q, k, lens, top_k=4, backend="triton", **kw)
         got = select(q, k, lens, top_k=4, backend="auto", **kw)
         want = select(q, k, lens, top_k=4, backend="reference", **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_triton
+def test_selection_kernel_over_more_rows_than_one_launch_holds(monkeypatch):
+    """(sequence, KV head) rows past one ranking launch's limit (CUDA's 65535, patched to 3 here:
+    3 x 2 = 6 rows in two launches) give the reference's selection."""
+    import longattn.kernels.nsa as nsa_kernels
+
+    q, k, _ = make_inputs(3, 4, 2, 1, 300, 32, seed=22)
+    lens = lengths(300, 170, 45)
+    monkeypatch.setattr(nsa_kernels, "MAX_RANK_SLICES", 4)
+    for select, kw in ((select_topk_blocks, {"block_size": 16}), (select_quest_pages, {"page_size": 16})):
+        got = select(q, k, lens, top_k=4, backend="triton", **kw)
+        want = select(q, k, lens, top_k=4, backend="reference", **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_triton
+def test_selection_kernel_clamps_lengths_outside_the_cache_as_the_reference():
+    """The selectors do not check lengths (no host sync; ``sparse_decode`` does): a length of 0
+    or past the cache ranks like the nearest valid one, 1 or ``Tmax``, in the kernel as in the
+    reference, so neither the kept blocks nor the always-kept last block differ."""
+    q, k, _ = make_inputs(3, 4, 2, 1, 100, 32, seed=23)
+    lens = lengths(0, 130, 100)
+    for select, kw in ((select_topk_blocks, {"block_size": 16, "sink_blocks": 1, "local_blocks": 1}),
+                       (select_quest_pages, {"page_size": 16})):
+        got = select(q, k, lens, top_k=4, backend="triton", **kw)
+        want = select(q, k, lens, top_k=4, backend="reference", **kw)
+        assert got[1].tolist() == want[1].tolist() == [[1, 1], [4, 4], [4, 4]], select.__name__
+        assert torch.equal(got[0], want[0]), select.__name__
+        clamped = select(q, k, lengths(1, 100, 100), top_k=4, backend="triton", **kw)
+        assert torch.equal(got[0], clamped[0]) and torch.equal(got[1], clamped[1])  # 0 as 1, 130 as 100
+
+
+@needs_triton
+def test_strided_lengths_are_read_at_their_stride():
+    """``cache_seqlens`` as a strided view (a column of a [B, 2] tensor): the selection and
+    decoding kernels read each sequence's own length."""
+    q, k, v = make_inputs(3, 4, 2, 2, 200, 32, seed=24)
+    table = torch.tensor([[200, 7], [61, 7], [133, 7]], dtype=torch.int32, device=DEVICE)
+    lens = table[:, 0]
+    assert lens.stride(0) == 2
+    for select, kw in ((select_topk_blocks, {"block_size": 16}), (select_quest_pages, {"page_size": 16})):
+        got = select(q, k, lens, top_k=3, backend="triton", **kw)
+        want = select(q, k, lens.contiguous(), top_k=3, backend="reference", **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), select.__name__
+    idx, cnt = select_topk_blocks(q, k, lens, block_size=16, top_k=3, backend="reference")
+    out = sparse_decode(q, k, v, lens, idx, cnt, block_size=16, backend="triton")
+    ref = sparse_decode(q, k, v, lens.contiguous(), idx, cnt, block_size=16, backend="reference")
+    assert err(out, ref) < 1e-5

@@ -158,20 +158,29 @@ def test_select_topk_takes_the_kernel_on_a_gpu_only(monkeypatch):
     _assert_same(sel, select_topk_reference(q, k, True, cfg))
 
 
-def test_too_many_slices_for_one_launch_fall_back():
+def test_more_slices_than_one_launch_holds_run_in_several_launches(monkeypatch):
     """The ranking launch puts batch x heads on its grid's second axis (at most 65535 on CUDA):
-    beyond it the kernel path says why and ``select_topk`` keeps the reference."""
-    from longattn.kernels.nsa import MAX_RANK_SLICES
+    more slices run in several launches, each offset by the slices before it. With the limit
+    patched to 3, the 2 x 4 slices here take three launches (3, 3, 2) and give the reference's
+    selection, bit for bit."""
+    import longattn.kernels.nsa as nsa_kernels
+    from longattn.kernels.nsa import kernel as nsa_kernel
 
-    B = MAX_RANK_SLICES // 32 + 1
-    q = torch.empty(B, 32, 16, 16, device=DEV)
-    k = torch.empty(B, 8, 16, 16, device=DEV)
-    cfg = TopKConfig(block_size=16, top_k=1)
-    assert "65535 (batch x head) slices" in ranking_kernel_unsupported_reason(q, k, cfg)
-    with pytest.raises(ValueError, match="slices"):
-        select_topk_ranked(q, k, True, cfg)
-    shared = TopKConfig(block_size=16, top_k=1, shared_kv_heads=True)  # B x 8 slices: fine
-    assert ranking_kernel_unsupported_reason(q, k, shared) is None
+    q, k, _ = rand_qkv(2, 4, 2, 96, 96, 16, device=DEV, seed=stable_seed("slices"))
+    cfg = TopKConfig(block_size=16, top_k=3)
+    assert ranking_kernel_unsupported_reason(q, k, cfg) is None
+    monkeypatch.setattr(nsa_kernels, "MAX_RANK_SLICES", 3)
+    launches = []
+    real = nsa_kernel._select_rank
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid[1])
+            return real[grid]
+
+    monkeypatch.setattr(nsa_kernel, "_select_rank", Counting())
+    _assert_same(select_topk_ranked(q, k, True, cfg), select_topk_reference(q, k, True, cfg))
+    assert launches == [3, 3, 2]
 
 
 def test_a_failing_kernel_falls_back_to_the_reference_with_a_warning(monkeypatch):

@@ -80,11 +80,11 @@ def _nonfinite_flag(t: Tensor) -> Tensor:
 
 
 def _finite_probe(t: Tensor) -> Tensor:
-    """0-dim float32: the sum of ``t``'s elements, accumulated in fp32. It is finite when every
-    element is finite; a NaN or an infinity among them makes it NaN or infinite (so can finite
-    elements whose sum overflows, which :func:`raise_if_nonfinite` tells apart). One reduction
-    kernel: the exact check (:func:`_nonfinite_flag`) takes about ten small kernels per tensor,
-    which queue after a top-k forward's attention kernel."""
+    """0-dim float32: the sum of ``t``'s elements, accumulated in fp32. A NaN or an infinity
+    among them makes it NaN or infinite; so can finite elements whose sum overflows, which
+    :func:`raise_if_nonfinite` tells apart. A finite probe means every element is finite. One
+    reduction kernel: the exact check (:func:`_nonfinite_flag`) takes about ten small kernels
+    per tensor, which queue after a top-k forward's attention kernel."""
     return t.detach().sum(dtype=torch.float32)
 
 
@@ -92,12 +92,12 @@ NonfiniteFlags = tuple[list[str], Tensor, list[Tensor]]
 
 
 def nonfinite_flags(witnesses: dict | None = None, **tensors: Tensor) -> NonfiniteFlags:
-    """The names, a float32 tensor ``[len(tensors)]`` of probes (:func:`_finite_probe`), finite
-    for a tensor whose elements are all finite, computed without a host sync
-    (:func:`raise_if_nonfinite` reads it), and the tensors. ``witnesses``: fp32 block sums of some
-    of the tensors, keyed by :func:`longattn.finite.tensor_key` (:mod:`longattn.finite`); a
-    witnessed tensor is probed through its sums (a NaN or Inf element makes its block's sum NaN
-    or Inf) instead of a pass over its elements."""
+    """The names, a float32 tensor ``[len(tensors)]`` of probes (:func:`_finite_probe`: not
+    finite for a tensor holding NaN or Inf, and finite only when all its elements are), computed
+    without a host sync (:func:`raise_if_nonfinite` reads it), and the tensors. ``witnesses``:
+    fp32 block sums or means of some of the tensors, keyed by :func:`longattn.finite.tensor_key`
+    (:mod:`longattn.finite`); a witnessed tensor is probed through them (a NaN or Inf element
+    makes its block's sum NaN or Inf) instead of a pass over its elements."""
     probes = []
     for t in tensors.values():
         sums = witnesses.get(tensor_key(t)) if witnesses else None
@@ -204,8 +204,8 @@ def attention(
     # while the rest of the call is launched, and queued first, its launches delay the
     # attention kernel's (the top-k call at 64k is bound by the host's launches until the
     # kernel starts). A failure on non-finite inputs reports them, not itself.
-    # Deferred, the check reuses the fp32 block sums of q or k that the method's selection
-    # computed (longattn.finite): no second pass over those tensors.
+    # Deferred, the check reuses the fp32 block sums or means of q or k that the method's
+    # selection computed (longattn.finite): no second pass over those tensors.
     deferred = spec.needs_finite and _defer_finite_check(q.device)
     if spec.needs_finite and not deferred:
         raise_if_nonfinite(nonfinite_flags(q=q, k=k, v=v))

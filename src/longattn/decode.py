@@ -434,13 +434,10 @@ def _selector_backend(backend: str, q: Tensor, k_cache: Tensor, n_blocks: int) -
         return False
     reason = _triton_reason(q, k_cache, k_cache)
     if reason is None:
-        from .kernels.decode.select import MAX_RANK_SLICES, MAX_SELECT_BLOCKS
+        from .kernels.decode.select import MAX_SELECT_BLOCKS
 
-        rows = k_cache.shape[0] * k_cache.shape[1]
         if n_blocks > MAX_SELECT_BLOCKS:
             reason = f"the selection kernel ranks at most {MAX_SELECT_BLOCKS} blocks, this cache has {n_blocks}"
-        elif rows > MAX_RANK_SLICES:
-            reason = f"the selection kernel ranks at most {MAX_RANK_SLICES} (sequence, KV head) rows, got {rows}"
     if reason is None:
         return True
     if backend == "triton":

@@ -27,11 +27,11 @@ def triton_selection_attention(
     inputs: AttnInputs, sel: BlockSelection, *, fallback: Callable[[], tuple[Tensor, Tensor]]
 ) -> tuple[Tensor, Tensor]:
     """The block-sparse kernels over ``sel``; ``fallback()`` (warning) when they cannot take it."""
-    from ..kernels.block_sparse import checked_block_sparse_attention, selection_unsupported_reason
+    from ..kernels.block_sparse import _unchecked_block_sparse_attention, selection_unsupported_reason
 
     reason = selection_unsupported_reason(inputs.q, inputs.k, sel)
     if reason:
         warnings.warn(f"backend 'triton' cannot serve this selection ({reason}); falling back to the reference",
                       RuntimeWarning, stacklevel=4)
         return fallback()
-    return checked_block_sparse_attention(inputs.q, inputs.k, inputs.v, sel, inputs.scale)
+    return _unchecked_block_sparse_attention(inputs.q, inputs.k, inputs.v, sel, inputs.scale)

@@ -98,7 +98,7 @@ def select_topk_reference(q: Tensor, k: Tensor, causal: bool, config: TopKConfig
 def ranking_kernel_unsupported_reason(q: Tensor, k: Tensor, config: TopKConfig) -> str | None:
     """``None`` when :func:`select_topk_ranked` can run on these inputs, else why not."""
     from ..kernels import triton_unavailable_reason
-    from ..kernels.nsa import MAX_RANK_SLICES, MAX_SELECT_BLOCKS
+    from ..kernels.nsa import MAX_SELECT_BLOCKS
 
     reason = triton_unavailable_reason(q.device)
     if reason:
@@ -109,9 +109,6 @@ def ranking_kernel_unsupported_reason(q: Tensor, k: Tensor, config: TopKConfig) 
                 f"key blocks of {config.block_size} (each query would need its own row)")
     if _ceil_div(Tk, config.block_size) > MAX_SELECT_BLOCKS:
         return f"the ranking kernel ranks at most {MAX_SELECT_BLOCKS} key blocks per row"
-    slices = q.shape[0] * (k.shape[1] if config.shared_kv_heads else q.shape[1])
-    if slices > MAX_RANK_SLICES:
-        return f"the ranking kernel takes at most {MAX_RANK_SLICES} (batch x head) slices, got {slices}"
     return None
 
 

@@ -558,14 +558,14 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
     reason = selection_unsupported_reason(q, k, sel)
     if reason:
         raise ValueError(f"block_sparse_attention cannot run: {reason}")
-    return checked_block_sparse_attention(q, k, v, sel, scale)
+    return _unchecked_block_sparse_attention(q, k, v, sel, scale)
 
 
-def checked_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
+def _unchecked_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
                                    scale: float) -> tuple[Tensor, Tensor]:
-    """:func:`block_sparse_attention` for a caller that has just found
-    :func:`selection_unsupported_reason` to be ``None`` (the check costs host time that the GPU
-    waits through before the kernel starts)."""
+    """:func:`block_sparse_attention` without its check, for a caller (the triton backend) that
+    has just found :func:`selection_unsupported_reason` to be ``None`` (the check costs host time
+    that the GPU waits through before the kernel starts). Unsupported inputs are not caught here."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
     q, k, v = (kernel_layout(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
@@ -583,4 +583,4 @@ def checked_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSe
     return _BlockSparseAttention.apply(q, k, v, kvn, kvi, sel_meta, sel.num_kv_blocks, plans, float(scale))
 
 
-__all__ = ["block_sparse_attention", "checked_block_sparse_attention", "inputs_unsupported_reason", "selection_unsupported_reason", "transposed_selection"]
+__all__ = ["block_sparse_attention", "inputs_unsupported_reason", "selection_unsupported_reason", "transposed_selection"]

@@ -265,6 +265,7 @@ def _launch_split(q, k_cache, v_cache, cache_seqlens, block_indices, block_count
                              "cache as a contiguous [B, Hkv, T, D] tensor")
     B, H, Tq, D = q.shape
     Hkv = k_cache.shape[1]
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads Lens[b] at unit stride
     grid = (B * Hkv, num_splits, cfg["row_tiles"])
     _decode_split_kernel[grid](
         q, k_cache, v_cache, cache_seqlens, block_indices, block_counts, o, lse,

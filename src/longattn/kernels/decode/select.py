@@ -19,10 +19,9 @@ takes two kernels:
    lowest float (as the reference selectors' ``nan_to_num``); ``count = min(top_k, blocks)``
    kept, written in ascending order, unused slots 0.
 
-The number of blocks of a sequence is ``ceil(len / block)``, for lengths in ``[1, Tmax]`` (which
-:func:`longattn.decode.sparse_decode` checks). A length outside that range cannot make either
-kernel read or write outside its buffers; the selection it gets may then differ from the
-reference's, which clamps the lengths.
+The number of blocks of a sequence is ``clamp(ceil(len / block), 1, nBlocks)``: both kernels
+clamp the lengths to ``[1, Tmax]`` as the reference does (:func:`longattn.decode.sparse_decode`
+rejects such lengths; the selectors do not check them, to stay free of host syncs).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..nsa import MAX_RANK_SLICES, MAX_SELECT_BLOCKS, rank_blocks
+from ..nsa import MAX_SELECT_BLOCKS, rank_blocks
 from .kernel import _next_pow2, _ready
 
 
@@ -118,12 +117,12 @@ def select_blocks_triton(
     nb_pad = max(16, _next_pow2(nb_max))
     if nb_pad > MAX_SELECT_BLOCKS:
         raise ValueError(f"the selection kernel ranks at most {MAX_SELECT_BLOCKS} blocks per row, got {nb_max}")
-    if B * Hkv > MAX_RANK_SLICES:
-        raise ValueError(f"the selection kernel ranks at most {MAX_RANK_SLICES} (sequence, KV head) rows, got {B * Hkv}")
-    idx = torch.empty(B, Hkv, width, dtype=torch.int32, device=q.device)
-    cnt = torch.empty(B, Hkv, dtype=torch.int32, device=q.device)
+    if width != min(top_k, nb_max):
+        raise ValueError(f"width must be min(top_k, nBlocks) = {min(top_k, nb_max)} (the ranking kernel's), got {width}")
     if B == 0 or width == 0 or nb_max == 0:
-        return idx, cnt.zero_()
+        return (torch.zeros(B, Hkv, width, dtype=torch.int32, device=q.device),
+                torch.zeros(B, Hkv, dtype=torch.int32, device=q.device))
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels read Lens[b] at unit stride
     scratch = torch.empty(B * Hkv, nb_max, dtype=torch.float32, device=q.device)
     rows = max(16, _next_pow2((H // Hkv) * Tq))
     kmin, kmax = bounds if quest else (meta, meta)
@@ -142,4 +141,4 @@ def select_blocks_triton(
     return kept[:, :, 0], counts[:, :, 0]
 
 
-__all__ = ["MAX_RANK_SLICES", "MAX_SELECT_BLOCKS", "select_blocks_triton"]
+__all__ = ["MAX_SELECT_BLOCKS", "select_blocks_triton"]

@@ -17,9 +17,10 @@ matrices, a softmax and a gather per chunk; here two kernels do it without ever 
 * :func:`select_blocks` -- the per-token top-k over ``p_slc``: ``BLOCK_R`` query rows of one
   ``(batch, KV head)`` per program, each row (``NB_PAD`` = ``nKB`` padded to a power of two
   columns) mapped to order-preserving int32 keys (forced blocks +inf, ineligible -inf); a
-  32-step bisection per row (vectorised over the rows) finds the ``count``-th largest key, the
-  ties at it are filled lowest index first (``tl.cumsum`` along the row) and the kept blocks
-  are written ascending (another cumsum gives each its slot). ``O(32 * nKB)`` per query,
+  bisection per row (vectorised over the rows) over the row's own key range, ending at an exact
+  count (about 10-20 steps, at most 32), finds the ``count``-th largest key, the ties at it are
+  filled lowest index first (``tl.cumsum`` along the row) and the kept blocks are written
+  ascending (another cumsum gives each its slot). ``O(32 * nKB)`` per query at most,
   independent of ``num_selected``. Same result as the PyTorch reference
   :func:`longattn.methods.nsa.select_from_scores`, bit for bit.
 
@@ -104,7 +105,7 @@ def compressed_unsupported_reason(
 
 
 MAX_SELECT_BLOCKS = 8192  # nKB limit of select_blocks: a row of keys lives in registers
-MAX_RANK_SLICES = 65535  # B x heads of one ranking launch: its grid's second axis (CUDA's limit)
+MAX_RANK_SLICES = 65535  # B x heads per ranking launch (its grid's second axis, CUDA's limit); more take several
 RANK_TILE = 4096  # elements (rows x NB_PAD) of one program of select_blocks
 
 
@@ -114,9 +115,6 @@ def select_unsupported_reason(p_slc: Tensor) -> str | None:
         return f"expected scores p_slc [B, Hkv, Tq, nKB], got shape {tuple(p_slc.shape)}"
     if p_slc.dtype != torch.float32:
         return f"the selection kernel ranks float32 scores, got {p_slc.dtype}"
-    if p_slc.shape[0] * p_slc.shape[1] > MAX_RANK_SLICES:
-        return (f"the selection kernel ranks at most {MAX_RANK_SLICES} (batch x head) slices per launch, got "
-                f"{p_slc.shape[0]} x {p_slc.shape[1]}")
     if p_slc.shape[-1] > MAX_SELECT_BLOCKS:
         return (f"the selection kernel ranks at most {MAX_SELECT_BLOCKS} blocks per query (a row of "
                 f"scores lives in registers), got nKB={p_slc.shape[-1]}")
@@ -211,13 +209,17 @@ def rank_blocks(
         scores = scores.contiguous()
     nb_pad = max(16, _pow2_at_least(nKB))
     block_r, warps = _rank_layout(nb_pad, R)
-    _select_rank[(_ceil_div(R, block_r), B * Hs)](
-        scores, idx, cnt, full,
-        *scores.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
-        R, nKB, first_position, Hs, block, K, num_init_blocks, num_local_blocks, row_stride,
-        BLOCK_R=block_r, NB_PAD=nb_pad, K_PAD=max(16, _pow2_at_least(K)), num_warps=warps,
-        KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None, CAUSAL=causal,
-    )
+    if kv_lens is not None:
+        kv_lens = kv_lens.contiguous()  # the kernel reads KV_LENS[b] at unit stride
+    slices = B * Hs
+    for base in range(0, slices, MAX_RANK_SLICES):  # grid axis 1 holds at most 65535 slices
+        _select_rank[(_ceil_div(R, block_r), min(MAX_RANK_SLICES, slices - base))](
+            scores, idx, cnt, full,
+            *scores.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
+            R, nKB, first_position, Hs, block, K, num_init_blocks, num_local_blocks, row_stride, base,
+            BLOCK_R=block_r, NB_PAD=nb_pad, K_PAD=max(16, _pow2_at_least(K)), num_warps=warps,
+            KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None, CAUSAL=causal,
+        )
     return idx, cnt, full.view(torch.bool)
 
 

@@ -456,6 +456,7 @@ def nsa_decode_compressed(
     inconsistent shapes or inputs the kernels cannot take."""
     l, d, ls = compress_block, compress_stride, select_block
     _check_inputs(q, k_cmp, v_cmp, cache_seqlens, l, d, ls, num_blocks)
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels read Lens[b] at unit stride
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite positive number, got {scale!r}")
     if num_splits is not None:

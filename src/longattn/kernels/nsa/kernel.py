@@ -183,7 +183,7 @@ def _slc_scores(
 def _select_rank(
     S, IDX, CNT, FULL,
     ssb, ssh, sst, sib, sih, sit, scb, sch, sfb, sfh, sft,
-    q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local, row_stride,
+    q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local, row_stride, slice_base,
     BLOCK_R: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
     KV_LENS=None, HAS_KV_LENS: tl.constexpr = False, CAUSAL: tl.constexpr = True,
 ):
@@ -194,18 +194,22 @@ def _select_rank(
     with ``FULL`` (block wholly at or before the row's position) and ``CNT``.
     Row ``t`` sits at position ``t * row_stride + q_offset`` (``row_stride`` 1: a query per row,
     NSA; the block size: a query block per row, whose first query is that position, block
-    top-k), plus ``KV_LENS[b]`` when ``HAS_KV_LENS`` (per-sequence lengths, as in decoding).
+    top-k), plus ``KV_LENS[b]`` when ``HAS_KV_LENS`` (per-sequence lengths, as in decoding;
+    clamped to ``[1, n_blocks * select_block]``, so a length outside the cache ranks like the
+    nearest valid one, as the decode selectors' reference clamps lengths). The program's
+    ``(batch, head)`` slice is ``program_id(1) + slice_base`` (launches of at most 65535 slices).
     ``CAUSAL``: block ``j`` is eligible iff ``j * select_block <= position``, else every block
     is (and every kept block is full)."""
     pid_r = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    pid_bk = tl.program_id(1) + slice_base
     b = (pid_bk // num_kv_heads).to(tl.int64)
     kvh = (pid_bk % num_kv_heads).to(tl.int64)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] local row index
     r_ok = r < q_len
     pos = r * row_stride + q_offset  # absolute position (of the row's first query)
     if HAS_KV_LENS:
-        pos = pos + tl.load(KV_LENS + b).to(tl.int32)
+        kv_l = tl.load(KV_LENS + b).to(tl.int32)
+        pos = pos + tl.minimum(tl.maximum(kv_l, 1), n_blocks * select_block)
     c = tl.arange(0, NB_PAD)  # block index
     cb = c[None, :]
     eligible = (cb < n_blocks) & r_ok[:, None]  # [BLOCK_R, NB_PAD]
