@@ -562,7 +562,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
 
 
 def _unchecked_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sel: BlockSelection,
-                                   scale: float) -> tuple[Tensor, Tensor]:
+                                      scale: float) -> tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention` without its check, for a caller (the triton backend) that
     has just found :func:`selection_unsupported_reason` to be ``None`` (the check costs host time
     that the GPU waits through before the kernel starts). Unsupported inputs are not caught here."""

@@ -21,7 +21,8 @@ takes two kernels:
 
 The number of blocks of a sequence is ``clamp(ceil(len / block), 1, nBlocks)``: both kernels
 clamp the lengths to ``[1, Tmax]`` as the reference does (:func:`longattn.decode.sparse_decode`
-rejects such lengths; the selectors do not check them, to stay free of host syncs).
+rejects lengths outside ``[Tq, Tmax]``; the selectors do not check them, to stay free of host
+syncs).
 """
 
 from __future__ import annotations
