@@ -7,15 +7,20 @@ import statistics
 import torch
 
 
-def median_ms(fn, reps: int, *, warmup: bool = True) -> float:
+def median_ms(fn, reps: int, *, warmup: bool = True, pre_queue_cycles: int = 0) -> float:
     """Median milliseconds of ``reps`` calls of ``fn`` on the current CUDA stream, each timed
-    by CUDA events and followed by a synchronisation (one untimed call first if ``warmup``)."""
+    by CUDA events and followed by a synchronisation (one untimed call first if ``warmup``).
+    ``pre_queue_cycles``: a spin kernel of that many GPU clock cycles runs before each start
+    event, so the host has queued the whole call by the time the timing starts (the GPU work
+    alone, without the GPU's waits for the host's launches)."""
     if warmup:
         fn()
         torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if pre_queue_cycles:
+            torch.cuda._sleep(pre_queue_cycles)
         start.record()
         fn()
         end.record()
@@ -24,11 +29,9 @@ def median_ms(fn, reps: int, *, warmup: bool = True) -> float:
     return statistics.median(times)
 
 
-def graph_median_ms(fn, reps: int = 50, flush: torch.Tensor | None = None) -> float:
-    """Median milliseconds of ``reps`` CUDA-graph replays of ``fn`` (two eager warm-up calls on a
-    side stream, then one capture). ``flush``: a buffer larger than L2, zeroed before every
-    replay so each replay starts with a cold cache. Raises what the capture raises (e.g. a host
-    sync inside ``fn``)."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one call of ``fn`` (two eager warm-up calls on a side stream first),
+    replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -40,6 +43,15 @@ def graph_median_ms(fn, reps: int = 50, flush: torch.Tensor | None = None) -> fl
         fn()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def graph_median_ms(fn, reps: int = 50, flush: torch.Tensor | None = None) -> float:
+    """Median milliseconds of ``reps`` CUDA-graph replays of ``fn`` (two eager warm-up calls on a
+    side stream, then one capture). ``flush``: a buffer larger than L2, zeroed before every
+    replay so each replay starts with a cold cache. Raises what the capture raises (e.g. a host
+    sync inside ``fn``)."""
+    g = capture_graph(fn)
     events = []
     for _ in range(reps):
         if flush is not None:

@@ -20,7 +20,7 @@ import statistics
 import torch
 import triton
 import triton.language as tl
-from _timing import graph_median_ms
+from _timing import capture_graph, graph_median_ms
 
 
 @triton.jit
@@ -31,17 +31,7 @@ def _empty(X):
 
 def kernel_times(fn, flush: torch.Tensor | None, reps: int = 20) -> list[tuple[str, float]]:
     """Mean CUPTI duration (us) of each kernel of one graph replay of ``fn``, in launch order."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
+    g = capture_graph(fn)
     per_replay: list[list[tuple[str, float]]] = []
     from torch.profiler import ProfilerActivity, profile
 

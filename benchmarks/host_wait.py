@@ -25,17 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 import longattn
 
 
-def pre_queued_ms(fn, reps: int = 20) -> float:
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(20_000_000)  # about 10 ms of GPU work ahead of the call
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+PRE_QUEUE_CYCLES = 20_000_000  # about 10 ms of GPU work ahead of the call
 
 
 def host_marks(fn, reps: int = 30) -> list[tuple[str, float]]:
@@ -103,9 +93,10 @@ def main() -> None:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    print(f"timed as suite.py does: {median_ms(fn, 20):.3f} ms; pre-queued: {pre_queued_ms(fn):.3f} ms")
+    print(f"timed as suite.py does: {median_ms(fn, 20):.3f} ms; pre-queued: "
+          f"{median_ms(fn, 20, pre_queue_cycles=PRE_QUEUE_CYCLES):.3f} ms")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        torch.cuda._sleep(20_000_000)
+        torch.cuda._sleep(PRE_QUEUE_CYCLES)
         fn()
         torch.cuda.synchronize()
     ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0
