@@ -76,3 +76,22 @@ def tiny_causal_lm(family: str = "llama", **extra):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def limit_rank_launches(monkeypatch, slices: int) -> list[int]:
+    """Cap the ranking kernel's launches at ``slices`` (batch x head) slices each (CUDA's limit
+    is 65535) and record the slices of every launch made from then on."""
+    import longattn.kernels.nsa as nsa_kernels
+    from longattn.kernels.nsa import kernel as nsa_kernel
+
+    monkeypatch.setattr(nsa_kernels, "MAX_RANK_SLICES", slices)
+    launches: list[int] = []
+    real = nsa_kernel._select_rank
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid[1])
+            return real[grid]
+
+    monkeypatch.setattr(nsa_kernel, "_select_rank", Counting())
+    return launches

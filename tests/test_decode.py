@@ -30,7 +30,7 @@ from longattn.decode import (  # noqa: E402
 )
 from longattn.kernels import triton_unavailable_reason  # noqa: E402
 
-from .conftest import poison_device_memory  # noqa: E402
+from .conftest import limit_rank_launches, poison_device_memory  # noqa: E402
 
 TRITON_REASON = triton_unavailable_reason(torch.device(DEVICE))
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton cannot run here: {TRITON_REASON}")
@@ -743,15 +743,15 @@ def test_selection_past_the_kernel_limit_falls_back_under_auto(monkeypatch):
 
 @needs_triton
 def test_selection_kernel_over_more_rows_than_one_launch_holds(monkeypatch):
-    """(sequence, KV head) rows past one ranking launch's limit (CUDA's 65535, patched to 3 here:
-    3 x 2 = 6 rows in two launches) give the reference's selection."""
-    import longattn.kernels.nsa as nsa_kernels
-
+    """(sequence, KV head) rows past one ranking launch's limit (CUDA's 65535, patched to 4 here:
+    3 x 2 = 6 rows in two launches, of 4 and 2) give the reference's selection."""
     q, k, _ = make_inputs(3, 4, 2, 1, 300, 32, seed=22)
     lens = lengths(300, 170, 45)
-    monkeypatch.setattr(nsa_kernels, "MAX_RANK_SLICES", 4)
+    launches = limit_rank_launches(monkeypatch, 4)
     for select, kw in ((select_topk_blocks, {"block_size": 16}), (select_quest_pages, {"page_size": 16})):
+        launches.clear()
         got = select(q, k, lens, top_k=4, backend="triton", **kw)
+        assert launches == [4, 2], select.__name__
         want = select(q, k, lens, top_k=4, backend="reference", **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 

@@ -20,7 +20,7 @@ from longattn.methods.topk import (
 )
 from longattn.methods._common import MAX_PASSES_K
 
-from .conftest import rand_qkv, stable_seed
+from .conftest import limit_rank_launches, rand_qkv, stable_seed
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -163,22 +163,10 @@ def test_more_slices_than_one_launch_holds_run_in_several_launches(monkeypatch):
     more slices run in several launches, each offset by the slices before it. With the limit
     patched to 3, the 2 x 4 slices here take three launches (3, 3, 2) and give the reference's
     selection, bit for bit."""
-    import longattn.kernels.nsa as nsa_kernels
-    from longattn.kernels.nsa import kernel as nsa_kernel
-
     q, k, _ = rand_qkv(2, 4, 2, 96, 96, 16, device=DEV, seed=stable_seed("slices"))
     cfg = TopKConfig(block_size=16, top_k=3)
     assert ranking_kernel_unsupported_reason(q, k, cfg) is None
-    monkeypatch.setattr(nsa_kernels, "MAX_RANK_SLICES", 3)
-    launches = []
-    real = nsa_kernel._select_rank
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid[1])
-            return real[grid]
-
-    monkeypatch.setattr(nsa_kernel, "_select_rank", Counting())
+    launches = limit_rank_launches(monkeypatch, 3)
     _assert_same(select_topk_ranked(q, k, True, cfg), select_topk_reference(q, k, True, cfg))
     assert launches == [3, 3, 2]
 
