@@ -438,6 +438,12 @@ def nsa_decode(
     else:
         valid_tok = _valid_tokens(cache_seqlens, k_cmp.shape[2], config)
         o_cmp, idx, counts = _compressed_and_selection(q, k_cmp, v_cmp, pos, valid_tok, config, scale, num_blocks)
+    if backend == "triton":  # both branches read in place and the gated sum: two launches
+        from .kernels.nsa.decode_branches import nsa_decode_branches
+
+        return nsa_decode_branches(q, k_cache, v_cache, cache_seqlens, idx, counts, o_cmp,
+                                   select_block=config.select_block, window=config.window, gates=config.gates,
+                                   scale=scale)
     o_slc = _selected_branch(q, k_cache, v_cache, cache_seqlens, idx, counts, config, scale, backend)
     o_win = _window_branch(q, k_cache, v_cache, pos, config, scale, backend)
     return nsa_combine(o_cmp, o_slc, o_win, config.gates)
