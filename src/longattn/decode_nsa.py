@@ -9,7 +9,7 @@ prefix ``k_cache[b, :, :cache_seqlens[b]]`` -- that is its specification -- whil
 
 * the compressed tokens the queries can see (``O(nC)``),
 * the ``num_selected`` selected blocks of ``select_block`` keys (``O(num_selected *
-  select_block)``), directly from the cache through :func:`longattn.decode.sparse_decode`,
+  select_block)``), directly from the cache,
 * the last ``window`` keys (``O(window)``),
 
 per ``(sequence, KV head)`` and query row, never a mask or score row over the whole cache.
@@ -32,17 +32,21 @@ Branches (see :mod:`longattn.methods.nsa` for the rules, which are reused here u
    the best eligible blocks, ties to the lower block index (``backend="triton"``: the ranking
    kernel :func:`longattn.kernels.nsa.select_blocks` with per-sequence positions, which picks
    exactly what the PyTorch rule picks from the same scores). NSA selects per query token, so
-   for ``Tq > 1`` each query row has its own selection: the branch runs
-   :func:`~longattn.decode.sparse_decode` once per query row (``Tq <= 16`` calls), the row ``t``
-   call seeing the cache length ``cache_seqlens - Tq + t + 1`` so its query is the last
-   position. ``Tq = 1`` (a decoding step) is one call.
-3. Window: ``sparse_decode`` cannot express the window's lower bound (``kv > p - window``; its
-   blocks have no per-query start), so the ``min(window, Tmax)`` keys ending at each query are
-   gathered per ``(sequence, query row)`` into a small buffer (query rows folded into the batch
-   axis: ``[B * Tq, Hkv, window, D]``), over which one ``sparse_decode`` call with a single
-   block attends causally.
+   for ``Tq > 1`` each query row has its own selection. ``backend="reference"``: the branch
+   runs :func:`~longattn.decode.sparse_decode` once per query row (``Tq <= 16`` calls), the row
+   ``t`` call seeing the cache length ``cache_seqlens - Tq + t + 1`` so its query is the last
+   position.
+3. Window: keys ``p - window < kv <= p``. ``backend="reference"``: ``sparse_decode`` cannot
+   express the window's lower bound (its blocks have no per-query start), so the ``min(window,
+   Tmax)`` keys ending at each query are gathered per ``(sequence, query row)`` into a small
+   buffer (query rows folded into the batch axis: ``[B * Tq, Hkv, window, D]``), over which one
+   ``sparse_decode`` call with a single block attends causally.
 
 The outputs are mixed by :func:`~longattn.methods.nsa.nsa_combine` with ``config.gates``.
+``backend="triton"`` runs branches 2 and 3 and the gated sum as two kernels
+(:func:`longattn.kernels.nsa.decode_branches.nsa_decode_branches`: split-K over each query row's
+selected blocks and its window, both read in place from the cache, then one merge that also
+applies the gates).
 
 Host synchronisation: the only one is the length/finiteness check (``validate=True``). With
 ``validate=False`` and ``backend="triton"`` a step launches kernels only (no ``.item()``, no
@@ -377,9 +381,9 @@ def nsa_decode(
             fp32, and ``sparse_decode(backend="reference")`` for the selected and window
             branches: the specification), ``"triton"`` (the NSA decode kernels of
             :mod:`longattn.kernels.nsa.decode` for the compressed branch and the block scores,
-            the ranking kernel :func:`longattn.kernels.nsa.select_blocks`, and the split-K
-            kernel of :func:`~longattn.decode.sparse_decode` for the selected and window
-            branches: CUDA, or CPU with ``TRITON_INTERPRET=1``; float16/bfloat16/float32, D a
+            the ranking kernel :func:`longattn.kernels.nsa.select_blocks`, and
+            :func:`longattn.kernels.nsa.decode_branches.nsa_decode_branches` for the selected
+            and window branches and the gated sum: CUDA, or CPU with ``TRITON_INTERPRET=1``; float16/bfloat16/float32, D a
             power of two in [16, 256], no autograd -- otherwise ``ValueError``) or ``"auto"``
             (triton when it can run, else reference). A config whose selection block overlaps
             more compressed tokens than the decode kernels take runs the compressed branch and
