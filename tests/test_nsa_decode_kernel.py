@@ -115,9 +115,9 @@ def poisoned(monkeypatch):
 # ---------------------------------------------------------------------------- kernels vs fp64
 # (H, Hkv, Tq, lens, dtype, num_splits, block_n): GQA 1, 3, 4; the first sequence sees no
 # compressed token (shorter than compress_block); with Tq > 1 the second one's first rows see
-# nothing and its last ones token 0; block_n=16 gives tiles of 7 blocks (two tiles over 10
-# blocks: spill tokens cross a tile and a split boundary); more splits than tiles leaves some
-# splits empty; H=8, Hkv=1, Tq=16 has 128 rows (two row tiles)
+# nothing and its last ones token 0; block_n=16 splits the 18 compressed tokens into two tiles
+# (a block's tokens [2j - 1, 2j + 2) then cross a tile and a split boundary); more splits than
+# tiles leaves some splits empty; H=8, Hkv=1, Tq=16 has 128 rows (two row tiles)
 KERNEL_CASES = [
     (2, 2, 1, (10, 17, 150), torch.float32, None, None),
     (6, 2, 4, (10, 17, 150), torch.float32, 3, 16),
@@ -371,7 +371,7 @@ def test_fallback_for_a_geometry_the_kernels_do_not_take(monkeypatch):
 MAX_SPILL = 64  # bytes of ptxas spill stores tolerated (the tile table was chosen for none, 8 at most)
 
 _COMPILE_SCRIPT = r"""
-from longattn.kernels.nsa.decode import MERGE_TILE, _cmp_decode_merge, _cmp_decode_split, decode_tile_config
+from longattn.kernels.nsa.decode import MERGE_ELEMENTS, _cmp_decode_merge, _cmp_decode_split, decode_tile_config
 from longattn.kernels.nsa.kernel import _select_rank
 
 
@@ -380,16 +380,17 @@ for k_dtype, q_dtype, D, G, Tq in [("fp32", "bf16", 128, 4, 1), ("bf16", "bf16",
                                    ("fp32", "fp32", 256, 4, 1), ("fp32", "bf16", 64, 1, 16)]:
     cfg = decode_tile_config(G, Tq, D, fp32=k_dtype == "fp32", compress_block=32, compress_stride=16, select_block=64)
     ptr = {"Q": "*" + q_dtype, "K": "*" + k_dtype, "V": "*" + k_dtype, "Lens": "*i32"}
-    ptr.update({n: "*fp32" for n in ("OP", "LP", "BS", "MR")})
+    ptr.update({n: "*fp32" for n in ("OP", "LP", "SR")})
     const = dict(G=G, TQ=Tq, HEAD_DIM=D, F32=k_dtype == "fp32", PREC="tf32x3", UPCAST=False,
-                 **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N", "R", "E", "NB", "NBP")})
+                 **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N")})
     out[f"split[{k_dtype} K, {q_dtype} q, D={D}, G={G}, Tq={Tq}]"] = compile_sm90(
         _cmp_decode_split, ptr, const, ("qk_scale",), cfg["num_warps"], cfg["num_stages"])
 for G, Tq, D, S in [(4, 1, 128, 64), (8, 16, 256, 8)]:
     GP, TQP = G, 1 << (Tq - 1).bit_length()
-    ptr = {n: "*fp32" for n in ("OP", "LP", "BS", "MR", "LSE", "PS")}
+    ptr = {n: "*fp32" for n in ("OP", "LP", "SR", "LSE", "PS")}
     ptr.update({"Lens": "*i32", "O": "*bf16"})
-    const = dict(G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=S, R=4, E=1, NBC=max(16, MERGE_TILE // (GP * TQP)))
+    const = dict(G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=S, R=4, E=1, REP=8,
+                 NBC=max(1, MERGE_ELEMENTS // (GP * TQP * 8)))
     out[f"merge[G={G}, Tq={Tq}, D={D}, S={S}]"] = compile_sm90(_cmp_decode_merge, ptr, const, warps=4 if D <= 128 else 8)
 ptr = {"S": "*fp32", "IDX": "*i32", "CNT": "*i32", "FULL": "*i8", "KV_LENS": "*i32"}
 out["rank[kv_lens]"] = compile_sm90(_select_rank, ptr, dict(BLOCK_R=4, NB_PAD=1024, K_PAD=16, HAS_KV_LENS=True,

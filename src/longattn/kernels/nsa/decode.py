@@ -10,23 +10,23 @@ compressed tokens are split (split-K, as in :mod:`longattn.kernels.decode`):
 * ``_cmp_decode_split`` -- grid ``(B * Hkv, num_splits, row_tiles)``. A program owns the ``G =
   H // Hkv`` query heads x ``Tq`` query rows of one ``(sequence, KV head)`` (``r = g * Tq +
   t``, padded to >= 16 rows for ``tl.dot``; more than 16 (fp32 tokens) or 32 rows take more
-  row tiles) and a contiguous share of the selection blocks
-  whose compressed tokens the sequence's last query can see (the share is computed from
-  ``cache_seqlens[b]`` on the device: no host sync, and a short sequence uses few tiles). It
-  walks tiles of ``NB`` selection blocks; a tile loads the ``NB * R`` compressed tokens
-  *starting* in its blocks (``R = select_block / compress_stride``) plus the ``E = compress_block
-  / compress_stride - 1`` tokens before them that reach into its first block. Online softmax
-  (base 2, fp32) over the tokens the tile owns gives the split's partial output and LSE; for
-  the block scores, the tile's probabilities ``exp2(s - m)`` (``m``: the running row maximum,
-  which also covers the ``E`` spill tokens) are mapped onto its ``NB`` blocks with one
-  ``tl.dot`` against a fixed 0/1 overlap matrix and written, with ``m``, per query head
-  (``[B, H, Tq, nKB]`` fp32 each: what the split needs, ``nKB ~ nC * d / l'`` rather than
-  ``nC``). Every block is written by exactly one split, so nothing is summed twice.
+  row tiles) and a contiguous share of the ``BLOCK_N``-token tiles of the compressed tokens the
+  sequence's last query can see (computed from ``cache_seqlens[b]`` on the device: no host
+  sync, and a short sequence uses few tiles). Online softmax (base 2, fp32) gives the split's
+  partial output and LSE -- a flash-decoding loop -- and each tile's raw scores (log2 units,
+  ``-inf`` where a row cannot see the token) are stored in ``[B, H, Tq, nC]`` fp32, every
+  visible token by exactly one split.
 * ``_cmp_decode_merge`` -- grid ``(B * Hkv, G * Tq + chunks)``. The first ``G * Tq`` programs
   of a ``(sequence, KV head)`` merge one row's split partials through their LSE (output in
   q's dtype, natural-log LSE); the others each take a chunk of selection blocks, recompute the
-  rows' merged LSE and write ``p_slc[b, kvh, t, j] = sum_g bs[b, h, t, j] * exp2(m[b, h, t, j] -
-  lse2[b, h, t])`` (0 for blocks no visible token reaches).
+  rows' merged base-2 LSE and write ``p_slc[b, kvh, t, j] = sum_g sum_i exp2(s[b, h, t, i] -
+  lse2[b, h, t])`` over the visible tokens ``i`` in ``[j*R - E, (j+1)*R)`` that overlap block
+  ``j`` (``R = select_block / compress_stride`` start in it, ``E = compress_block /
+  compress_stride - 1`` reach into it from before; 0 for blocks no visible token reaches).
+
+The previous split kernel mapped each tile's probabilities onto its blocks itself (a dot with a
+0/1 overlap matrix, block sums and maxima stored per tile, spill tokens loaded twice); storing
+the raw scores instead keeps the loop a plain flash-decoding loop.
 
 Query ``t`` of sequence ``b`` sits at ``p = cache_seqlens[b] - Tq + t`` and sees compressed
 token ``i`` iff ``i * compress_stride + compress_block - 1 <= p`` (so only tokens wholly inside
@@ -37,22 +37,22 @@ The per-row top-k over ``p_slc`` is :func:`longattn.kernels.nsa.select_blocks` w
 ``kv_lens`` argument (per-sequence positions).
 
 Cost (bytes set the floor: a few query rows per KV head, so the dots are small): the visible
-compressed keys and values once per ``(sequence, KV head)`` and row tile, plus ``E`` keys per
-tile read twice; per split a partial output row ``D`` fp32 per query row; block sums and maxima
-``2 x B x H x Tq x nKB`` fp32, written once and read once by the merge. At 64k keys with the
-paper's config (``nC = 4095``, fp32 tokens, ``Hkv = 8``, D = 128, ``Tq = 1``): 33.5 MB of
-compressed K/V, about 7 us at the H200's 4.8 TB/s; 0.3 MB of block sums; the partial rows
-about 0.5 MB.
+compressed keys and values once per ``(sequence, KV head)`` and row tile; per split a partial
+output row ``D`` fp32 per query row; the raw scores ``B x H x Tq x nC`` fp32, written once and
+read once by the merge. At 64k keys with the paper's config (``nC = 4095``, fp32 tokens, ``Hkv =
+8``, D = 128, ``Tq = 1``): 33.5 MB of compressed K/V (16.8 MB as bf16), about 7 us at the
+H200's 4.8 TB/s; 0.5 MB of scores; the partial rows about 0.5 MB.
 
 Precision: fp32 compressed keys (the mean compression's output) against 16-bit queries upcast
 the queries (exact); 16-bit keys in q's dtype use the native 16-bit dot (fp32 accumulation).
 fp32 products use ``tf32x3`` on GPUs (near-fp32 on tensor cores) and IEEE fp32 in the
-interpreter; the probabilities stay fp32 for ``P @ V`` (16-bit values upcast exactly) and for
-the probabilities-to-blocks product, which is IEEE fp32 (0/1 weights: exact products). The
-block scores equal the PyTorch path's (:func:`longattn.decode_nsa.nsa_decode` with
-``backend="reference"``) up to fp32 rounding, so both pick the same blocks except between
-scores that differ by about 1e-6 relative; exact ties (rows that see nothing, equal
-probabilities over equal counts of tokens) stay exact ties, broken toward the lower index.
+interpreter. ``P @ V`` takes P in the values' dtype: fp32 for fp32 tokens, rounded to the
+16-bit dtype for 16-bit tokens (as flash attention does; the output is 16-bit then). The
+block scores are sums of fp32 ``exp2`` values and equal the PyTorch path's
+(:func:`longattn.decode_nsa.nsa_decode` with ``backend="reference"``) up to fp32 rounding, so
+both pick the same blocks except between scores that differ by about 1e-6 relative; exact ties
+(rows that see nothing, equal probabilities over equal counts of tokens) stay exact ties, broken
+toward the lower index.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from .. import interpreting, triton_unavailable_reason
 from ..decode import choose_num_splits
 from ..decode.kernel import _sm_count
 from . import _pow2_at_least
+from ..online_softmax import online_softmax_step
 from .kernel import _mm
 
 MAX_DECODE_QUERIES = 16
@@ -76,29 +77,28 @@ SUPPORTED_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP32_DOT_PRECISION = "tf32x3"  # fp32 operands on GPUs; the interpreter uses IEEE fp32
 # Split-kernel tiles, (fp32 compressed tokens?) -> max rows per program (G * Tq padded to a power
 # of two >= 16; more rows take more row tiles, grid axis 2) and compressed tokens per tile at
-# D <= 128 (halved at D = 256; 16-bit tokens with 32+ rows take half). Checked with the ptxas of
-# Triton 3.6 for sm_90a at D = 128, 8 warps: fp32 16 x 32 uses 216 registers, 16-bit 16 x 64 uses
-# 209 and 32 x 32 213, none spills (D = 64: 4 warps, about 185; fp32 D = 256: one pipeline stage,
-# spills at most 8 bytes); wider tiles spill. tests/test_nsa_decode_kernel.py compiles them for sm_90.
+# D <= 128 (halved at D = 256; 16-bit tokens with 32+ rows take half). With the ptxas of Triton
+# 3.6 for sm_90a none spills (4 warps at D <= 128, 8 at D = 256; fp32 D = 256 with one pipeline
+# stage): tests/test_nsa_decode_kernel.py compiles them for sm_90.
 MAX_ROWS = {True: 16, False: 32}
 BASE_BLOCK_N = {True: 32, False: 64}
-MAX_TILE_ELEMENTS = 128 * 128  # BLOCK_N * D of one K or V tile: geometries needing more fall back
-MERGE_TILE = 4096  # rows x blocks of one score-merge program
+MAX_TILE_ELEMENTS = 128 * 128  # (R + E) * D: selection blocks overlapping more tokens fall back
+MERGE_ELEMENTS = 8192  # rows x blocks x overlapped tokens of one score-merge program
 
 # Tests set this to fill every buffer the kernels write (outputs and the split workspace) with
 # NaN before launching: an element left unwritten, or read before it is written, shows up as NaN.
 POISON_BUFFERS = False
 
 
-def _block_n(head_dim: int, fp32: bool, block_m: int, R: int, E: int) -> int:
+def _block_n(head_dim: int, fp32: bool, block_m: int) -> int:
     """Compressed tokens per tile: :data:`BASE_BLOCK_N` (halved for D = 256 and for 16-bit
-    tiles of more than 16 rows), at least ``R + E`` (one selection block and its spill)."""
+    tiles of more than 16 rows)."""
     base = BASE_BLOCK_N[fp32]
     if head_dim > 128:
         base //= 2
     if not fp32 and block_m > 16:
         base //= 2
-    return max(16, base, _pow2_at_least(R + E))
+    return max(16, base)
 
 
 def _geometry(compress_block: int, compress_stride: int, select_block: int) -> tuple[int, int]:
@@ -112,28 +112,30 @@ def decode_tile_config(
     select_block: int, block_n: int | None = None,
 ) -> dict[str, int]:
     """Compile-time tile sizes of the split kernel for one call shape (``fp32``: the compressed
-    tokens are fp32, else 16-bit in q's dtype).
+    tokens are fp32, else 16-bit in q's dtype), and the block geometry the score merge uses.
 
     ``BLOCK_M``: rows per program (``G * Tq`` padded to a power of two in [16, MAX_ROWS]; more
     rows take more row tiles, grid axis 2, each re-reading the tokens). ``BLOCK_N``: compressed
-    tokens per tile (:func:`_block_n`, or ``block_n``). ``NB = (BLOCK_N - E) // R`` selection
-    blocks per tile, ``NBP`` = ``NB`` padded to a power of two >= 16."""
+    tokens per tile (:func:`_block_n`, or ``block_n``). ``R``, ``E``: :func:`_geometry`;
+    ``REP``: ``R + E`` (the tokens one block overlaps) padded to a power of two. 4 warps at
+    ``D <= 128``: at B = 16 and 64k keys (H200, 2026-11-30, the previous kernel with the same
+    tiles) 8 warps took 1.5-2x as long."""
     R, E = _geometry(compress_block, compress_stride, select_block)
     rows = group * q_len
     block_m = min(MAX_ROWS[fp32], max(16, _pow2_at_least(rows)))
     if block_n is None:
-        block_n = _block_n(head_dim, fp32, block_m, R, E)
-    nb = (block_n - E) // R
+        block_n = _block_n(head_dim, fp32, block_m)
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "R": R,
         "E": E,
-        "NB": nb,
-        "NBP": max(16, _pow2_at_least(nb)),
+        "REP": _pow2_at_least(R + E),
         "row_tiles": _ceil_div(rows, block_m),
-        "num_warps": 8 if head_dim >= 128 else 4,
-        "num_stages": 1 if fp32 and head_dim > 128 else 2,  # fp32 D = 256: no room for a second stage
+        "num_warps": 4 if head_dim <= 128 else 8,
+        # fp32 D = 256: no room for a second stage; fp32 at D <= 128 gains from a third (B = 16,
+        # 64k keys: 179 against 241 us with 4 splits)
+        "num_stages": (1 if head_dim > 128 else 3) if fp32 else 2,
     }
 
 
@@ -178,20 +180,19 @@ def _visible(kv_len, n_cmp, n_blocks, cmp_block, cmp_stride, R: tl.constexpr, E:
 
 @triton.jit
 def _cmp_decode_split(
-    Q, K, V, Lens, OP, LP, BS, MR,
+    Q, K, V, Lens, OP, LP, SR,
     qk_scale,  # scale * log2(e)
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
     split_stride_o, split_stride_l,  # elements between splits in OP and LP
-    n_cmp, n_blocks, num_kv_heads, num_splits, cmp_block, cmp_stride,
+    n_cmp, num_kv_heads, num_splits, cmp_block, cmp_stride,
     G: tl.constexpr, TQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    R: tl.constexpr, E: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
     F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One split of one ``(sequence, KV head)`` and row tile: partial output ``OP[s, b, h, t]``
-    (normalised, fp32; 0 where the split's own tokens are all invisible) and base-2 LSE
-    ``LP[s, b, h, t]`` (``-inf`` then); block sums ``BS[b, h, t, j]`` of ``exp2(s - m)`` and their
-    reference ``MR[b, h, t, j] = m`` for the blocks the split owns. ``OP``/``LP``/``BS``/``MR``
-    are contiguous."""
+    (normalised, fp32; 0 where the split's tokens are all invisible), base-2 LSE ``LP[s, b, h,
+    t]`` (``-inf`` then) and the raw scores ``SR[b, h, t, i]`` (log2 units, ``-inf`` where row
+    ``t`` cannot see token ``i``) of the tokens the split owns. ``OP``/``LP``/``SR`` are
+    contiguous."""
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -209,54 +210,31 @@ def _cmp_decode_split(
     q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(K.dtype.element_ty)  # 16-bit queries against fp32 compressed keys: exact upcast
 
-    # this split's tiles of the blocks the sequence's visible tokens reach
-    n_vis, nb_need = _visible(kv_len, n_cmp, n_blocks, cmp_block, cmp_stride, R, E)
-    n_tiles = (nb_need + NB - 1) // NB
+    # this split's tiles of the tokens the sequence's last query sees
+    n_vis = tl.minimum(tl.maximum(kv_len - cmp_block + cmp_stride, 0) // cmp_stride, n_cmp)
+    n_tiles = (n_vis + BLOCK_N - 1) // BLOCK_N
     per = (n_tiles + num_splits - 1) // num_splits
     t_lo = pid_s * per
     t_hi = tl.minimum(t_lo + per, n_tiles)
 
-    # tile-local overlap of token n (from the tile start j0*R - E) with block jj: [BLOCK_N, NBP]
     n = tl.arange(0, BLOCK_N)
-    jj = tl.arange(0, NBP)
-    w = (n[:, None] >= jj[None, :] * R) & (n[:, None] < jj[None, :] * R + R + E) & (jj[None, :] < NB)
-    w = w.to(tl.float32)
-    own = (n >= E) & (n < NB * R + E)  # tokens starting in the tile's own blocks
-    in_tile = n < NB * R + E
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     for tile in range(t_lo, t_hi):
-        j0 = tile * NB
-        tok = j0 * R - E + n  # compressed token index [BLOCK_N]
-        tok_ok = in_tile & (tok >= 0) & (tok < n_vis)  # never loads a token past the last query's view
+        tok = tile * BLOCK_N + n  # compressed token index [BLOCK_N]
+        tok_ok = tok < n_vis  # never loads a token past the last query's view
         kt = tl.load(k_base + tok[None, :] * skt + d[:, None], mask=tok_ok[None, :], other=0.0)  # [D, BLOCK_N]
         s = _mm(q, kt, F32, PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         vis = tok_ok[None, :] & (tok[None, :] * cmp_stride + cmp_block - 1 <= pos[:, None]) & row_ok[:, None]
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-        p = tl.exp2(s - m_use[:, None])  # 0 where invisible, <= 1
-        alpha = tl.exp2(m_i - m_use)
-
-        # block scores of the tile relative to m_new (own and spill tokens)
-        blk = _mm(p, w, True, "ieee", False)  # [BLOCK_M, NBP]
-        j = j0 + jj
-        st_ok = row_ok[:, None] & ((jj < NB) & (j < nb_need))[None, :]
-        bs_ptr = flat[:, None] * n_blocks + j[None, :]
-        tl.store(BS + bs_ptr, blk, mask=st_ok)
-        tl.store(MR + bs_ptr, tl.broadcast_to(m_new[:, None], [BLOCK_M, NBP]), mask=st_ok)
-
-        # attention over the tokens the tile owns (the spill ones belong to the previous tile)
-        p_own = tl.where(own[None, :], p, 0.0)
-        l_i = l_i * alpha + tl.sum(p_own, 1)
-        v = tl.load(v_base + tok[:, None] * svt + d[None, :], mask=(tok_ok & own)[:, None], other=0.0)
-        # P stays fp32 (16-bit V upcasts exactly): a few rows, memory-bound, no need to round P
-        acc = acc * alpha[:, None] + _mm(p_own, v.to(tl.float32), True, PREC, False)
-        m_i = m_new
+        tl.store(SR + flat[:, None] * n_cmp + tok[None, :], s, mask=row_ok[:, None] & tok_ok[None, :])
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        v = tl.load(v_base + tok[:, None] * svt + d[None, :], mask=tok_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        # fp32 tokens: fp32 P (tf32x3); 16-bit tokens: P rounded to their dtype, as flash attention
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32, PREC, UPCAST)
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -300,10 +278,12 @@ def _merge_row(OP, LP, O, LSE, b, kvh, r, H, sp, s_ok, sob, soh, sot, slb, slh, 
 
 
 @triton.jit
-def _merge_scores(LP, BS, MR, PS, b, kvh, c, H, nb_need, n_blocks, sp, s_ok, spb, sph, spt, split_stride_l,
-                  G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, TQP: tl.constexpr, NBC: tl.constexpr):
+def _merge_scores(LP, SR, PS, b, kvh, c, H, n_vis, n_cmp, n_blocks, sp, s_ok, spb, sph, spt, split_stride_l,
+                  G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, TQP: tl.constexpr, NBC: tl.constexpr,
+                  R: tl.constexpr, E: tl.constexpr, REP: tl.constexpr):
     """Scores of blocks ``[c*NBC, (c+1)*NBC)`` of one ``(sequence, KV head)``: per row ``rr = g *
-    TQP + t`` the stored block sums times ``exp2(m - lse2)``, summed over the ``G`` heads."""
+    TQP + t``, ``exp2(s - lse2)`` of the visible tokens ``[j*R - E, (j+1)*R)`` overlapping block
+    ``j``, summed over them and over the ``G`` heads."""
     rr = tl.arange(0, GP * TQP)
     g = rr // TQP
     t = rr % TQP
@@ -311,15 +291,15 @@ def _merge_scores(LP, BS, MR, PS, b, kvh, c, H, nb_need, n_blocks, sp, s_ok, spb
     flat = (b * H + kvh * G + g) * TQ + t
     lse2 = _merged_lse2(LP, flat, ok, sp, s_ok, split_stride_l)  # [ROWS]
     j = c * NBC + tl.arange(0, NBC)
-    need = ok[:, None] & (j < nb_need)[None, :]  # blocks some split wrote
-    ptr = flat[:, None] * n_blocks + j[None, :]
-    bs = tl.load(BS + ptr, mask=need, other=0.0)
-    mr = tl.load(MR + ptr, mask=need, other=float("-inf"))
-    live = (mr > float("-inf")) & (lse2[:, None] > float("-inf"))
-    lse2_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)  # no -inf - -inf
-    f = tl.where(live, tl.exp2(mr - lse2_safe[:, None]), 0.0)  # mr <= lse2: f <= 1
-    val = tl.where(live, bs * f, 0.0)  # [ROWS, NBC]
-    ps = tl.sum(tl.reshape(val, [GP, TQP, NBC]), 0)  # [TQP, NBC]: summed over the group's heads
+    e = tl.arange(0, REP)
+    tok = j[:, None] * R - E + e[None, :]  # [NBC, REP]
+    tok_ok = (e < R + E)[None, :] & (tok >= 0) & (tok < n_vis) & (j < n_blocks)[:, None]
+    s = tl.load(SR + flat[:, None, None] * n_cmp + tok[None, :, :], mask=ok[:, None, None] & tok_ok[None, :, :],
+                other=float("-inf"))  # [ROWS, NBC, REP], -inf where invisible
+    lse2_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows that see nothing have only -inf scores
+    p = tl.where(s > float("-inf"), tl.exp2(s - lse2_safe[:, None, None]), 0.0)
+    blk = tl.sum(p, 2)  # [ROWS, NBC]
+    ps = tl.sum(tl.reshape(blk, [GP, TQP, NBC]), 0)  # [TQP, NBC]: summed over the group's heads
     tq = tl.arange(0, TQP)
     tl.store(PS + b * spb + kvh * sph + tq[:, None] * spt + j[None, :], ps,
              mask=(tq < TQ)[:, None] & (j < n_blocks)[None, :])
@@ -327,12 +307,12 @@ def _merge_scores(LP, BS, MR, PS, b, kvh, c, H, nb_need, n_blocks, sp, s_ok, spb
 
 @triton.jit
 def _cmp_decode_merge(
-    OP, LP, BS, MR, Lens, O, LSE, PS,
+    OP, LP, SR, Lens, O, LSE, PS,
     sob, soh, sot, slb, slh, spb, sph, spt,
     split_stride_o, split_stride_l, num_splits,
     n_cmp, n_blocks, num_kv_heads, cmp_block, cmp_stride,
     G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, TQP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    S_PAD: tl.constexpr, R: tl.constexpr, E: tl.constexpr, NBC: tl.constexpr,
+    S_PAD: tl.constexpr, R: tl.constexpr, E: tl.constexpr, REP: tl.constexpr, NBC: tl.constexpr,
 ):
     """Programs ``(bk, r < G*TQ)``: row ``r`` of the group, merged over the splits (output and
     natural-log LSE). Programs ``(bk, G*TQ + c)``: scores of blocks ``[c*NBC, (c+1)*NBC)`` for
@@ -349,9 +329,9 @@ def _cmp_decode_merge(
         _merge_row(OP, LP, O, LSE, b, kvh, pid, H, sp, s_ok, sob, soh, sot, slb, slh, split_stride_o,
                    split_stride_l, G, TQ, HEAD_DIM)
     else:
-        _, nb_need = _visible(tl.load(Lens + b).to(tl.int32), n_cmp, n_blocks, cmp_block, cmp_stride, R, E)
-        _merge_scores(LP, BS, MR, PS, b, kvh, pid - G * TQ, H, nb_need, n_blocks, sp, s_ok, spb, sph, spt,
-                      split_stride_l, G, TQ, GP, TQP, NBC)
+        n_vis, _ = _visible(tl.load(Lens + b).to(tl.int32), n_cmp, n_blocks, cmp_block, cmp_stride, R, E)
+        _merge_scores(LP, SR, PS, b, kvh, pid - G * TQ, H, n_vis, n_cmp, n_blocks, sp, s_ok, spb, sph, spt,
+                      split_stride_l, G, TQ, GP, TQP, NBC, R, E, REP)
 
 
 # ---------------------------------------------------------------------------- wrappers
@@ -467,9 +447,8 @@ def nsa_decode_compressed(
     dev = q.device
     R, E = _geometry(l, d, ls)
     if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 16
-                                or block_n & (block_n - 1) or block_n < R + E):
-        raise ValueError(f"block_n must be a power of two >= max(16, {R + E}) (the compressed tokens one "
-                         f"selection block overlaps), got {block_n!r}")
+                                or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two >= 16 (compressed tokens per tile), got {block_n!r}")
 
     o_cmp = _buffer((B, H, Tq, D), dev, q.dtype)
     lse = _buffer((B, H, Tq), dev)
@@ -488,31 +467,32 @@ def nsa_decode_compressed(
     cfg = decode_tile_config(G, Tq, D, fp32=kdtype == torch.float32, compress_block=l, compress_stride=d,
                              select_block=ls, block_n=block_n)
 
-    n_tiles_max = _ceil_div(num_blocks, cfg["NB"])
+    n_tiles_max = _ceil_div(nC, cfg["BLOCK_N"])
     if num_splits is None:
-        num_splits = choose_num_splits(B * Hkv, cfg["row_tiles"], n_tiles_max, _sm_count(dev))  # <= 64
+        # about three 4-warp programs per SM (choose_num_splits aims at two): at B = 16 and 64k keys
+        # with fp32 tokens 4 splits took 179 us against 225 us with 3
+        num_splits = choose_num_splits(B * Hkv, cfg["row_tiles"], n_tiles_max, _sm_count(dev) * 3 // 2)  # <= 64
     o_part = _buffer((num_splits, B, H, Tq, D), dev)
     lse_part = _buffer((num_splits, B, H, Tq), dev)
-    blk = _buffer((2, B, H, Tq, num_blocks), dev)  # block sums and their reference maxima
-    common = dict(R=cfg["R"], E=cfg["E"])
+    raw = _buffer((B, H, Tq, nC), dev)  # scores of the visible tokens, written once, read once
     _cmp_decode_split[(B * Hkv, num_splits, cfg["row_tiles"])](
-        q, k_cmp, v_cmp, cache_seqlens, o_part, lse_part, blk[0], blk[1],
+        q, k_cmp, v_cmp, cache_seqlens, o_part, lse_part, raw,
         float(scale) * math.log2(math.e),
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3],
         o_part.stride(0), lse_part.stride(0),
-        nC, num_blocks, Hkv, num_splits, l, d,
-        G=G, TQ=Tq, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NB=cfg["NB"], NBP=cfg["NBP"],
-        **common, **_dot_args(kdtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        nC, Hkv, num_splits, l, d,
+        G=G, TQ=Tq, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        **_dot_args(kdtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     GP, TQP = _pow2_at_least(G), _pow2_at_least(Tq)
-    nbc = max(16, min(_pow2_at_least(num_blocks), MERGE_TILE // (GP * TQP)))
+    nbc = max(1, min(_pow2_at_least(num_blocks), MERGE_ELEMENTS // (GP * TQP * cfg["REP"])))
     _cmp_decode_merge[(B * Hkv, G * Tq + _ceil_div(num_blocks, nbc))](
-        o_part, lse_part, blk[0], blk[1], cache_seqlens, o_cmp, lse, p_slc,
+        o_part, lse_part, raw, cache_seqlens, o_cmp, lse, p_slc,
         *o_cmp.stride()[:3], *lse.stride()[:2], *p_slc.stride()[:3],
         o_part.stride(0), lse_part.stride(0), num_splits,
         nC, num_blocks, Hkv, l, d,
-        G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=max(2, _pow2_at_least(num_splits)), NBC=nbc,
-        **common, num_warps=4 if D <= 128 else 8,
+        G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=max(2, _pow2_at_least(num_splits)), R=cfg["R"],
+        E=cfg["E"], REP=cfg["REP"], NBC=nbc, num_warps=4 if D <= 128 else 8,
     )
     return o_cmp, lse, p_slc
 
