@@ -106,7 +106,6 @@ def compressed_unsupported_reason(
 
 MAX_SELECT_BLOCKS = 8192  # nKB limit of select_blocks: a row of keys lives in registers
 MAX_RANK_SLICES = 65535  # B x heads per ranking launch (its grid's second axis, CUDA's limit); more take several
-RANK_TILE = 4096  # elements (rows x NB_PAD) of one program of select_blocks
 
 
 def select_unsupported_reason(p_slc: Tensor) -> str | None:
@@ -123,13 +122,15 @@ def select_unsupported_reason(p_slc: Tensor) -> str | None:
     return triton_unavailable_reason(p_slc.device)
 
 
-def _rank_layout(nb_pad: int, rows: int) -> tuple[int, int]:
-    """``(BLOCK_R, num_warps)`` of the ranking kernel for ``rows`` rows of ``nb_pad`` columns:
-    about ``RANK_TILE`` elements per program (16 per thread at 8 warps), at most 16 rows and no
-    more than the rows there are (a decoding step ranks one row per sequence and head)."""
-    block_r = max(1, min(16, RANK_TILE // nb_pad, _pow2_at_least(rows)))
-    tile = block_r * nb_pad
-    return block_r, 4 if tile <= 2048 else 8 if tile <= 4096 else 16
+def _rank_layout(nb_pad: int) -> tuple[int, int]:
+    """``(BLOCK_R, num_warps)`` of the ranking kernel for rows of ``nb_pad`` columns: one row per
+    program, one warp per 512 columns (16 keys per thread), so a row's per-step reductions stay
+    inside one or a few warps. H200, 2026-11-30 (`docs/results/rank-layout-2026-11-30-s15*.json`,
+    CUDA graphs): against the previous 4-16 rows over 4-16 warps per program, block top-k's rows at
+    64k (32 heads x 512 rows of 512) 141 -> 66 us, at 128k 505 -> 269 us, NSA's per-token rows at
+    64k (8 heads x 65,536 rows of 1,024) 7.04 -> 4.40 ms; decoding's few rows (one per sequence
+    and head, 1,024 columns) take the same time within 0.5 us."""
+    return 1, max(1, nb_pad // 512)
 
 
 def select_blocks(
@@ -208,7 +209,7 @@ def rank_blocks(
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     nb_pad = max(16, _pow2_at_least(nKB))
-    block_r, warps = _rank_layout(nb_pad, R)
+    block_r, warps = _rank_layout(nb_pad)
     if kv_lens is not None:
         kv_lens = kv_lens.contiguous()  # the kernel reads KV_LENS[b] at unit stride
     slices = B * Hs
