@@ -15,7 +15,8 @@ matrices, a softmax and a gather per chunk; here two kernels do it without ever 
   overlap matrix.
 
 * :func:`select_blocks` -- the per-token top-k over ``p_slc``: ``BLOCK_R`` query rows of one
-  ``(batch, KV head)`` per program, each row (``NB_PAD`` = ``nKB`` padded to a power of two
+  ``(batch, KV head)`` per program (one row on a warp per 512 columns: :func:`_rank_layout`),
+  each row (``NB_PAD`` = ``nKB`` padded to a power of two
   columns) mapped to order-preserving int32 keys (forced blocks +inf, ineligible -inf); a
   bisection per row (vectorised over the rows) over the row's own key range, ending at an exact
   count (about 10-20 steps, at most 32), finds the ``count``-th largest key, the ties at it are
