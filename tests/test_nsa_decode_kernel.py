@@ -348,16 +348,23 @@ def test_cuda_graph_capture_and_replay():
 
 
 def test_fallback_for_a_geometry_the_kernels_do_not_take(monkeypatch):
-    """A selection block overlapping more compressed tokens than a tile may hold (here: a
-    tile limit lowered below this config's): the compressed branch and the selection run in
-    PyTorch, with a RuntimeWarning; the result is unchanged."""
+    """A selection block overlapping more compressed tokens than the score merge holds for a
+    KV head's rows (here: the merge's budget lowered below this config's 2 rows x 4 tokens), or
+    a merge grid past CUDA's limit (here: the limit lowered): the compressed branch and the
+    selection run in PyTorch, with a RuntimeWarning; the result is unchanged."""
     import longattn.kernels.nsa.decode as mod
 
     q, k, v, seqlens, k_cmp, v_cmp = make_inputs(2, 4, 2, 1, (10, 150), seed=6)
     base = nsa_decode(q, k, v, seqlens, config=CFG, k_cmp=k_cmp, v_cmp=v_cmp, backend="triton")
-    monkeypatch.setattr(mod, "MAX_TILE_ELEMENTS", 8 * D)
-    assert "at most 8" in mod.decode_unsupported_reason(q, k_cmp, compress_block=16, compress_stride=8,
-                                                         select_block=16)
+    kw = dict(compress_block=16, compress_stride=8, select_block=16)
+    assert mod.decode_unsupported_reason(q, k_cmp, **kw, num_blocks=10) is None
+    monkeypatch.setattr(mod, "MAX_GRID_Y", 2 + 9)  # 2 row programs + 10 one-block chunks
+    monkeypatch.setattr(mod, "MERGE_ELEMENTS", 8)
+    assert "grid limit of 11" in mod.decode_unsupported_reason(q, k_cmp, **kw, num_blocks=10)
+    with pytest.raises(ValueError, match="grid limit"):
+        mod.nsa_decode_compressed(q, k_cmp, v_cmp, seqlens, **kw, num_blocks=10, scale=0.2)
+    monkeypatch.setattr(mod, "MERGE_ELEMENTS", 4)
+    assert "at most 4" in mod.decode_unsupported_reason(q, k_cmp, **kw)
     with pytest.warns(RuntimeWarning, match="NSA decode kernels cannot serve"):
         out = nsa_decode(q, k, v, seqlens, config=CFG, k_cmp=k_cmp, v_cmp=v_cmp, backend="triton")
     with warnings.catch_warnings():

@@ -267,12 +267,13 @@ def _rank_blocks(p_slc: Tensor, pos: Tensor, config: NSAConfig) -> tuple[Tensor,
     return idx.to(torch.int32), counts.to(torch.int32).contiguous()
 
 
-def _triton_compressed_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig) -> str | None:
+def _triton_compressed_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig, num_blocks: int) -> str | None:
     """``None`` when the NSA decode kernels can compute the compressed branch and the scores."""
     from .kernels.nsa.decode import decode_unsupported_reason
 
     return decode_unsupported_reason(q, k_cmp, compress_block=config.compress_block,
-                                     compress_stride=config.compress_stride, select_block=config.select_block)
+                                     compress_stride=config.compress_stride, select_block=config.select_block,
+                                     num_blocks=num_blocks)
 
 
 def _compressed_and_selection_triton(
@@ -430,7 +431,7 @@ def nsa_decode(
     num_blocks = _ceil_div(Tmax, config.select_block)
     kernels = backend == "triton"
     if kernels:
-        reason = _triton_compressed_reason(q, k_cmp, config)
+        reason = _triton_compressed_reason(q, k_cmp, config, num_blocks)
         if reason is not None:
             if requested == "triton":  # "auto" falls back silently
                 warnings.warn(f"NSA decode kernels cannot serve this call ({reason}); the compressed branch and "

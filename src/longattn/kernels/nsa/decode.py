@@ -82,8 +82,8 @@ FP32_DOT_PRECISION = "tf32x3"  # fp32 operands on GPUs; the interpreter uses IEE
 # stage): tests/test_nsa_decode_kernel.py compiles them for sm_90.
 MAX_ROWS = {True: 16, False: 32}
 BASE_BLOCK_N = {True: 32, False: 64}
-MAX_TILE_ELEMENTS = 128 * 128  # (R + E) * D: selection blocks overlapping more tokens fall back
 MERGE_ELEMENTS = 8192  # rows x blocks x overlapped tokens of one score-merge program
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (the merge's rows + block chunks)
 
 # Tests set this to fill every buffer the kernels write (outputs and the split workspace) with
 # NaN before launching: an element left unwritten, or read before it is written, shows up as NaN.
@@ -139,11 +139,18 @@ def decode_tile_config(
     }
 
 
+def _merge_chunk(group: int, q_len: int, rep: int, num_blocks: int) -> int:
+    """Selection blocks per score-merge program: ``GP * TQP * REP * NBC <= MERGE_ELEMENTS``."""
+    rows = _pow2_at_least(group) * _pow2_at_least(q_len)
+    return max(1, min(_pow2_at_least(num_blocks), MERGE_ELEMENTS // (rows * rep)))
+
+
 def decode_unsupported_reason(
-    q: Tensor, k_cmp: Tensor, *, compress_block: int, compress_stride: int, select_block: int
+    q: Tensor, k_cmp: Tensor, *, compress_block: int, compress_stride: int, select_block: int,
+    num_blocks: int | None = None,
 ) -> str | None:
     """``None`` when :func:`nsa_decode_compressed` can run on these inputs, else why not
-    (device, dtypes, head dim, block geometry)."""
+    (device, dtypes, head dim, block geometry; with ``num_blocks``, the merge's grid)."""
     reason = triton_unavailable_reason(q.device)
     if reason is not None:
         return reason
@@ -159,10 +166,17 @@ def decode_unsupported_reason(
         return (f"the NSA decode kernels need compress_block={compress_block} and select_block={select_block} to "
                 f"be multiples of compress_stride={compress_stride}")
     R, E = _geometry(compress_block, compress_stride, select_block)
-    if max(16, _pow2_at_least(R + E)) * D > MAX_TILE_ELEMENTS:
+    G, Tq = q.shape[1] // max(1, k_cmp.shape[1]), q.shape[2]
+    rows = _pow2_at_least(max(1, G)) * _pow2_at_least(max(1, Tq))
+    if rows * _pow2_at_least(R + E) > MERGE_ELEMENTS:
         return (f"a selection block overlaps {R + E} compressed tokens (select_block / compress_stride + "
-                f"compress_block / compress_stride - 1); the NSA decode kernels take at most "
-                f"{MAX_TILE_ELEMENTS // D} at D={D}")
+                f"compress_block / compress_stride - 1); the score merge holds them for the {rows} padded query "
+                f"rows of a KV head in at most {MERGE_ELEMENTS} elements")
+    if num_blocks is not None:
+        chunks = _ceil_div(num_blocks, _merge_chunk(G, Tq, _pow2_at_least(R + E), num_blocks))
+        if G * Tq + chunks > MAX_GRID_Y:
+            return (f"the score merge would need {G * Tq + chunks} programs per (sequence, KV head), past CUDA's "
+                    f"grid limit of {MAX_GRID_Y} ({num_blocks} selection blocks, {G * Tq} query rows)")
     return None
 
 
@@ -297,7 +311,7 @@ def _merge_scores(LP, SR, PS, b, kvh, c, H, n_vis, n_cmp, n_blocks, sp, s_ok, sp
     s = tl.load(SR + flat[:, None, None] * n_cmp + tok[None, :, :], mask=ok[:, None, None] & tok_ok[None, :, :],
                 other=float("-inf"))  # [ROWS, NBC, REP], -inf where invisible
     lse2_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows that see nothing have only -inf scores
-    p = tl.where(s > float("-inf"), tl.exp2(s - lse2_safe[:, None, None]), 0.0)
+    p = tl.where(s == float("-inf"), 0.0, tl.exp2(s - lse2_safe[:, None, None]))  # NaN (unwritten) stays NaN
     blk = tl.sum(p, 2)  # [ROWS, NBC]
     ps = tl.sum(tl.reshape(blk, [GP, TQP, NBC]), 0)  # [TQP, NBC]: summed over the group's heads
     tq = tl.arange(0, TQP)
@@ -378,7 +392,8 @@ def _check_inputs(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor
     if nC and (nC - 1) * d >= num_blocks * ls:
         raise ValueError(f"num_blocks={num_blocks} selection blocks of {ls} keys end before compressed token "
                          f"{nC - 1} (keys from {(nC - 1) * d}); num_blocks must be ceil(Tmax / select_block)")
-    reason = decode_unsupported_reason(q, k_cmp, compress_block=l, compress_stride=d, select_block=ls)
+    reason = decode_unsupported_reason(q, k_cmp, compress_block=l, compress_stride=d, select_block=ls,
+                                       num_blocks=num_blocks)
     if reason is not None:
         raise ValueError(f"the NSA decode kernels cannot run: {reason}")
 
@@ -419,9 +434,9 @@ def nsa_decode_compressed(
             multiples of ``d``).
         num_blocks: ``nKB``, selection blocks of the cache, ``ceil(Tmax / select_block)``.
         scale: score scale.
-        num_splits: programs per ``(sequence, KV head)`` sharing its blocks; ``None``: a
+        num_splits: programs per ``(sequence, KV head)`` sharing its token tiles; ``None``: a
             heuristic (:func:`longattn.kernels.decode.choose_num_splits`) from the shapes only.
-        block_n: compressed tokens per tile (a power of two >= ``l'/d + l/d - 1``); ``None``:
+        block_n: compressed tokens per tile (a power of two >= 16); ``None``:
             :func:`decode_tile_config`'s choice. For tests and tuning.
 
     Returns:
@@ -485,7 +500,7 @@ def nsa_decode_compressed(
         **_dot_args(kdtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     GP, TQP = _pow2_at_least(G), _pow2_at_least(Tq)
-    nbc = max(1, min(_pow2_at_least(num_blocks), MERGE_ELEMENTS // (GP * TQP * cfg["REP"])))
+    nbc = _merge_chunk(G, Tq, cfg["REP"], num_blocks)
     _cmp_decode_merge[(B * Hkv, G * Tq + _ceil_div(num_blocks, nbc))](
         o_part, lse_part, raw, cache_seqlens, o_cmp, lse, p_slc,
         *o_cmp.stride()[:3], *lse.stride()[:2], *p_slc.stride()[:3],

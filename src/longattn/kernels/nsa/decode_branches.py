@@ -229,6 +229,10 @@ def nsa_decode_branches(
     # a branch's chunks: K blocks of CHUNKS chunks; the window's min(window, Tmax) keys
     units_slc = block_indices.shape[-1] * cfg["CHUNKS"]
     units_win = -(-min(window, k_cache.shape[2]) // cfg["BLOCK_N"])
+    if num_splits is not None and (
+            not isinstance(num_splits, tuple) or len(num_splits) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in num_splits)):
+        raise ValueError(f"num_splits must be None or a pair of ints >= 1 (selected, window), got {num_splits!r}")
     if num_splits is None:
         total = choose_num_splits(B * Hkv, Tq * cfg["row_tiles"], units_slc + units_win, _sm_count(q.device))
         num_splits = branch_splits(max(2, total), units_slc, units_win)
