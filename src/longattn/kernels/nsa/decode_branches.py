@@ -204,7 +204,7 @@ def nsa_decode_branches(
     Args:
         q: ``[B, H, Tq, D]`` (float16/bfloat16/float32, D a power of two in [16, 256]); query
             ``t`` of sequence ``b`` sits at ``p = cache_seqlens[b] - Tq + t``.
-        k_cache, v_cache: ``[B, Hkv, Tmax, D]`` in q's dtype, unit stride on D.
+        k_cache, v_cache: ``[B, Hkv, Tmax, D]`` in q's dtype (any strides; read in place).
         cache_seqlens: ``int32/int64 [B]`` in ``[Tq, Tmax]`` (not checked: no host sync).
         block_indices: ``int32 [B, Hkv, Tq, K]``, each row's selected blocks of ``select_block``
             keys; ``block_counts int32 [B, Hkv, Tq]``: how many of them are used.
