@@ -144,6 +144,23 @@ def test_more_query_heads_than_one_tile_and_auto_splits_on_a_long_window():
     assert (out.double().cpu() - ref).abs().max().item() < 1e-5
 
 
+def test_strided_caches_are_read_in_place():
+    """Caches stored token-major (``[B, T, Hkv, D]`` viewed as ``[B, Hkv, T, D]``) or with a
+    head-dim stride of 2 give the same output bit for bit as contiguous ones."""
+    from longattn.kernels.nsa.decode_branches import nsa_decode_branches
+
+    q, k, v, seqlens, idx, cnt, o_cmp = make_case(2, 8, 2, 3, (70, 150), block=16, window=24, K=4,
+                                                  dtype=torch.float32, seed=4)
+    kw = dict(select_block=16, window=24, gates=GATES, scale=0.2, num_splits=(3, 2))
+    base = nsa_decode_branches(q, k, v, seqlens, idx, cnt, o_cmp, **kw)
+    token_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v)]
+    wide = [torch.stack([t, torch.full_like(t, float("nan"))], -1).flatten(-2)[..., ::2] for t in (k, v)]
+    assert token_major[0].stride(2) == 2 * 32 and wide[0].stride(-1) == 2  # Hkv * D; every other element
+    for kk, vv in (token_major, wide):
+        assert not kk.is_contiguous() and torch.allclose(kk, k, equal_nan=True)  # same values, other strides
+        assert torch.equal(nsa_decode_branches(q, kk, vv, seqlens, idx, cnt, o_cmp, **kw), base)
+
+
 def test_bad_num_splits():
     from longattn.kernels.nsa.decode_branches import nsa_decode_branches
 
