@@ -32,7 +32,10 @@ What is timed (B=1, H=32, Hkv in {8, 32}, D=128, bf16, causal, T in {8k, 16k, 32
   and ``longattn.decode.sparse_decode`` with a 4096-token budget chosen by ``select_topk_blocks``
   (128-token blocks) or ``select_quest_pages`` (16-token pages): ``select`` (from the cache
   summaries a cache keeps up to date), ``attend`` (given the selection; ``validate=False``, the
-  hot-loop setting), ``both``, and ``summary`` (computing the summaries from the whole cache).
+  hot-loop setting), ``both``, and ``summary`` (computing the summaries from the whole cache);
+  and NSA's decoding rule (``longattn.decode_nsa.nsa_decode``, paper defaults, ``validate=False``)
+  as one ``both`` case over the compressed tokens a cache keeps: ``nsa`` with fp32 tokens (what
+  the mean compression gives), ``nsa-bf16`` with bf16 ones (a cache in the model's dtype).
   Decode cases are also timed as CUDA-graph replays (``graph_ms``) where capture works.
 
 Per case: median ms of n CUDA-event-timed runs (L2 flushed before each; warm-up and compilation
@@ -106,7 +109,10 @@ DECODE_SELECTORS = {  # label -> (function of longattn.decode, block argument na
     "quest": ("select_quest_pages", "page_size", 16),
 }
 SUMMARY_FN = {"topk": "block_key_means", "quest": "page_bounds"}
-ALL_METHODS = ["full", *PREFILL_METHODS, "quest"]
+# NSA's decoding rule (longattn.decode_nsa.nsa_decode, paper defaults): label -> dtype of the compressed
+# tokens the cache keeps (fp32 as the mean compression gives them; bf16 as a cache in the model's dtype)
+NSA_DECODE = {"nsa": "float32", "nsa-bf16": "bfloat16"}
+ALL_METHODS = ["full", *PREFILL_METHODS, "quest", "nsa-bf16"]
 ALL_OPS = ("fwd", "bwd", "decode")
 ALL_BACKENDS = ("ours", "flex", "sdpa-cudnn", "sdpa-flash", "dense-mask", "reference")
 SPARSE_BACKENDS = ("ours", "flex", "dense-mask", "reference")
@@ -254,6 +260,8 @@ def method_config(label: str, op: str, budget: int = 4096) -> tuple[str, dict]:
     if label == "full":
         return "full", {}
     if op in ("decode", "gate-decode"):
+        if label in NSA_DECODE:
+            return "nsa_decode", {"compressed_tokens": NSA_DECODE[label]}
         fn, arg, bs = DECODE_SELECTORS[label]
         return fn, {arg: bs, "top_k": max(1, budget // bs)}
     name, cfg = PREFILL_METHODS[label]
@@ -306,6 +314,9 @@ def build_plan(o) -> list[Case]:
                 if m in o.methods:
                     out += [mk("decode", m, T, B, hkv, be, part) for be in ("ours", "reference")
                             if be in o.backends for part in DECODE_PARTS]
+            for m in NSA_DECODE:  # the whole step: compressed branch, selection, selected and window branches
+                if m in o.methods:
+                    out += [mk("decode", m, T, B, hkv, be, "both") for be in ("ours", "reference") if be in o.backends]
         return out
 
     plan = prefill(head, h0, no_flex, ("full", *PRIMARY))
@@ -892,6 +903,14 @@ class Runner:
             if c.backend == "sdpa-cudnn" and not self.cuda:
                 return "cuDNN attention runs on CUDA only"
             return None
+        if c.is_decode and c.method in NSA_DECODE:
+            if importlib.util.find_spec("longattn.decode_nsa") is None:
+                return "longattn.decode_nsa is not in this checkout"
+            if c.backend == "ours":
+                from longattn.kernels import triton_unavailable_reason
+
+                return triton_unavailable_reason(self.dev)
+            return None
         if c.is_decode and c.method != "full":
             if importlib.util.find_spec("longattn.decode") is None:
                 return "longattn.decode is not in this checkout"
@@ -1088,6 +1107,8 @@ class Runner:
                 self.poison()
                 out = self.first_call(fast_call)
                 return {"out": self._err(out, ref, plain, floor, False)}
+            if g.method in NSA_DECODE:
+                return self.nsa_decode_gate(g, q, k, v, lens, floor)
             dec = importlib.import_module("longattn.decode")
             select, sel_kw, bs = self.decode_selector(g, dec, q, k, lens)
             bi, bc = select(q, k, lens, **sel_kw)
@@ -1107,6 +1128,35 @@ class Runner:
             out2 = dec.sparse_decode(q, k, v, lens, bi, bc, block_size=bs, backend=be, validate=False)
             errors["out_unvalidated"] = self._err(out2, ref, plain, floor, False)
             return errors
+
+    def nsa_compressed(self, c: Case, k, v, lens):
+        """The compressed tokens a cache keeps for NSA decoding (paper defaults), in the case's
+        dtype (:data:`NSA_DECODE`); computed outside any timing."""
+        from longattn.decode_nsa import nsa_decode_compress
+        from longattn.methods.nsa import NSAConfig
+
+        kc, vc = nsa_decode_compress(k, v, lens, NSAConfig())
+        dt = getattr(torch, NSA_DECODE[c.method])
+        return kc.to(dt), vc.to(dt)
+
+    def nsa_decode_gate(self, g: Case, q, k, v, lens, floor: float) -> dict:
+        """NSA decoding against its reference (``backend="reference"``, fp32 inputs, the same
+        compressed tokens), with the plain-bf16 reference as the error scale."""
+        from longattn.backends import plain_precision
+        from longattn.decode_nsa import nsa_decode
+
+        kc, vc = self.nsa_compressed(g, k, v, lens)
+        ref = nsa_decode(q.float(), k.float(), v.float(), lens, k_cmp=kc.float(), v_cmp=vc.float(),
+                         backend="reference")
+        with plain_precision():
+            plain = nsa_decode(q, k, v, lens, k_cmp=kc, v_cmp=vc, backend="reference")
+        be = "triton" if g.backend == "ours" else "reference"
+        self.poison()
+        out = self.first_call(lambda: nsa_decode(q, k, v, lens, k_cmp=kc, v_cmp=vc, backend=be))
+        errors = {"out": self._err(out, ref, plain, floor, False)}
+        out2 = nsa_decode(q, k, v, lens, k_cmp=kc, v_cmp=vc, backend=be, validate=False)  # the timed setting
+        errors["out_unvalidated"] = self._err(out2, ref, plain, floor, False)
+        return errors
 
     # -------------------------------------------------------------- prefill
     def run_prefill(self, c: Case) -> dict:
@@ -1234,7 +1284,29 @@ class Runner:
         G = c.H // c.Hkv
         fields: dict = {}
         with torch.no_grad():
-            if c.method == "full":
+            if c.method in NSA_DECODE:
+                from longattn.decode_nsa import nsa_decode
+                from longattn.methods.nsa import NSAConfig
+
+                cfg = NSAConfig()
+                kc, vc = self.nsa_compressed(c, k, v, lens)
+                be = "triton" if c.backend == "ours" else "reference"
+                call = lambda: nsa_decode(q, k, v, lens, k_cmp=kc, v_cmp=vc, backend=be, validate=False)
+                # per sequence and KV head: the compressed tokens the query sees, the selected blocks
+                # (at most num_selected of select_block keys, within the sequence) and the window
+                n_cmp = [max(0, (L - cfg.compress_block) // cfg.compress_stride + 1) for L in lengths]
+                n_sel = [min(L, cfg.num_selected * cfg.select_block) for L in lengths]
+                n_win = [min(L, cfg.window) for L in lengths]
+                head_keys = c.H * (sum(n_cmp) + sum(n_sel) + sum(n_win))
+                flops = decode_attend_flops(c.D, head_keys)
+                nbytes = (decode_attend_bytes(B=c.B, H=c.H, D=c.D, elt=self.elt, kv_tokens=c.Hkv * (sum(n_sel) + sum(n_win)))
+                          + 2 * c.Hkv * sum(n_cmp) * c.D * kc.element_size())
+                fields.update({"kv_layout": "native", "kv_heads_read": c.Hkv, "decode_backend": be, "validate": False,
+                               "compressed_tokens": NSA_DECODE[c.method],
+                               "selected_tokens": float(c.Hkv * (sum(n_sel) + sum(n_win)))})
+                fields["bytes_model"] = ("the visible compressed K,V (in the cache's compressed dtype), the selected "
+                                         "blocks and the window once per (sequence, KV head), q, o")
+            elif c.method == "full":
                 call, kv_heads, layout = self.decode_dense_call(c, q, k, v, lengths)
                 fields.update({"kv_layout": layout, "kv_heads_read": kv_heads})
                 head_keys = c.H * sum(lengths)

@@ -168,7 +168,9 @@ def test_plan_order_and_coverage():
     n_sparse = len(suite.PREFILL_METHODS)
     assert len(prefill) == 2 * 5 * 2 * (2 + 3 * n_sparse)  # ops x sizes x Hkv x (dense + ours/flex/dense-mask)
     decode = [c for c in plan if c.op == "decode"]
-    assert len(decode) == 5 * 2 * 2 * (2 + 2 * len(suite.DECODE_PARTS))  # sizes x Hkv x B x (dense + 2 selectors)
+    # sizes x Hkv x B x (dense + 2 selectors x parts + NSA's step with fp32 and with bf16 compressed tokens)
+    assert len(decode) == 5 * 2 * 2 * (2 + 2 * len(suite.DECODE_PARTS) + len(suite.NSA_DECODE))
+    assert {(c.method, c.part) for c in decode if c.method.startswith("nsa")} == {("nsa", "both"), ("nsa-bf16", "both")}
     assert {c.B for c in decode} == {1, 4}
 
 
@@ -183,6 +185,8 @@ def test_gate_case():
     assert suite.method_config("quest", "decode", 4096) == ("select_quest_pages", {"page_size": 16, "top_k": 256})
     assert suite.method_config("topk", "decode", 4096) == ("select_topk_blocks", {"block_size": 128, "top_k": 32})
     assert suite.method_config("moba-g128", "fwd") == ("moba", {"gate_block": 128})
+    assert suite.method_config("nsa-bf16", "decode") == ("nsa_decode", {"compressed_tokens": "bfloat16"})
+    assert suite.method_config("nsa", "gate-decode") == ("nsa_decode", {"compressed_tokens": "float32"})
 
 
 def test_plan_option_runs_without_a_gpu(tmp_path):
@@ -383,6 +387,29 @@ def test_our_paths_through_the_triton_interpreter(tmp_path):
     assert attend["selected_tokens"] == (128 + 96 + 64 + 32) * attend["Hkv"]
     gates = [r for r in recs if r["op"] == "gate-decode"]
     assert gates and all(g["ok"] and "out_unvalidated" in g["errors"] for g in gates)
+
+
+def test_nsa_decoding_through_the_triton_interpreter(tmp_path):
+    """NSA's decoding step (fp32 and bf16 compressed tokens, B = 1 and 4) through the suite: its
+    gate against nsa_decode's reference (also with validate=False), timing and byte count."""
+    proc = run_cli(["--device", "cpu", "--sizes", "128", "--quick", "--methods", "nsa,nsa-bf16", "--ops", "decode",
+                    "--backends", "ours", "--out", str(tmp_path), "--max-seconds", "0"], interpret=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = finals(str(tmp_path / "suite.jsonl"))
+    timed = [r for r in recs if r["op"] == "decode"]
+    assert {(r["method"], r["B"]) for r in timed} == {("nsa", 1), ("nsa", 4), ("nsa-bf16", 1), ("nsa-bf16", 4)}
+    assert all(r["status"] == "ok" and r["part"] == "both" and r["gate_ok"] for r in timed)
+    gates = [r for r in recs if r["op"] == "gate-decode"]
+    assert len(gates) == 2 and all(g["ok"] and "out_unvalidated" in g["errors"] for g in gates)
+    # B = 4, lengths 128, 96, 64, 32, paper defaults (blocks of 32 with stride 16; 16 blocks of 64 and a
+    # 512-key window cover every key): visible compressed tokens 7 + 5 + 3 + 1 = 16 per KV head, and
+    # every valid key once for the selected branch and once for the window
+    r = next(r for r in timed if r["method"] == "nsa-bf16" and r["B"] == 4)
+    Hkv, D, H = r["Hkv"], r["D"], r["H"]
+    assert r["selected_tokens"] == 2 * Hkv * (128 + 96 + 64 + 32)
+    cmp_bytes = 2 * Hkv * 16 * D * 2  # bf16 compressed K and V
+    kv_bytes = 2 * Hkv * 2 * (128 + 96 + 64 + 32) * D * 2
+    assert r["bytes"] == cmp_bytes + kv_bytes + 2 * 4 * H * D * 2  # + q and o
 
 
 def _synthetic():
