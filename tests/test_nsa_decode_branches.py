@@ -97,9 +97,17 @@ CASES = [  # B, H, Hkv, Tq, lens, block, window, K
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("splits", [None, (1, 1), (3, 2), (24, 11)], ids=["auto", "1+1", "3+2", "24+11"])
+FP32, BF16 = torch.float32, torch.bfloat16
+# every case in both dtypes with the split heuristic; explicit splits (one per branch, a few, more
+# splits than chunks) on the Tq = 16 case with odd blocks (fp32) and a GQA-4 case with Tq = 3 (bf16)
+SPLIT_CASES = [(dt, case, None) for dt in (FP32, BF16) for case in range(len(CASES))] + [
+    # many: more splits than either branch of the case has chunks
+    (dt, case, splits) for dt, case, many in ((FP32, 3, (8, 7)), (BF16, 1, (24, 11)))
+    for splits in ((1, 1), (3, 2), many)]
+
+
+@pytest.mark.parametrize("dtype,case,splits", SPLIT_CASES,
+                         ids=[f"{'fp32' if dt == FP32 else 'bf16'}-{c}-{sp}" for dt, c, sp in SPLIT_CASES])
 def test_branches_match_fp64(monkeypatch, dtype, case, splits):
     import longattn.kernels.nsa.decode as dec
     from longattn.kernels.nsa.decode_branches import nsa_decode_branches
