@@ -112,6 +112,36 @@ def test_exact_ties_go_to_the_lower_block_index(top_k, causal):
     _assert_same(got, ref)
 
 
+@pytest.mark.parametrize("kind", ["block top-k", "per token", "decoding"])
+def test_gpu_and_interpreter_layouts_rank_alike(monkeypatch, kind):
+    """The ranking kernel's two layouts (``_rank_layout``: one row per program on GPUs, many rows
+    per program under the interpreter) give the same indices, counts and flags bit for bit, with
+    exact ties, NaN and infinities among the scores."""
+    import longattn.kernels.nsa as nsa
+
+    g = torch.Generator().manual_seed(11)
+    B, Hs, R, nKB = {"block top-k": (1, 3, 24, 24), "per token": (1, 2, 40, 600), "decoding": (5, 2, 4, 1100)}[kind]
+    s = torch.randint(0, 4, (B, Hs, R, nKB), generator=g).float()  # many exact ties
+    u = torch.rand(s.shape, generator=g)
+    s = torch.where(u < 0.05, float("nan"), torch.where(u < 0.1, float("inf"), torch.where(u < 0.15, -float("inf"), s)))
+    kw = {"block top-k": dict(first_position=0, row_stride=16, block=16, top_k=5, num_init_blocks=1,
+                              num_local_blocks=1, causal=True),
+          "per token": dict(first_position=900, row_stride=1, block=16, top_k=16, num_init_blocks=1,
+                            num_local_blocks=2, causal=True),
+          "decoding": dict(first_position=-4, row_stride=1, block=64, top_k=16, num_init_blocks=1,
+                           num_local_blocks=2, causal=True,
+                           kv_lens=torch.tensor([4, 64, 65, 30000, 70400], device=DEV))}[kind]
+    s = s.to(DEV)
+    interp = nsa.rank_blocks(s, **kw)
+    rows_per_program = nsa._rank_layout(max(16, 1 << (nKB - 1).bit_length()), R)[0]
+    assert rows_per_program == 1 if DEV == "cuda" else rows_per_program > 1  # the interpreter packs rows
+    monkeypatch.setattr(nsa, "_rank_layout", lambda nb_pad, rows: (1, max(1, nb_pad // 512)))
+    gpu = nsa.rank_blocks(s, **kw)
+    for a, b in zip(interp, gpu):
+        assert torch.equal(a, b)
+    assert (interp[1] > 0).any()
+
+
 def test_non_finite_scores_rank_like_the_reference():
     """An infinite query entry makes scores of +-inf and NaN (inf * 0): NaN ranks last among the
     eligible blocks, +-inf as the largest / smallest finite float, in both paths."""

@@ -15,7 +15,7 @@ matrices, a softmax and a gather per chunk; here two kernels do it without ever 
   overlap matrix.
 
 * :func:`select_blocks` -- the per-token top-k over ``p_slc``: ``BLOCK_R`` query rows of one
-  ``(batch, KV head)`` per program (one row on a warp per 512 columns: :func:`_rank_layout`),
+  ``(batch, KV head)`` per program (on GPUs one row on a warp per 512 columns: :func:`_rank_layout`),
   each row (``NB_PAD`` = ``nKB`` padded to a power of two
   columns) mapped to order-preserving int32 keys (forced blocks +inf, ineligible -inf); a
   bisection per row (vectorised over the rows) over the row's own key range, ending at an exact
@@ -123,14 +123,29 @@ def select_unsupported_reason(p_slc: Tensor) -> str | None:
     return triton_unavailable_reason(p_slc.device)
 
 
-def _rank_layout(nb_pad: int) -> tuple[int, int]:
-    """``(BLOCK_R, num_warps)`` of the ranking kernel for rows of ``nb_pad`` columns: one row per
-    program, one warp per 512 columns (16 keys per thread), so a row's per-step reductions stay
-    inside one or a few warps. H200, 2026-11-30 (`docs/results/rank-layout-2026-11-30-s15*.json`,
-    CUDA graphs): against the previous 4-16 rows over 4-16 warps per program, block top-k's rows at
-    64k (32 heads x 512 rows of 512) 141 -> 66 us, at 128k 505 -> 269 us, NSA's per-token rows at
-    64k (8 heads x 65,536 rows of 1,024) 7.04 -> 4.40 ms; decoding's few rows (one per sequence
-    and head, 1,024 columns) take the same time within 0.5 us."""
+INTERPRETER_RANK_TILE = 4096  # elements (rows x NB_PAD) of one ranking program under the interpreter
+
+
+def _rank_layout(nb_pad: int, rows: int) -> tuple[int, int]:
+    """``(BLOCK_R, num_warps)`` of the ranking kernel for ``rows`` rows of ``nb_pad`` columns.
+
+    On GPUs: one row per program, one warp per 512 columns (16 keys per thread), so a row's
+    per-step reductions stay inside one or a few warps. H200, 2026-11-30
+    (`docs/results/rank-layout-2026-11-30-s15*.json`, CUDA graphs): against the previous 4-16 rows
+    over 4-16 warps per program, block top-k's rows at 64k (32 heads x 512 rows of 512) 141 -> 66
+    us, at 128k 505 -> 269 us, NSA's per-token rows at 64k (8 heads x 65,536 rows of 1,024) 7.04 ->
+    4.40 ms; decoding's few rows (one per sequence and head, 1,024 columns) take the same time
+    within 0.5 us.
+
+    Under the Triton interpreter (CPU tests) a program's cost is mostly per program, so it takes
+    about :data:`INTERPRETER_RANK_TILE` elements (at most 16 rows, no more than there are): the
+    same result bit for bit (each row is ranked on its own; ``tests/test_topk_rank_kernel.py``
+    checks both layouts against each other), in a quarter of the time."""
+    from .. import interpreting
+
+    if interpreting():
+        block_r = max(1, min(16, INTERPRETER_RANK_TILE // nb_pad, _pow2_at_least(rows)))
+        return block_r, 4
     return 1, max(1, nb_pad // 512)
 
 
@@ -210,7 +225,7 @@ def rank_blocks(
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     nb_pad = max(16, _pow2_at_least(nKB))
-    block_r, warps = _rank_layout(nb_pad)
+    block_r, warps = _rank_layout(nb_pad, R)
     if kv_lens is not None:
         kv_lens = kv_lens.contiguous()  # the kernel reads KV_LENS[b] at unit stride
     slices = B * Hs
