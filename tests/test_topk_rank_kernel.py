@@ -120,13 +120,13 @@ def test_gpu_and_interpreter_layouts_rank_alike(monkeypatch, kind):
     import longattn.kernels.nsa as nsa
 
     g = torch.Generator().manual_seed(11)
-    B, Hs, R, nKB = {"block top-k": (1, 3, 24, 24), "per token": (1, 2, 40, 600), "decoding": (5, 2, 4, 1100)}[kind]
+    B, Hs, R, nKB = {"block top-k": (1, 2, 12, 24), "per token": (1, 1, 12, 600), "decoding": (5, 1, 4, 1100)}[kind]
     s = torch.randint(0, 4, (B, Hs, R, nKB), generator=g).float()  # many exact ties
     u = torch.rand(s.shape, generator=g)
     s = torch.where(u < 0.05, float("nan"), torch.where(u < 0.1, float("inf"), torch.where(u < 0.15, -float("inf"), s)))
     kw = {"block top-k": dict(first_position=0, row_stride=16, block=16, top_k=5, num_init_blocks=1,
                               num_local_blocks=1, causal=True),
-          "per token": dict(first_position=900, row_stride=1, block=16, top_k=16, num_init_blocks=1,
+          "per token": dict(first_position=9000, row_stride=1, block=16, top_k=16, num_init_blocks=1,
                             num_local_blocks=2, causal=True),
           "decoding": dict(first_position=-4, row_stride=1, block=64, top_k=16, num_init_blocks=1,
                            num_local_blocks=2, causal=True,
