@@ -143,6 +143,23 @@ def _dot(a, b, MODE: tl.constexpr):
 
 
 @triton.jit
+def attend_chunk(q, k_base, v_base, pos, key_ok, ok, m_i, l_i, acc, qk_scale, skt, skd, svt, svd, d,
+                 DOT_MODE: tl.constexpr):
+    """One chunk of keys at ``pos [BLOCK_N]`` added to the rows' online softmax (fp32, base 2):
+    K and V of the keys in ``key_ok`` are loaded (no others), scores outside ``ok [BLOCK_M,
+    BLOCK_N]`` are masked; P is rounded to V's dtype for ``P @ V``, as flash attention does.
+    Shared by the sparse decode kernel and NSA's decode branch kernel. Returns ``(m_i, l_i,
+    acc)``."""
+    k = tl.load(k_base + pos[:, None] * skt + d[None, :] * skd, mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    s = _dot(q, tl.trans(k), DOT_MODE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    s = tl.where(ok, s, float("-inf"))
+    p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+    v = tl.load(v_base + pos[:, None] * svt + d[None, :] * svd, mask=key_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_MODE)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, Lens, Idx, Cnt, O, L,
     qk_scale,  # scale * log2(e)
@@ -196,17 +213,9 @@ def _decode_split_kernel(
         within = chunk * BLOCK_N + n
         pos = blk * BLOCK_SIZE + within  # absolute key positions  [BLOCK_N]
         key_ok = (within < BLOCK_SIZE) & (pos < kv_len)
-        k = tl.load(k_base + pos[:, None] * stride_kt + d[None, :] * stride_kd,
-                    mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-        s = _dot(q, tl.trans(k), DOT_MODE)
-        s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         ok = key_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
-        s = tl.where(ok, s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-        v = tl.load(v_base + pos[:, None] * stride_vt + d[None, :] * stride_vd,
-                    mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-        pv = _dot(p.to(v.dtype), v, DOT_MODE)  # P rounded to the V dtype, as flash attention does
-        acc = acc * alpha[:, None] + pv
+        m_i, l_i, acc = attend_chunk(q, k_base, v_base, pos, key_ok, ok, m_i, l_i, acc, qk_scale,
+                                     stride_kt, stride_kd, stride_vt, stride_vd, d, DOT_MODE)
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]

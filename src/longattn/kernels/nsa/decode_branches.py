@@ -41,25 +41,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..decode.kernel import _dot, _dot_mode, _ready, _sm_count, choose_num_splits, tile_config
-from ..online_softmax import online_softmax_step
+from ..decode.kernel import _dot_mode, _ready, _sm_count, attend_chunk, choose_num_splits, tile_config
 from .decode import _buffer
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_chunk(q, k_base, v_base, pos, key_ok, row_ok, m_i, l_i, acc, qk_scale, skt, skd, svt, svd, d,
-                  DOT_MODE: tl.constexpr):
-    """One chunk of keys at ``pos [BLOCK_N]`` (``key_ok``: used; others never loaded) added to the
-    rows' online softmax (fp32, base 2)."""
-    k = tl.load(k_base + pos[:, None] * skt + d[None, :] * skd, mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-    s = _dot(q, tl.trans(k), DOT_MODE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-    s = tl.where(key_ok[None, :] & row_ok[:, None], s, float("-inf"))
-    p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-    v = tl.load(v_base + pos[:, None] * svt + d[None, :] * svd, mask=key_ok[:, None], other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_MODE)  # P in V's dtype, as flash attention
-    return m_i, l_i, acc
 
 
 @triton.jit
@@ -112,8 +97,9 @@ def _branches_split(
     if is_win:  # contiguous keys lo..q_pos
         for u in range(u_lo, u_hi):
             pos = lo + u * BLOCK_N + n  # key positions [BLOCK_N]
-            m_i, l_i, acc = _attend_chunk(q, k_base, v_base, pos, pos <= q_pos, row_ok, m_i, l_i, acc, qk_scale,
-                                          skt, skd, svt, svd, d, DOT_MODE)
+            key_ok = pos <= q_pos
+            m_i, l_i, acc = attend_chunk(q, k_base, v_base, pos, key_ok, key_ok[None, :] & row_ok[:, None], m_i, l_i,
+                                         acc, qk_scale, skt, skd, svt, svd, d, DOT_MODE)
     else:  # the selected blocks, in slot order, keys up to the query
         i_base = Idx + b * sib + kvh * sih + t * sit
         for u in range(u_lo, u_hi):
@@ -121,8 +107,8 @@ def _branches_split(
             within = (u % CHUNKS) * BLOCK_N + n
             pos = blk * BLOCK_SIZE + within
             key_ok = (within < BLOCK_SIZE) & (pos <= q_pos)  # never past the query, so never past kv_len
-            m_i, l_i, acc = _attend_chunk(q, k_base, v_base, pos, key_ok, row_ok, m_i, l_i, acc, qk_scale,
-                                          skt, skd, svt, svd, d, DOT_MODE)
+            m_i, l_i, acc = attend_chunk(q, k_base, v_base, pos, key_ok, key_ok[None, :] & row_ok[:, None], m_i, l_i,
+                                         acc, qk_scale, skt, skd, svt, svd, d, DOT_MODE)
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
