@@ -276,8 +276,13 @@ def _triton_compressed_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig, num_b
                                      num_blocks=num_blocks)
 
 
+def _query_positions(cache_seqlens: Tensor, q_len: int) -> Tensor:
+    """``int64 [B, Tq]``: absolute position ``cache_seqlens[b] - Tq + t`` of each query."""
+    return cache_seqlens.long()[:, None] - q_len + torch.arange(q_len, device=cache_seqlens.device)
+
+
 def _compressed_and_selection_triton(
-    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor, pos: Tensor, config: NSAConfig, scale: float,
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor, config: NSAConfig, scale: float,
     num_blocks: int, Tmax: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What :func:`_compressed_and_selection` returns, from the Triton kernels: the split-K
@@ -293,7 +298,7 @@ def _compressed_and_selection_triton(
         compress_stride=config.compress_stride, select_block=config.select_block, num_blocks=num_blocks, scale=scale,
     )
     if select_unsupported_reason(p_slc) is not None:
-        idx, counts = _rank_blocks(p_slc, pos, config)
+        idx, counts = _rank_blocks(p_slc, _query_positions(cache_seqlens, q.shape[2]), config)
         return o_cmp, idx, counts
     idx, counts, _ = select_blocks(
         p_slc, kv_len=Tmax, kv_lens=cache_seqlens, select_block=config.select_block,
@@ -423,8 +428,6 @@ def nsa_decode(
         _check_lengths(q, k_cache, cache_seqlens)
 
     Tmax = k_cache.shape[2]
-    lens = cache_seqlens.long()
-    pos = lens[:, None] - Tq + torch.arange(Tq, device=q.device)  # [B, Tq] absolute positions
     if k_cmp is None:
         k_cmp, v_cmp = nsa_compress(k_cache, v_cache, config)  # O(T): pass k_cmp/v_cmp to avoid it
     assert v_cmp is not None
@@ -439,8 +442,9 @@ def nsa_decode(
             kernels = False
     if kernels:
         o_cmp, idx, counts = _compressed_and_selection_triton(
-            q, k_cmp, v_cmp, cache_seqlens, pos, config, scale, num_blocks, Tmax)
+            q, k_cmp, v_cmp, cache_seqlens, config, scale, num_blocks, Tmax)
     else:
+        pos = _query_positions(cache_seqlens, Tq)
         valid_tok = _valid_tokens(cache_seqlens, k_cmp.shape[2], config)
         o_cmp, idx, counts = _compressed_and_selection(q, k_cmp, v_cmp, pos, valid_tok, config, scale, num_blocks)
     if backend == "triton":  # both branches read in place and the gated sum: two launches
@@ -450,7 +454,7 @@ def nsa_decode(
                                    select_block=config.select_block, window=config.window, gates=config.gates,
                                    scale=scale)
     o_slc = _selected_branch(q, k_cache, v_cache, cache_seqlens, idx, counts, config, scale, backend)
-    o_win = _window_branch(q, k_cache, v_cache, pos, config, scale, backend)
+    o_win = _window_branch(q, k_cache, v_cache, pos, config, scale, backend)  # not triton: pos is set above
     return nsa_combine(o_cmp, o_slc, o_win, config.gates)
 
 
