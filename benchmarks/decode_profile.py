@@ -1,11 +1,12 @@
 """Where the microseconds of one sparse decoding step go, kernel by kernel: CUPTI kernel
 durations (``torch.profiler``) of CUDA-graph replays, with L2 flushed before each replay (cold,
-as ``suite.py`` and ``decode_sweep.py`` time decode) and without (warm), at 128k cached tokens,
-B = 1, H = 32, Hkv = 8, D = 128, bf16, a 4,096-token top-k budget of 128-token blocks.
+as ``suite.py`` and ``decode_sweep.py`` time decode) and without (warm), at 128k cached tokens in
+every sequence, B = 1 (``--batch`` for others), H = 32, Hkv = 8, D = 128, bf16, a 4,096-token top-k
+budget of 128-token blocks.
 
 Variants: an empty kernel (the launch floor), the selection (scoring and ranking kernels), the
-split-K attention alone (32 splits), the merge alone, and the whole step (selection, attention,
-merge). Per variant: the graph replay time (CUDA events) and each kernel's mean duration in
+split-K attention alone (the split count ``sparse_decode`` chooses for the batch), the merge alone,
+and the whole step (selection, attention, merge). Per variant: the graph replay time (CUDA events) and each kernel's mean duration in
 replay order; at the end, each compiled kernel's registers, spills and shared memory.
 
     python3 benchmarks/decode_profile.py --out $OUT/decode_profile.jsonl
@@ -51,15 +52,22 @@ def kernel_times(fn, flush: torch.Tensor | None, reps: int = 20) -> list[tuple[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=131072)
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes (every sequence holds T tokens)")
     ap.add_argument("--out", default="decode_profile.jsonl")
     args = ap.parse_args()
+    for B in [int(b) for b in args.batch.split(",")]:
+        profile_batch(args.T, B, args.out)
+    kernel_info(args.out)
 
+
+def profile_batch(T: int, B: int, out: str) -> None:
     from longattn.decode import block_key_means, select_topk_blocks, sparse_decode
     from longattn.kernels.decode import decode_partials, merge_partials
+    from longattn.kernels.decode.kernel import _sm_count, choose_num_splits, tile_config
 
     dev = torch.device("cuda")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    B, H, Hkv, D, bs, budget, T = 1, 32, 8, 128, 128, 4096, args.T
+    H, Hkv, D, bs, budget = 32, 8, 128, 128, 4096
     top_k = budget // bs
     scale = D ** -0.5
     g = torch.Generator(device=dev).manual_seed(1)
@@ -69,29 +77,36 @@ def main() -> None:
     lens = torch.full((B,), T, dtype=torch.int32, device=dev)
     means = block_key_means(k, lens, bs)
     idx, cnt = select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton")
-    o_part, l_part = decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=32)
+    cfg = tile_config(H // Hkv, 1, bs, D, q.dtype)
+    splits = choose_num_splits(B * Hkv, cfg["row_tiles"], idx.shape[-1] * cfg["CHUNKS"], _sm_count(dev))
+    o_part, l_part = decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=max(2, splits))
     x = torch.zeros(1, device=dev)
 
     variants = {
         "empty": lambda: _empty[(256,)](x),
         "select": lambda: select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means,
                                              backend="triton"),
-        "split_only": lambda: decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=32,
-                                              o_part=o_part, lse_part=l_part),
+        "split_only": lambda: decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale,
+                                              num_splits=max(2, splits), o_part=o_part, lse_part=l_part),
         "merge_only": lambda: merge_partials(o_part, l_part, q.dtype),
         "step": lambda: sparse_decode(q, k, v, lens, *select_topk_blocks(
             q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton"),
             block_size=bs, scale=scale, backend="triton", validate=False),
     }
-    with open(args.out, "a") as f:
+    with open(out, "a") as f:
         for name, fn in variants.items():
             for cold in (True, False):
                 fl = flush if cold else None
-                row = {"variant": name, "L2": "cold" if cold else "warm",
+                row = {"variant": name, "B": B, "T": T, "splits": splits, "L2": "cold" if cold else "warm",
                        "replay_us": round(graph_median_ms(fn, flush=fl) * 1e3, 2),
                        "kernels_us": [(n, round(t, 2)) for n, t in kernel_times(fn, fl)]}
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")
+    del k, v, means
+
+
+def kernel_info(out: str) -> None:
+    with open(out, "a") as f:
         from longattn.kernels.decode.kernel import _decode_split_kernel, _merge_kernel
         from longattn.kernels.decode.select import _score_kernel
         from longattn.kernels.nsa.kernel import _select_rank

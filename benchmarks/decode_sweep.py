@@ -1,6 +1,6 @@
 """Sparse decoding at 128k cached tokens: where do the microseconds go, and does the split-K count
 matter? Times, as cold-L2 CUDA-graph replays (as ``suite.py`` times decode), one decoding step of
-B sequences (lengths T, 3T/4, ... as the suite), H = 32, Hkv = 8, D = 128, bf16, a 4,096-token
+B sequences (lengths T, 3T/4, ... as the suite; ``--fixed``: T each), H = 32, Hkv = 8, D = 128, bf16, a 4,096-token
 budget of 128-token blocks chosen by ``select_topk_blocks``:
 
 * dense SDPA decoding over the whole cache (the baseline, same run);
@@ -8,6 +8,8 @@ budget of 128-token blocks chosen by ``select_topk_blocks``:
 * the split-K attention over a fixed selection with ``num_splits`` in the heuristic's choice and
   a sweep (1 means the split kernel writes the output directly, no merge);
 * selection + attention with the default settings;
+* with ``--configs``, the split-K attention at the heuristic's split count under other tiles of
+  the split kernel (``BLOCK_N:num_stages:num_warps``, e.g. ``64:3:4,128:2:8``);
 * the launch floor: one empty Triton kernel, two in a row (plain and with programmatic
   dependent launch), and a small ``torch.zeros`` before one (the cost of a per-call counter
   buffer that a kernel with an in-kernel merge would need).
@@ -42,11 +44,14 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=131072)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--splits", default="1,4,8,16,32,64")
+    ap.add_argument("--fixed", action="store_true", help="every sequence holds T tokens")
+    ap.add_argument("--configs", default="", help="split-kernel tiles to try: BLOCK_N:num_stages:num_warps,...")
     ap.add_argument("--out", default="decode_sweep.jsonl")
     args = ap.parse_args()
 
     from longattn.decode import block_key_means, select_topk_blocks, sparse_decode
     from longattn.kernels.decode import choose_num_splits, sparse_decode_triton, tile_config
+    from longattn.kernels.decode import kernel as dk
     from longattn.kernels.decode.kernel import _sm_count
 
     dev = torch.device("cuda")
@@ -67,12 +72,13 @@ def main() -> None:
         k = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
         v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
         q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
-        lens = torch.tensor([T - i * T // max(B, 1) for i in range(B)], dtype=torch.int32, device=dev)
+        lens = torch.tensor([T if args.fixed else T - i * T // max(B, 1) for i in range(B)], dtype=torch.int32,
+                            device=dev)
         means = block_key_means(k, lens, bs)
         sel = lambda: select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton")
         idx, cnt = sel()
-        base = dict(B=B, T=T, H=H, Hkv=Hkv, D=D, budget=budget, block=bs)
-        if B == 1:
+        base = dict(B=B, T=T, H=H, Hkv=Hkv, D=D, budget=budget, block=bs, fixed=args.fixed)
+        if B == 1 or args.fixed:
             dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         else:  # per-sequence lengths: a key-padding mask (what a batched dense decode must read anyway)
             mask = (torch.arange(T, device=dev)[None, :] < lens[:, None])[:, None, None, :]
@@ -90,6 +96,23 @@ def main() -> None:
             return sparse_decode(q, k, v, lens, i, c, block_size=bs, scale=scale, backend="triton", validate=False)
 
         record(**base, what="select_and_attend", num_splits=auto, ms=graph_median_ms(both, flush=flush))
+        ref = sparse_decode_triton(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=auto)[0]
+        default_config = dk.tile_config
+        for spec in filter(None, args.configs.split(",")):
+            bn, stages, warps = (int(x) for x in spec.split(":"))
+
+            def patched(*a, bn=bn, stages=stages, warps=warps):
+                c = default_config(*a)
+                return {**c, "BLOCK_N": bn, "CHUNKS": -(-bs // bn), "num_stages": stages, "num_warps": warps}
+
+            dk.tile_config = patched
+            try:
+                fn = lambda: sparse_decode_triton(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=auto)
+                diff = (fn()[0].float() - ref.float()).abs().max().item()
+                record(**base, what="attend_tile", config=spec, num_splits=auto, max_diff=diff,
+                       ms=graph_median_ms(fn, flush=flush))
+            finally:
+                dk.tile_config = default_config
 
         del k, v, means
         torch.cuda.empty_cache()

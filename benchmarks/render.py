@@ -77,7 +77,8 @@ def runs_of(rows: Iterable[dict]) -> dict[str, dict]:
 # ---------------------------------------------------------------------- comparisons
 def shape_key(r: dict) -> tuple:
     """Cases that compare with each other: same op, sizes, dtype (and decode lengths)."""
-    return (r.get("op"), r.get("T"), r.get("B"), r.get("H"), r.get("Hkv"), r.get("D"), r.get("dtype"))
+    return (r.get("op"), r.get("T"), r.get("B"), r.get("H"), r.get("Hkv"), r.get("D"), r.get("dtype"),
+            tuple(r.get("lengths") or ()))
 
 
 def dense_times(records: Iterable[dict]) -> dict[tuple, dict[str, float]]:
@@ -157,8 +158,11 @@ def timed_row(r: dict, dense, extra=()) -> list[str]:
     if r.get("part"):
         method = f"{method}: {r['part']}"
     T = size_label(r.get("T"))
-    if r.get("lengths") and len(r["lengths"]) > 1:
-        T = T + " (" + "/".join(size_label(x) for x in r["lengths"]) + ")"
+    lengths = r.get("lengths") or []
+    if len(lengths) > 1 and len(set(lengths)) == 1:
+        T = f"{T} each"
+    elif len(lengths) > 1:
+        T = T + " (" + "/".join(size_label(x) for x in lengths) + ")"
     gate = r.get("gate_ok")
     return [
         method,

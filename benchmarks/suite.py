@@ -173,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gate-len", type=int, default=None, help="T of the correctness gate (default 4096; cpu: smallest size)")
     ap.add_argument("--decode-budget", type=int, default=4096, help="tokens a sparse decoder reads per (sequence, KV head)")
     ap.add_argument("--decode-batch", default="1,4", help="decode batch sizes (B>1: lengths T, ..., T/B)")
+    ap.add_argument("--decode-lengths", default="staggered", choices=["staggered", "fixed", "both"],
+                    help="cache lengths of a decode batch: staggered T, ..., T/B (default), fixed (every "
+                         "sequence T), or both")
     ap.add_argument("--heads", type=int, default=None, help="query heads H (default 32; cpu: 4)")
     ap.add_argument("--head-dim", type=int, default=None, help="head dim D (default 128; cpu: 64)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -235,11 +238,13 @@ class Case:
     dtype: str
     backend: str  # ours | flex | sdpa-cudnn | sdpa-flash | reference
     part: str = ""  # decode of a sparse selector: attend | select | both | summary
+    fixed: bool = False  # decode: every sequence of the batch holds T tokens (else T, ..., T/B)
 
     @property
     def case_id(self) -> str:
-        return "|".join([self.op, self.method, f"T{self.T}", f"B{self.B}", f"H{self.H}", f"Hkv{self.Hkv}",
-                         f"D{self.D}", self.dtype, self.backend, self.part])
+        fields = [self.op, self.method, f"T{self.T}", f"B{self.B}", f"H{self.H}", f"Hkv{self.Hkv}",
+                  f"D{self.D}", self.dtype, self.backend, self.part]
+        return "|".join(fields + (["fixed"] if self.fixed else []))
 
     @property
     def is_decode(self) -> bool:
@@ -247,11 +252,14 @@ class Case:
 
     @property
     def lengths(self) -> list[int]:
-        return decode_lengths(self.T, self.B) if self.is_decode else [self.T] * self.B
+        return decode_lengths(self.T, self.B, self.fixed) if self.is_decode else [self.T] * self.B
 
 
-def decode_lengths(T: int, B: int) -> list[int]:
-    """Cache lengths of a decode batch: T, then evenly smaller (B=4: T, 3T/4, T/2, T/4)."""
+def decode_lengths(T: int, B: int, fixed: bool = False) -> list[int]:
+    """Cache lengths of a decode batch: T, then evenly smaller (B=4: T, 3T/4, T/2, T/4); with
+    ``fixed``, T for every sequence."""
+    if fixed:
+        return [T] * B
     return [max(16, T * (B - i) // B) for i in range(B)]
 
 
@@ -290,7 +298,9 @@ def build_plan(o) -> list[Case]:
     dec_others = [t for t in sorted(sizes, reverse=True) if t != dec_head]
     h0, hrest = o.hkv[0], o.hkv[1:]
     ops = [op for op in ("fwd", "bwd") if op in o.ops]
-    mk = lambda op, m, T, B, hkv, be, part="": Case(op, m, T, B, o.heads, hkv, o.head_dim, o.dtype, be, part)
+    mk = lambda op, m, T, B, hkv, be, part="", fixed=False: Case(op, m, T, B, o.heads, hkv, o.head_dim, o.dtype,
+                                                                 be, part, fixed)
+    rules = {"staggered": [False], "fixed": [True], "both": [False, True]}[o.decode_lengths]
     no_flex = ("ours", "sdpa-cudnn", "sdpa-flash", "dense-mask", "reference")
 
     def prefill(T: int, hkv: int, backends, methods=("full", *PRIMARY, *SECONDARY)) -> list[Case]:
@@ -308,15 +318,17 @@ def build_plan(o) -> list[Case]:
             return []
         out = []
         for B in o.decode_batch:
-            if "full" in o.methods:
-                out += [mk("decode", "full", T, B, hkv, be) for be in DENSE_BACKENDS if be in o.backends]
-            for m in DECODE_SELECTORS:
-                if m in o.methods:
-                    out += [mk("decode", m, T, B, hkv, be, part) for be in ("ours", "reference")
-                            if be in o.backends for part in DECODE_PARTS]
-            for m in NSA_DECODE:  # the whole step: compressed branch, selection, selected and window branches
-                if m in o.methods:
-                    out += [mk("decode", m, T, B, hkv, be, "both") for be in ("ours", "reference") if be in o.backends]
+            for fx in rules if B > 1 else [False]:  # B = 1: both rules are the same batch
+                if "full" in o.methods:
+                    out += [mk("decode", "full", T, B, hkv, be, "", fx) for be in DENSE_BACKENDS if be in o.backends]
+                for m in DECODE_SELECTORS:
+                    if m in o.methods:
+                        out += [mk("decode", m, T, B, hkv, be, part, fx) for be in ("ours", "reference")
+                                if be in o.backends for part in DECODE_PARTS]
+                for m in NSA_DECODE:  # the whole step: compressed branch, selection, selected and window branches
+                    if m in o.methods:
+                        out += [mk("decode", m, T, B, hkv, be, "both", fx) for be in ("ours", "reference")
+                                if be in o.backends]
         return out
 
     plan = prefill(head, h0, no_flex, ("full", *PRIMARY))
@@ -440,7 +452,7 @@ class CostModel:
         self.compile_s = {("flex", "fwd"): 8.0, ("flex", "grad"): 20.0, ("ours", "fwd"): 3.0, ("ours", "grad"): 3.0}
 
     def path_key(self, c: Case) -> tuple:
-        return (c.op, c.method, c.backend, c.part, c.Hkv, c.B)
+        return (c.op, c.method, c.backend, c.part, c.Hkv, c.B, c.fixed)
 
     def predict_ms(self, c: Case) -> float:
         done = self.measured.get(self.path_key(c))
@@ -458,7 +470,7 @@ class CostModel:
         if o.device == "cpu":
             return 1e3 * prefill_flops("fwd", B=c.B, H=c.H, D=c.D, T=T) / 2e11 * (3 if c.method == "nsa" else 1) + 1
         if c.is_decode:
-            tokens = sum(decode_lengths(T, c.B))
+            tokens = sum(c.lengths)
             kv = 2 * tokens * c.Hkv * c.D * 2
             if c.method == "full":
                 return (kv * (c.H / c.Hkv if c.backend == "sdpa-cudnn" else 1)) / 4.2e12 * 1e3 + 0.02 * c.B
@@ -686,7 +698,7 @@ class Runner:
 
     def record(self, c: Case, status: str, **fields) -> dict:
         if status == "ok" and c.op in ("fwd", "bwd", "decode") and fields.get("median_ms"):
-            dense = Case(c.op, "full", c.T, c.B, c.H, c.Hkv, c.D, c.dtype, "sdpa-cudnn", "")
+            dense = Case(c.op, "full", c.T, c.B, c.H, c.Hkv, c.D, c.dtype, "sdpa-cudnn", "", c.fixed)
             base = self.done.get(dense.case_id, {}).get("median_ms")
             fields["speedup_vs_cudnn"] = base / fields["median_ms"] if base else None
         rec = {**self.base(c), "status": status, **fields, "ceilings": self.ceilings, "env": self.env,
@@ -1423,7 +1435,8 @@ class Runner:
 
 def describe(c: Case) -> str:
     part = f":{c.part}" if c.part else ""
-    return f"{c.op:6} {c.method + part:18} T={render.size_label(c.T):>5} B={c.B} Hkv={c.Hkv:<2} {c.backend}"
+    b = f"{c.B}*" if c.fixed else f"{c.B}"
+    return f"{c.op:6} {c.method + part:18} T={render.size_label(c.T):>5} B={b} Hkv={c.Hkv:<2} {c.backend}"
 
 
 def fmt_x(x) -> str:
@@ -1439,17 +1452,18 @@ def summary_table(records: list[dict], limit_chars: int = 8000) -> str:
     dense = render.dense_times(ok)
     rows: dict[tuple, dict] = {}
     for r in sorted(ok, key=render.sort_key):
-        key = (r["op"], r["method"] + (f":{r['part']}" if r.get("part") else ""), r["T"], r["B"], r["Hkv"])
+        key = (r["op"], r["method"] + (f":{r['part']}" if r.get("part") else ""), r["T"], r["B"], r["Hkv"],
+               bool(r.get("fixed")))
         rows.setdefault(key, {})[r["backend"]] = r
     present = {r["backend"] for r in ok}
     cols = [b for b in render.BACKEND_ORDER if b in present] or ["ours", "flex", "sdpa-cudnn", "sdpa-flash"]
     short = {"sdpa-cudnn": "cudnn", "sdpa-flash": "flash", "dense-mask": "mask", "reference": "ref"}
-    head = (f"{'op':6} {'method':18} {'T':>5} {'B':>2} {'Hkv':>3} | "
+    head = (f"{'op':6} {'method':18} {'T':>5} {'B':>3} {'Hkv':>3} | "
             + " ".join(f"{short.get(b, b):>8}" for b in cols)
             + f" | {'ours/cu':>7} {'flex/cu':>7} | {'ours xfl':>8} {'flex xfl':>8}")
     lines = ["median ms per back end; x/cu = speed-up over SDPA cuDNN dense of the same shape; "
-             "xfl = median / floor", head, "-" * len(head)]
-    order = sorted(rows, key=lambda k: (render.TIMED_OPS.index(k[0]), k[2] != HEADLINE_T, -k[2], k[4], k[3]))
+             "xfl = median / floor; B*: every sequence of the batch holds T tokens", head, "-" * len(head)]
+    order = sorted(rows, key=lambda k: (render.TIMED_OPS.index(k[0]), k[2] != HEADLINE_T, -k[2], k[4], k[3], k[5]))
     used = sum(len(x) + 1 for x in lines)
 
     def speed(byb, b):
@@ -1460,7 +1474,8 @@ def summary_table(records: list[dict], limit_chars: int = 8000) -> str:
         byb = rows[key]
         ms = lambda b: f"{byb[b]['median_ms']:8.3f}" if b in byb else f"{'-':>8}"
         xf = lambda b: f"{byb[b]['x_floor']:7.2f}x" if b in byb and byb[b].get("x_floor") else f"{'-':>8}"
-        line = (f"{key[0]:6} {key[1][:18]:18} {render.size_label(key[2]):>5} {key[3]:>2} {key[4]:>3} | "
+        b = f"{key[3]}*" if key[5] else f"{key[3]}"
+        line = (f"{key[0]:6} {key[1][:18]:18} {render.size_label(key[2]):>5} {b:>3} {key[4]:>3} | "
                 + " ".join(ms(b) for b in cols) + f" | {speed(byb, 'ours')} {speed(byb, 'flex')} | "
                 f"{xf('ours')} {xf('flex')}")
         if used + len(line) > limit_chars:

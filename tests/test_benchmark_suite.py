@@ -101,6 +101,29 @@ def test_selected_tokens_and_decode_counts_by_hand():
 def test_decode_lengths():
     assert suite.decode_lengths(131072, 1) == [131072]
     assert suite.decode_lengths(131072, 4) == [131072, 98304, 65536, 32768]
+    assert suite.decode_lengths(131072, 4, fixed=True) == [131072] * 4
+
+
+def test_fixed_decode_lengths_plan():
+    """--decode-lengths both: B > 1 gets a fixed-length batch beside the staggered one (its own case
+    id, lengths and dense baseline); B = 1 is one batch either way."""
+    o = suite.parse_args(["--device", "cuda", "--plan", "--sizes", "128k", "--hkv", "8", "--ops", "decode",
+                          "--methods", "full,topk", "--backends", "ours,sdpa-cudnn", "--decode-batch", "1,16",
+                          "--decode-lengths", "both"])
+    plan = suite.build_plan(o)
+    ids = [c.case_id for c in plan]
+    assert len(ids) == len(set(ids))
+    full = {(c.B, c.fixed): c for c in plan if c.method == "full"}
+    assert set(full) == {(1, False), (16, False), (16, True)}
+    assert full[(16, True)].lengths == [131072] * 16
+    assert full[(16, False)].lengths == suite.decode_lengths(131072, 16)
+    assert full[(16, True)].case_id.endswith("|fixed") and not full[(16, False)].case_id.endswith("|fixed")
+    topk = [c for c in plan if c.method == "topk" and c.fixed]
+    assert {c.part for c in topk} == set(suite.DECODE_PARTS) and all(c.B == 16 for c in topk)
+    only = suite.build_plan(suite.parse_args(["--device", "cuda", "--plan", "--sizes", "128k", "--hkv", "8",
+                                              "--ops", "decode", "--methods", "full", "--backends", "sdpa-cudnn",
+                                              "--decode-batch", "1,4", "--decode-lengths", "fixed"]))
+    assert [(c.B, c.fixed) for c in only] == [(1, False), (4, True)]
 
 
 def test_floor():
@@ -467,6 +490,31 @@ def test_render_markdown_and_json(tmp_path):
     assert c3["speedup_vs_cudnn"] == pytest.approx(15.0) and c3["speedup_vs_best_dense"] == pytest.approx(15.0)
     again = render.build_json(rows, data)
     assert again["earlier"] == [earlier]
+
+
+def test_render_compares_decode_batches_of_the_same_lengths():
+    """A fixed-length decode batch is compared with the dense run over the same lengths, not with
+    the staggered batch of the same B."""
+    env = _synthetic()[0]["env"]
+    base = {"op": "decode", "T": 131072, "B": 4, "H": 32, "Hkv": 8, "D": 128, "dtype": "bfloat16", "env": env,
+            "run_id": "r1", "status": "ok", "gate_ok": True, "config": {}}
+    stag, fixed = suite.decode_lengths(131072, 4), suite.decode_lengths(131072, 4, fixed=True)
+    rows = [{**base, "case_id": "d1", "method": "full", "backend": "sdpa-cudnn", "part": "", "lengths": stag,
+             "median_ms": 0.3},
+            {**base, "case_id": "d2", "method": "full", "backend": "sdpa-cudnn", "part": "", "lengths": fixed,
+             "median_ms": 0.5},
+            {**base, "case_id": "d3", "method": "topk", "backend": "ours", "part": "both", "lengths": stag,
+             "median_ms": 0.05},
+            {**base, "case_id": "d4", "method": "topk", "backend": "ours", "part": "both", "lengths": fixed,
+             "median_ms": 0.05}]
+    dense = render.dense_times(rows)
+    assert render.speedups(rows[2], dense)[0] == pytest.approx(6.0)
+    assert render.speedups(rows[3], dense)[0] == pytest.approx(10.0)
+    md = render.render_markdown(rows)
+    assert "| 128k each |" in md and "| 128k (128k/96k/64k/32k) |" in md
+    table = suite.summary_table([{**r, "fixed": r["lengths"] == fixed} for r in rows]).splitlines()
+    assert sum(" 4* " in line for line in table) == 2 and sum("  4 " in line for line in table) == 2
+    assert any(" 4* " in line and "10.00x" in line for line in table)
 
 
 def test_render_cli_on_the_smoke_run(smoke, tmp_path):
