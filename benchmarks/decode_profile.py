@@ -53,21 +53,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=131072)
     ap.add_argument("--batch", default="1", help="comma list of batch sizes (every sequence holds T tokens)")
+    ap.add_argument("--method", default="topk", choices=["topk", "quest"],
+                    help="selector: topk (128-token blocks, 32 kept) or quest (16-token pages, 256 kept)")
+    ap.add_argument("--score-tiles", default="",
+                    help="also time the selection under these scoring tiles: BLOCK_NB:num_warps,...")
     ap.add_argument("--out", default="decode_profile.jsonl")
     args = ap.parse_args()
+    tiles = [tuple(int(x) for x in t.split(":")) for t in args.score_tiles.split(",") if t]
     for B in [int(b) for b in args.batch.split(",")]:
-        profile_batch(args.T, B, args.out)
+        profile_batch(args.T, B, args.out, args.method, tiles)
     kernel_info(args.out)
 
 
-def profile_batch(T: int, B: int, out: str) -> None:
-    from longattn.decode import block_key_means, select_topk_blocks, sparse_decode
+def profile_batch(T: int, B: int, out: str, method: str = "topk", tiles=()) -> None:
+    from longattn.decode import block_key_means, page_bounds, select_quest_pages, select_topk_blocks, sparse_decode
     from longattn.kernels.decode import decode_partials, merge_partials
     from longattn.kernels.decode.kernel import _sm_count, choose_num_splits, tile_config
 
     dev = torch.device("cuda")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    H, Hkv, D, bs, budget = 32, 8, 128, 128, 4096
+    H, Hkv, D, budget = 32, 8, 128, 4096
+    bs = 128 if method == "topk" else 16
     top_k = budget // bs
     scale = D ** -0.5
     g = torch.Generator(device=dev).manual_seed(1)
@@ -75,8 +81,13 @@ def profile_batch(T: int, B: int, out: str) -> None:
     v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
     q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
     lens = torch.full((B,), T, dtype=torch.int32, device=dev)
-    means = block_key_means(k, lens, bs)
-    idx, cnt = select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton")
+    if method == "topk":
+        means = block_key_means(k, lens, bs)
+        select = lambda: select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton")
+    else:
+        means = page_bounds(k, lens, bs)
+        select = lambda: select_quest_pages(q, k, lens, page_size=bs, top_k=top_k, bounds=means, backend="triton")
+    idx, cnt = select()
     cfg = tile_config(H // Hkv, 1, bs, D, q.dtype)
     splits = choose_num_splits(B * Hkv, cfg["row_tiles"], idx.shape[-1] * cfg["CHUNKS"], _sm_count(dev))
     o_part, l_part = decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=max(2, splits))
@@ -84,24 +95,36 @@ def profile_batch(T: int, B: int, out: str) -> None:
 
     variants = {
         "empty": lambda: _empty[(256,)](x),
-        "select": lambda: select_topk_blocks(q, k, lens, block_size=bs, top_k=top_k, key_means=means,
-                                             backend="triton"),
+        "select": select,
         "split_only": lambda: decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale,
                                               num_splits=max(2, splits), o_part=o_part, lse_part=l_part),
         "merge_only": lambda: merge_partials(o_part, l_part, q.dtype),
-        "step": lambda: sparse_decode(q, k, v, lens, *select_topk_blocks(
-            q, k, lens, block_size=bs, top_k=top_k, key_means=means, backend="triton"),
-            block_size=bs, scale=scale, backend="triton", validate=False),
+        "step": lambda: sparse_decode(q, k, v, lens, *select(), block_size=bs, scale=scale, backend="triton",
+                                      validate=False),
     }
     with open(out, "a") as f:
         for name, fn in variants.items():
             for cold in (True, False):
                 fl = flush if cold else None
-                row = {"variant": name, "B": B, "T": T, "splits": splits, "L2": "cold" if cold else "warm",
+                row = {"variant": name, "method": method, "B": B, "T": T, "splits": splits, "L2": "cold" if cold else "warm",
                        "replay_us": round(graph_median_ms(fn, flush=fl) * 1e3, 2),
                        "kernels_us": [(n, round(t, 2)) for n, t in kernel_times(fn, fl)]}
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")
+        from longattn.kernels.decode import select as sel_mod
+
+        default = sel_mod.SCORE_TILE
+        for tile in tiles:
+            sel_mod.SCORE_TILE = tile
+            try:
+                same = all(torch.equal(a, b) for a, b in zip(select(), (idx, cnt)))
+                row = {"variant": "select_tile", "method": method, "B": B, "T": T, "tile": tile,
+                       "same_selection": same, "replay_us": round(graph_median_ms(select, flush=flush) * 1e3, 2),
+                       "kernels_us": [(n, round(t, 2)) for n, t in kernel_times(select, flush)]}
+            finally:
+                sel_mod.SCORE_TILE = default
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps(row) + "\n")
     del k, v, means
 
 

@@ -10,8 +10,11 @@ takes two kernels:
    row of a scratch buffer ``[B * Hkv, nBlocks]`` (blocks past the sequence's length are not
    written). Top-k mode: ``(sum over the group's heads and queries of q) . mean key of the
    block``; Quest mode: the page upper bound ``relu(q) . kmax + min(q, 0) . kmin`` summed over
-   the group's heads and queries (two fp32 ``tl.dot`` per tile). The many programs read the
-   summaries (MBs at 128k tokens) in parallel.
+   the group's heads and queries. Both are linear in q, so the rows' q (top-k) or ``relu(q)``
+   and ``min(q, 0)`` (Quest) are summed first and each block costs one fp32 multiply-add per
+   coordinate of each summary: the kernel only streams the summaries (MBs per sequence at 128k
+   tokens), many programs in parallel. (Quest's bound as two fp32 ``tl.dot`` per tile of rows
+   ran at about 0.2 TB/s on an H200: 158 us at 128k, B = 1.)
 2. :func:`longattn.kernels.nsa.rank_blocks` (the ranking kernel of NSA and of the block top-k
    prefill), one row per ``(sequence, KV head)`` at the position of the sequence's last key:
    forced blocks (the first ``n_sink`` and the last ``n_local`` blocks holding valid keys)
@@ -34,6 +37,13 @@ from torch import Tensor
 
 from ..nsa import MAX_SELECT_BLOCKS, rank_blocks
 from .kernel import _next_pow2, _ready
+
+
+# (blocks per scoring program, warps). Swept on an H200 at 128k tokens (benchmarks/decode_profile.py
+# --score-tiles, 2026-12-01): 2 warps over 32 blocks keep the most loads in flight per thread; the
+# score kernel at B = 16 took 25.5 us (top-k means) and 139 us (Quest bounds) against 29.9 and 329 us
+# at 4 warps, about 3.9 TB/s for Quest's bounds; the selection is the same bit for bit.
+SCORE_TILE = (32, 2)
 
 
 @triton.jit
@@ -74,15 +84,13 @@ def _score_kernel(
         n = start + tl.arange(0, BLOCK_NB)
         n_ok = n < nb  # blocks past this sequence's length are never ranked
         m_off = b * stride_mb + hkv * stride_mh + n[:, None].to(tl.int64) * stride_mn + d[None, :] * stride_md
-        if QUEST:  # in fp32: exact products and the interpreter compares fp32 correctly
-            q32 = q.to(tl.float32)
-            q_pos = tl.maximum(q32, 0.0)
-            q_neg = tl.minimum(q32, 0.0)
+        if QUEST:  # sum over rows r of (relu(q_r) . kmax + min(q_r, 0) . kmin), in fp32
+            q32 = q.to(tl.float32)  # padded rows are 0
+            q_pos = tl.sum(tl.maximum(q32, 0.0), axis=0)  # [D]
+            q_neg = tl.sum(tl.minimum(q32, 0.0), axis=0)
             kmin = tl.load(KMIN + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_NB, D]
             kmax = tl.load(KMAX + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
-            bound = tl.dot(q_pos, tl.trans(kmax), input_precision="ieee") + tl.dot(
-                q_neg, tl.trans(kmin), input_precision="ieee")
-            s = tl.sum(bound, axis=0)  # [BLOCK_NB]; padded rows of q are 0
+            s = tl.sum(kmax * q_pos[None, :] + kmin * q_neg[None, :], axis=1)  # [BLOCK_NB]
         else:
             q_sum = tl.sum(q.to(tl.float32), axis=0)  # [D]
             km = tl.load(KM + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
@@ -127,13 +135,13 @@ def select_blocks_triton(
     scratch = torch.empty(B * Hkv, nb_max, dtype=torch.float32, device=q.device)
     rows = max(16, _next_pow2((H // Hkv) * Tq))
     kmin, kmax = bounds if quest else (meta, meta)
-    block_nb = 32
+    block_nb, warps = SCORE_TILE
     _score_kernel[(B * Hkv, triton.cdiv(nb_max, block_nb))](
         q, meta, kmin, kmax, cache_seqlens, scratch,
         *q.stride(), *meta.stride(), scratch.stride(0),
         Hkv, nb_max, block_size,
         G=H // Hkv, TQ=Tq, HEAD_DIM=D, ROWS=rows, BLOCK_NB=block_nb, QUEST=quest,
-        num_warps=4,
+        num_warps=warps,
     )
     # one row per (sequence, KV head), at the position of the sequence's last key
     kept, counts, _ = rank_blocks(
