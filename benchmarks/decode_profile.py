@@ -68,7 +68,7 @@ def main() -> None:
 def profile_batch(T: int, B: int, out: str, method: str = "topk", tiles=()) -> None:
     from longattn.decode import block_key_means, page_bounds, select_quest_pages, select_topk_blocks, sparse_decode
     from longattn.kernels.decode import decode_partials, merge_partials
-    from longattn.kernels.decode.kernel import _sm_count, choose_num_splits, tile_config
+    from longattn.kernels.decode.kernel import _sm_count, choose_num_splits, tile_config, work_units
 
     dev = torch.device("cuda")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
@@ -89,7 +89,7 @@ def profile_batch(T: int, B: int, out: str, method: str = "topk", tiles=()) -> N
         select = lambda: select_quest_pages(q, k, lens, page_size=bs, top_k=top_k, bounds=means, backend="triton")
     idx, cnt = select()
     cfg = tile_config(H // Hkv, 1, bs, D, q.dtype)
-    splits = choose_num_splits(B * Hkv, cfg["row_tiles"], idx.shape[-1] * cfg["CHUNKS"], _sm_count(dev))
+    splits = choose_num_splits(B * Hkv, cfg["row_tiles"], work_units(idx.shape[-1], cfg), _sm_count(dev))
     o_part, l_part = decode_partials(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=max(2, splits))
     x = torch.zeros(1, device=dev)
 

@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from longattn.decode import block_key_means, select_topk_blocks, sparse_decode
-    from longattn.kernels.decode import choose_num_splits, sparse_decode_triton, tile_config
+    from longattn.kernels.decode import choose_num_splits, sparse_decode_triton, tile_config, work_units
     from longattn.kernels.decode import kernel as dk
     from longattn.kernels.decode.kernel import _sm_count
 
@@ -86,7 +86,7 @@ def main() -> None:
         record(**base, what="sdpa_dense", ms=graph_median_ms(dense, flush=flush))
         record(**base, what="select_topk_kernels", ms=graph_median_ms(sel, flush=flush))
         cfg = tile_config(H // Hkv, 1, bs, D, q.dtype)
-        auto = choose_num_splits(B * Hkv, cfg["row_tiles"], idx.shape[-1] * cfg["CHUNKS"], _sm_count(dev))
+        auto = choose_num_splits(B * Hkv, cfg["row_tiles"], work_units(idx.shape[-1], cfg), _sm_count(dev))
         for s in sorted({auto, *(int(x) for x in args.splits.split(","))}):
             fn = lambda s=s: sparse_decode_triton(q, k, v, lens, idx, cnt, block_size=bs, scale=scale, num_splits=s)
             record(**base, what="attend", num_splits=s, heuristic=s == auto, ms=graph_median_ms(fn, flush=flush))
@@ -103,7 +103,8 @@ def main() -> None:
 
             def patched(*a, bn=bn, stages=stages, warps=warps):
                 c = default_config(*a)
-                return {**c, "BLOCK_N": bn, "CHUNKS": -(-bs // bn), "num_stages": stages, "num_warps": warps}
+                return {**c, "BLOCK_N": bn, "CHUNKS": -(-bs // bn), "SLOTS": max(1, bn // bs), "num_stages": stages,
+                        "num_warps": warps}
 
             dk.tile_config = patched
             try:

@@ -12,6 +12,7 @@ from .kernel import (
     sparse_decode_triton,
     tile_config,
     unsupported_reason,
+    work_units,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "sparse_decode_triton",
     "tile_config",
     "unsupported_reason",
+    "work_units",
 ]

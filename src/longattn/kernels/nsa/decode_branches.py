@@ -158,7 +158,7 @@ def branches_tile_config(group: int, select_block: int, head_dim: int, dtype: to
     of ``group`` heads. At 16 bf16 rows x 64 keys and D = 128 that is 4 warps, whose ptxas (Triton
     3.6, sm_90a) spills 40 bytes; 8 warps spill nothing but took longer on the H200 (B = 16, 64k
     keys, CUDA graphs, 2026-11-30: 50.9 against 40.6 us; B = 1: 13.1 against 12.6 us)."""
-    return tile_config(group, 1, select_block, head_dim, dtype)
+    return tile_config(group, 1, select_block, head_dim, dtype, pack_slots=False)
 
 
 def branch_splits(total: int, units_slc: int, units_win: int) -> tuple[int, int]:
