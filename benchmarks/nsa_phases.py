@@ -1,7 +1,7 @@
 """Time each phase of NSA's forward (inference, backend "triton") and of one NSA decoding step on the GPU.
 
 Prefill phases: compression (mean pooling), compressed branch kernel (output + LSE),
-selection-score kernel, top-k selection (PyTorch, and the ranking kernel the inference path
+selection-score kernel (both also with the compressed tokens in bf16 when ``--cmp-dtypes`` names it), top-k selection (PyTorch, and the ranking kernel the inference path
 uses), selected branch (block-sparse kernel over the per-token selection), window branch, gated
 sum; the whole ``longattn.attention(method="nsa")`` call; dense cuDNN SDPA.
 
@@ -92,7 +92,7 @@ def wall_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def prefill_phases(q, k, v, cfg, scale, timer) -> dict[str, float]:
+def prefill_phases(q, k, v, cfg, scale, timer, cmp_dtypes=("fp32",)) -> dict[str, float]:
     import longattn
     from longattn.kernels.nsa import compressed_attention, select_blocks, selection_scores
     from longattn.methods import nsa as m
@@ -110,6 +110,13 @@ def prefill_phases(q, k, v, cfg, scale, timer) -> dict[str, float]:
     res["selection_scores_kernel"] = timer(lambda: selection_scores(
         q, k_cmp, lse, kv_len=T, compress_block=l, compress_stride=d, select_block=cfg.select_block, scale=scale))
     sel = m.select_from_scores(p, cfg, kv_len=T, num_heads=H)
+    if "bf16" in cmp_dtypes:  # compressed tokens held in the queries' 16-bit dtype (one native dot)
+        kb, vb = k_cmp.to(q.dtype), v_cmp.to(q.dtype)
+        _, lse_b = compressed_attention(q, kb, vb, kv_len=T, compress_block=l, compress_stride=d, scale=scale)
+        res["compressed_branch_kernel_bf16"] = timer(lambda: compressed_attention(
+            q, kb, vb, kv_len=T, compress_block=l, compress_stride=d, scale=scale))
+        res["selection_scores_kernel_bf16"] = timer(lambda: selection_scores(
+            q, kb, lse_b, kv_len=T, compress_block=l, compress_stride=d, select_block=cfg.select_block, scale=scale))
     res["topk_selection_host"] = timer(lambda: m.select_from_scores(p, cfg, kv_len=T, num_heads=H))
     res["topk_selection_kernel"] = timer(lambda: select_blocks(
         p, kv_len=T, select_block=cfg.select_block, num_selected=cfg.num_selected,
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     res: dict[str, float] = {}
     with torch.no_grad():
         if not args.decode_only:
-            res.update(prefill_phases(q, k, v, cfg, scale, timer))
+            res.update(prefill_phases(q, k, v, cfg, scale, timer, args.cmp_dtypes))
         res.update(decode_phases(q[:, :, -1:].contiguous(), k, v, cfg, scale, timer))
         info: dict = {"decode_kv_len": T}
         if graph is not None:

@@ -20,8 +20,9 @@ git, whose metadata in the device's copy of the tree can be stale).
 What is timed (B=1, H=32, Hkv in {8, 32}, D=128, bf16, causal, T in {8k, 16k, 32k, 64k, 128k}):
 
 * ``fwd`` / ``bwd`` (prefill): per method (``--methods``: topk = top-16 of 128-token blocks,
-  topk-shared = the same shared by a GQA group, nsa and moba = paper defaults, moba-g128 = MoBA
-  gated per 128 queries, window = 4096, full = dense) and back end: ``ours``
+  topk-shared = the same shared by a GQA group, nsa and moba = paper defaults, nsa-bf16 = NSA
+  with its compressed tokens in the inputs' dtype, moba-g128 = MoBA gated per 128 queries,
+  window = 4096, full = dense) and back end: ``ours``
   (``longattn.attention(..., backend="triton")``), ``flex`` (the same selection through
   FlexAttention, compiled), ``sdpa-cudnn`` / ``sdpa-flash`` (dense causal SDPA restricted to one
   back end; GQA through ``enable_gqa`` where the back end takes it, else K/V expanded to H heads
@@ -99,6 +100,8 @@ from _timing import graph_median_ms  # noqa: E402  (benchmarks/_timing.py)
 PREFILL_METHODS: dict[str, tuple[str, dict]] = {  # label -> (registered method, config)
     "topk": ("topk", {"block_size": 128, "top_k": 16}),
     "nsa": ("nsa", {}),
+    # compressed tokens rounded to the inputs' dtype, as a bf16 model (and the paper's kernels) hold them
+    "nsa-bf16": ("nsa", {"compressed_dtype": "input"}),
     "moba-g128": ("moba", {"gate_block": 128}),
     "moba": ("moba", {}),
     "topk-shared": ("topk", {"block_size": 128, "top_k": 16, "shared_kv_heads": True}),
@@ -112,7 +115,7 @@ SUMMARY_FN = {"topk": "block_key_means", "quest": "page_bounds"}
 # NSA's decoding rule (longattn.decode_nsa.nsa_decode, paper defaults): label -> dtype of the compressed
 # tokens the cache keeps (fp32 as the mean compression gives them; bf16 as a cache in the model's dtype)
 NSA_DECODE = {"nsa": "float32", "nsa-bf16": "bfloat16"}
-ALL_METHODS = ["full", *PREFILL_METHODS, "quest", "nsa-bf16"]
+ALL_METHODS = ["full", *PREFILL_METHODS, "quest"]
 ALL_OPS = ("fwd", "bwd", "decode")
 ALL_BACKENDS = ("ours", "flex", "sdpa-cudnn", "sdpa-flash", "dense-mask", "reference")
 SPARSE_BACKENDS = ("ours", "flex", "dense-mask", "reference")
@@ -277,7 +280,7 @@ def method_config(label: str, op: str, budget: int = 4096) -> tuple[str, dict]:
 
 
 PRIMARY = ("topk", "moba-g128", "moba", "nsa")  # flex NSA last among them: its runs take seconds
-SECONDARY = ("topk-shared", "window")
+SECONDARY = ("nsa-bf16", "topk-shared", "window")
 
 
 def build_plan(o) -> list[Case]:
@@ -435,7 +438,7 @@ def metrics(flops: float, nbytes: float, median_ms: float | None, ceilings: dict
 # ---------------------------------------------------------------------- cost model (for the budget and --plan)
 def density_guess(label: str, T: int) -> float:
     keys = {"topk": 2048, "topk-shared": 2048, "moba": 1536, "moba-g128": 1536, "window": 4096,
-            "nsa": T / 32 + 1536, "full": T}.get(label, T)
+            "nsa": T / 32 + 1536, "nsa-bf16": T / 32 + 1536, "full": T}.get(label, T)
     return min(1.0, 2.0 * keys / T)
 
 
@@ -459,7 +462,7 @@ class CostModel:
         if done:
             T0, ms0 = min(done, key=lambda x: abs(math.log(x[0] / c.T)))
             p = 1.0 if c.is_decode else (2.0 if c.method in ("full", "moba") or c.backend == "reference"
-                                         else 1.7 if c.method == "nsa" else 1.2)
+                                         else 1.7 if c.method.startswith("nsa") else 1.2)
             return ms0 * (c.T / T0) ** p
         return self.model_ms(c)
 
@@ -468,7 +471,7 @@ class CostModel:
         scale = c.B * c.H / 32 * c.D / 128
         dense = prefill_flops("fwd", B=c.B, H=c.H, D=c.D, T=T) / 560e12 * 1e3
         if o.device == "cpu":
-            return 1e3 * prefill_flops("fwd", B=c.B, H=c.H, D=c.D, T=T) / 2e11 * (3 if c.method == "nsa" else 1) + 1
+            return 1e3 * prefill_flops("fwd", B=c.B, H=c.H, D=c.D, T=T) / 2e11 * (3 if c.method.startswith("nsa") else 1) + 1
         if c.is_decode:
             tokens = sum(c.lengths)
             kv = 2 * tokens * c.Hkv * c.D * 2
@@ -482,7 +485,7 @@ class CostModel:
         if c.method == "full":
             f = {"sdpa-cudnn": 1.0, "sdpa-flash": 1.77}[c.backend]
             return dense * f * ({"sdpa-cudnn": 2.83, "sdpa-flash": 2.65}[c.backend] if c.op == "bwd" else 1.0)
-        if c.method == "nsa":
+        if c.method.startswith("nsa"):
             flex = (907 if c.op == "fwd" else 2100) * r ** 1.67 * scale
             return flex if c.backend == "flex" else 0.15 * flex
         if c.method == "moba":
@@ -499,7 +502,7 @@ class CostModel:
         mode = "grad" if c.op in ("bwd", "gate-bwd") else "fwd"
         if c.backend == "flex":
             fam = {"topk": "causal", "moba-g128": "causal", "topk-shared": "causal-group", "moba": "lookup",
-                   "window": "band", "nsa": "nsa"}.get(c.method, c.method)
+                   "window": "band", "nsa": "nsa", "nsa-bf16": "nsa"}.get(c.method, c.method)
             cost = self.compile_s[("flex", mode)] * (2 if fam == "nsa" else 1)
             return [(("flex", fam, c.T, c.Hkv, mode), cost)]
         if c.backend == "ours":
@@ -513,7 +516,7 @@ class CostModel:
             return
         key = (c.backend, "grad" if c.op == "bwd" else "fwd")
         runs = (median_ms or 0) / 1e3 * (2.4 if c.op == "bwd" else 1.0)
-        observed = max(0.2, first_call_s - runs) / (2 if c.method == "nsa" and c.backend == "flex" else 1)
+        observed = max(0.2, first_call_s - runs) / (2 if c.method.startswith("nsa") and c.backend == "flex" else 1)
         if c.backend == "ours" and len(new_keys) == 1:  # only the per-shape specialisation was new
             return
         self.compile_s[key] = 0.5 * self.compile_s[key] + 0.5 * observed
@@ -532,14 +535,14 @@ class CostModel:
             if key not in self.seen:
                 s += cost
         if gate is not None and gate not in self.seen:
-            s += 2.0 + (3.0 if c.method == "nsa" else 0.0)
+            s += 2.0 + (3.0 if c.method.startswith("nsa") else 0.0)
             for key, cost in self.compile_keys(gate):
                 if key not in self.seen:
                     s += cost
         if ("inputs", c.T, c.B, c.Hkv, c.is_decode) not in self.seen:
             s += 0.2 + 0.5 * c.T / 65536
         if not c.is_decode and c.method != "full" and ("shape", c.method, c.T, c.Hkv) not in self.seen:
-            s += 0.5 + (0.4 * (c.T / 65536) ** 1.7 if c.method == "nsa" else 1.5 * c.T / 65536 if c.method == "moba" else 0.1)
+            s += 0.5 + (0.4 * (c.T / 65536) ** 1.7 if c.method.startswith("nsa") else 1.5 * c.T / 65536 if c.method == "moba" else 0.1)
         return s + self.runs_ms(c, self.predict_ms(c)) / 1e3
 
     def note(self, c: Case, gate: Case | None, measured_ms: float | None = None,

@@ -406,6 +406,7 @@ def test_module_rejects_bad_inputs():
         ("gates", (0.5, 0.5)),
         ("gates", (0.5, float("nan"), 0.5)),
         ("gates", (0.5, -0.1, 0.5)),
+        ("compressed_dtype", "bfloat16"),  # "float32" or "input"
     ],
 )
 def test_bad_config_raises_naming_the_field(field, value):
@@ -414,6 +415,29 @@ def test_bad_config_raises_naming_the_field(field, value):
     q, k, v = rand_qkv(1, 4, 2, 16, 16, 8)
     with pytest.raises(ValueError, match=field):
         longattn.attention(q, k, v, method="nsa", **{field: value})
+
+
+def test_compressed_tokens_in_the_input_dtype():
+    """``compressed_dtype="input"``: the fp32 mean rounded once to k's / v's dtype (fp32 inputs:
+    the same tokens as the default), and the reference's selection is then computed from those
+    tokens."""
+    cfg, cfg_in = NSAConfig(**SMALL), NSAConfig(**SMALL, compressed_dtype="input")
+    q, k, v = rand_qkv(1, 4, 2, 90, 130, 32, dtype=torch.bfloat16, seed=17)
+    kc32, vc32 = nsa_compress(k, v, cfg)
+    kc, vc = nsa_compress(k, v, cfg_in)
+    assert kc32.dtype == vc32.dtype == torch.float32 and kc.dtype == vc.dtype == torch.bfloat16
+    blocks = k.double().unfold(2, 16, 8)  # [B, Hkv, nC, D, l]: keys [8i, 8i + 16)
+    assert torch.equal(kc, blocks.mean(-1).float().to(torch.bfloat16))
+    assert torch.equal(vc, vc32.to(torch.bfloat16))
+    for a, b in zip(nsa_compress(k.float(), v.float(), cfg), nsa_compress(k.float(), v.float(), cfg_in)):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    out = longattn.attention(q, k, v, method="nsa", backend="reference", **SMALL, compressed_dtype="input")
+    expected = sum(g * o.double() for g, o in zip(cfg.gates, (
+        nsa_compressed_branch(q, kc, vc, cfg, kv_len=130),
+        nsa_selected_branch(q, k, v, nsa_selection(q, kc, cfg, kv_len=130)),
+        nsa_window_branch(q, k, v, cfg))))
+    assert err(out, expected) < 1e-2  # bf16 branch outputs
+    assert err(out, longattn.attention(q, k, v, method="nsa", backend="reference", **SMALL)) > 0
 
 
 def test_select_stride_must_divide_select_block():

@@ -61,7 +61,7 @@ def _kw(cfg: NSAConfig) -> dict:
 
 def _inputs(Tq, Tk, H, Hkv, dtype, cfg, seed):
     q, k, v = rand_qkv(1, H, Hkv, Tq, Tk, 64, dtype=dtype, seed=seed, device=DEV)
-    k_cmp, v_cmp = nsa_compress(k, v, cfg)  # fp32 (mean phi)
+    k_cmp, v_cmp = nsa_compress(k, v, cfg)  # fp32 (mean phi), or the inputs' dtype
     return q, k, v, k_cmp, v_cmp
 
 
@@ -77,10 +77,14 @@ def _scan_scores(q, k_cmp, cfg, kv_len, scale):
     return block_scores(p_grp, *overlap_ranges(nC, nKB, cfg, q.device)), logits.masked_fill(~visible, float("-inf"))
 
 
-@pytest.mark.parametrize("Tq,Tk,H,Hkv,dtype", CASES)
-def test_compressed_attention_and_scores_match_the_scan(Tq, Tk, H, Hkv, dtype):
-    cfg = NSAConfig(**SMALL)
+@pytest.mark.parametrize("Tq,Tk,H,Hkv,dtype,cmp", [(*c, "float32") for c in CASES] + [
+    (*c, "input") for c in CASES if c[-1] == torch.bfloat16])
+def test_compressed_attention_and_scores_match_the_scan(Tq, Tk, H, Hkv, dtype, cmp):
+    """fp32 compressed tokens (tf32x3 scores on GPUs) and, for bf16 inputs, tokens in bf16 (one
+    native dot: its products are exact in fp32) against the fp32 scan over the same tokens."""
+    cfg = NSAConfig(**SMALL, compressed_dtype=cmp)
     q, _, _, k_cmp, v_cmp = _inputs(Tq, Tk, H, Hkv, dtype, cfg, seed=Tq + 3 * Tk + H * Hkv)
+    assert k_cmp.dtype == (torch.float32 if cmp == "float32" else dtype)
     scale = 1 / math.sqrt(64)
     out, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=Tk, scale=scale, **_kw(cfg))
     assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
@@ -117,19 +121,24 @@ def test_scores_for_other_block_geometries(l, d, ls):
     assert err(p_slc, p_ref) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,H,Hkv,Tq,Tk", [(torch.float32, 4, 2, 64, 64), (torch.bfloat16, 4, 1, 90, 200),
-                                               (torch.float32, 4, 1, 200, 200)])
-def test_triton_forward_matches_reference(dtype, H, Hkv, Tq, Tk):
+@pytest.mark.parametrize("dtype,H,Hkv,Tq,Tk,cmp", [
+    (torch.float32, 4, 2, 64, 64, "float32"), (torch.bfloat16, 4, 1, 90, 200, "float32"),
+    (torch.float32, 4, 1, 200, 200, "float32"), (torch.bfloat16, 4, 2, 90, 200, "input")])
+def test_triton_forward_matches_reference(dtype, H, Hkv, Tq, Tk, cmp):
+    kw = dict(SMALL, compressed_dtype=cmp)
     q, k, v = rand_qkv(2, H, Hkv, Tq, Tk, 64, dtype=dtype, seed=Tq * 7 + Tk + H * Hkv, device=DEV)
-    ref = longattn.attention(q.float(), k.float(), v.float(), method="nsa", backend="reference", **SMALL)
+    ref = longattn.attention(q.float(), k.float(), v.float(), method="nsa", backend="reference", **kw)
     with plain_precision():
-        plain = longattn.attention(q, k, v, method="nsa", backend="reference", **SMALL)
+        plain = longattn.attention(q, k, v, method="nsa", backend="reference", **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kernels serve: no fallback warning
-        out = longattn.attention(q, k, v, method="nsa", backend="triton", **SMALL)
+        out = longattn.attention(q, k, v, method="nsa", backend="triton", **kw)
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
     bound = 2 * err(plain, ref) + FLOOR[dtype]
     assert err(out, ref) <= bound, (err(out, ref), bound)
+    if cmp == "input":  # against the reference over the same bf16 tokens: bf16 rounding of the branches only
+        same = longattn.attention(q, k, v, method="nsa", backend="reference", **kw)
+        assert err(out, same) <= FLOOR[dtype] * 8, err(out, same)
 
 
 def test_queries_that_see_no_compressed_token():

@@ -10,9 +10,12 @@ outputs with gates (order: compressed, selected, window)::
    overlapping blocks of ``l = compress_block`` tokens with stride ``d = compress_stride``;
    compressed token ``i`` summarises keys ``[i*d, i*d + l)`` through ``phi`` (``i = 0 ..
    nC-1``, ``nC = floor((Tk - l) / d) + 1`` when ``Tk >= l``, else 0; a tail shorter than a
-   block is not compressed). The functional form here uses ``phi = mean`` (parameter free);
-   :class:`longattn.nn.NativeSparseAttention` learns ``phi`` as the paper's MLP with an
-   intra-block position embedding. Query ``p`` attends compressed token ``i`` iff the whole
+   block is not compressed). The functional form here uses ``phi = mean`` (parameter free),
+   kept in fp32 (``compressed_dtype="float32"``, the default) or rounded to the inputs' dtype
+   (``compressed_dtype="input"``: what a model in bf16 holds, as the paper's learned ``phi``
+   and kernels do; the triton backend then scores them with one 16-bit tensor-core pass
+   instead of three fp32-emulating ones); :class:`longattn.nn.NativeSparseAttention` learns
+   ``phi`` as the paper's MLP with an intra-block position embedding. Query ``p`` attends compressed token ``i`` iff the whole
    block lies in its past, ``i*d + l - 1 <= p``. A query that sees no compressed token gets 0
    from this branch.
 2. **Selected** (``nsa_selection`` + ``nsa_selected_branch``): the compressed attention
@@ -87,6 +90,8 @@ from .window import WindowConfig, select_window
 
 Phi = Callable[[Tensor], Tensor]
 
+# NSAConfig.compressed_dtype: the mean's fp32 (fp64 for fp64 inputs), or the dtype of k / v
+COMPRESSED_DTYPES = ("float32", "input")
 # Elements of one fp32 score chunk [B, H, chunk, max(nC, nKB)] in the chunked scan (64 MiB).
 CHUNK_ELEMENTS = 1 << 24
 
@@ -96,7 +101,10 @@ class NSAConfig:
     """Paper defaults (Yuan et al., 2025, section 4.1): compression blocks ``l = 32`` with
     stride ``d = 16``, selection blocks ``l' = 64``, ``n = 16`` selected blocks (1 initial + 2
     local among them), a 512-token window. ``gates``: constant branch gates (compressed,
-    selected, window) of the parameter-free functional form."""
+    selected, window) of the parameter-free functional form. ``compressed_dtype``: the dtype
+    of the compressed keys and values, ``"float32"`` (fp64 for fp64 inputs; the mean exactly
+    as accumulated) or ``"input"`` (rounded to the dtype of ``k`` / ``v``). Every backend,
+    the reference included, scores the same tokens, so they select alike either way."""
 
     compress_block: int = 32
     compress_stride: int = 16
@@ -106,6 +114,7 @@ class NSAConfig:
     num_init_blocks: int = 1
     num_local_blocks: int = 2
     gates: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    compressed_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_positive_int(
@@ -148,6 +157,9 @@ class NSAConfig:
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
                 raise ValueError(f"NSAConfig.gates must hold finite numbers >= 0, got {gates!r}")
         object.__setattr__(self, "gates", tuple(float(g) for g in gates))
+        if self.compressed_dtype not in COMPRESSED_DTYPES:
+            raise ValueError(f"NSAConfig.compressed_dtype must be one of {COMPRESSED_DTYPES}, "
+                             f"got {self.compressed_dtype!r}")
 
     def num_compressed(self, kv_len: int) -> int:
         """``nC``: compressed tokens over ``kv_len`` keys."""
@@ -179,7 +191,9 @@ def nsa_compress(
     """Compressed keys and values ``[B, Hkv, nC, D]``.
 
     ``phi`` maps blocks ``[B, Hkv, nC, l, D]`` to ``[B, Hkv, nC, D]``: one callable for both,
-    a pair ``(phi_k, phi_v)``, or ``None`` for the mean (kept in fp32, fp64 for fp64 inputs).
+    a pair ``(phi_k, phi_v)``, or ``None`` for the mean (accumulated in fp32, fp64 for fp64
+    inputs). With ``config.compressed_dtype == "input"`` the results are rounded to ``k``'s and
+    ``v``'s dtypes.
     """
     if phi is None:
         phi_k = phi_v = _mean_phi
@@ -189,6 +203,8 @@ def nsa_compress(
         phi_k = phi_v = phi
     k_cmp = phi_k(compression_blocks(k, config))  # [B, Hkv, nC, D]
     v_cmp = phi_v(compression_blocks(v, config))  # [B, Hkv, nC, D]
+    if config.compressed_dtype == "input":
+        k_cmp, v_cmp = k_cmp.to(k.dtype), v_cmp.to(v.dtype)
     return k_cmp, v_cmp
 
 
