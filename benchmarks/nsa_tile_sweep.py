@@ -27,6 +27,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="nsa_tiles.jsonl")
     ap.add_argument("--max-seconds", type=float, default=100.0)
+    ap.add_argument("--cmp-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="compressed tokens: fp32 (the mean) or bf16 (compressed_dtype='input')")
+    ap.add_argument("--scores-configs", default="",
+                    help="score-kernel settings to try instead of the built-in list: rows:block_n:warps:stages[:split],...")
     ap.add_argument("--kernels", default="scores,cmp_fwd",
                     help="comma list from scores, cmp_fwd, cmp_bwd, cmp_bwd_dq, cmp_bwd_dkdv")
     args = ap.parse_args()
@@ -46,6 +50,8 @@ def main() -> None:
     l, d, ls, scale = cfg.compress_block, cfg.compress_stride, cfg.select_block, D ** -0.5
     with torch.no_grad():
         kc, vc = m.nsa_compress(k, v, cfg)
+        if args.cmp_dtype == "bf16":
+            kc, vc = kc.to(q.dtype), vc.to(q.dtype)
     cmp = lambda: K.compressed_attention(q, kc, vc, kv_len=T, compress_block=l, compress_stride=d, scale=scale)
     o_ref, lse = cmp()
     scores = lambda: K.selection_scores(q, kc, lse, kv_len=T, compress_block=l, compress_stride=d, select_block=ls,
@@ -69,6 +75,11 @@ def main() -> None:
             (32, 128, 4, 2), (64, 128, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2),
             (128, 64, 4, 2), (32, 128, 4, 3), (64, 64, 4, 3))],
     }
+    if args.scores_configs:
+        sweeps["scores"] = []
+        for spec in args.scores_configs.split(","):
+            r, n, w, s, *split = (int(x) for x in spec.split(":"))
+            sweeps["scores"].append(dict(rows=r, block_n=n, num_warps=w, num_stages=s, ovl_split=bool(split and split[0])))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, kc, vc))
     do = torch.randn_like(q)
     cmp_grad = lambda: torch.autograd.grad(K.compressed_attention(
@@ -81,7 +92,7 @@ def main() -> None:
                 break
             K.LAUNCH_OVERRIDES.clear()
             K.LAUNCH_OVERRIDES[kernel] = tune
-            row = dict(kernel=kernel, T=T, **({"config": tune} if tune else {"config": "default"}))
+            row = dict(kernel=kernel, T=T, cmp_dtype=args.cmp_dtype, **({"config": tune} if tune else {"config": "default"}))
             try:
                 if kernel == "scores":
                     p = scores()

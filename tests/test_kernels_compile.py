@@ -44,7 +44,13 @@ nb = SLC_BLOCK_N // 4  # select_block / compress_stride = 64 / 16
 out["_slc_scores[fp32 K]"] = compile_sm90(
     _slc_scores, {"Q": "*bf16", "K": "*fp32", "LSE": "*fp32", "S": "*fp32"},
     dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
-         F32=True, PREC="tf32x3", UPCAST=False), ("sm_scale_log2",), SLC_NUM_WARPS)
+         F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False), ("sm_scale_log2",), SLC_NUM_WARPS)
+rows16 = ROW_CAP[False]  # 16-bit compressed tokens (compressed_dtype="input"): 128 rows
+out["_slc_scores[bf16 K]"] = compile_sm90(
+    _slc_scores, {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "S": "*fp32"},
+    dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows16 // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
+         F32=False, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False), ("sm_scale_log2",),
+    SLC_NUM_WARPS)
 ptr = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")}
 ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32", "ITEMS": "*i32", "DKP": "*fp32",
             "DVP": "*fp32"})
@@ -94,7 +100,7 @@ print(json.dumps(out))
 
 def test_new_kernels_compile_for_sm90_within_shared_memory():
     results = compile_sm90_script(_SCRIPT)
-    assert len(results) == 18
+    assert len(results) == 19
     for name, (shared, _spill) in results.items():
         # the matmul kernels stage tiles in shared memory; the slot and part sums, the row dot and
         # the branch combine are not matmuls

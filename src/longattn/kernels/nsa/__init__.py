@@ -431,7 +431,9 @@ def selection_scores(
     k_cmp = kernel_layout(k_cmp, "k_cmp")
     lse = lse.to(torch.float32)
     tune = LAUNCH_OVERRIDES.get("scores", {})
-    G, GP, block_m, head_dim = _layout(q, Hkv, True, tune.get("rows"))  # the probability tiles are fp32
+    # rows per program as for the attention kernel of the tokens' dtype: 16-bit tokens take 128
+    # (64 x 4 heads: 10.9 -> 7.5 ms at 64k on an H200, 2026-12-01, benchmarks/nsa_tile_sweep.py)
+    G, GP, block_m, head_dim = _layout(q, Hkv, dtype == torch.float32, tune.get("rows"))
     r = select_block // compress_stride
     nb = max(1, tune.get("block_n", SLC_BLOCK_N) // r)
     spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
@@ -442,8 +444,8 @@ def selection_scores(
         Tq, nC, n_blocks, kv_len - Tq, Hkv, compress_block, compress_stride, select_block,
         float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, GP=GP, BLOCK_M=block_m, BLOCK_N=nb * r, NB=nb, NBP=max(16, nb), E=spill,
-        **_dot_args(q, dtype), num_warps=tune.get("num_warps", SLC_NUM_WARPS),
-        num_stages=tune.get("num_stages", NUM_STAGES),
+        **_dot_args(q, dtype), OVL_SPLIT=bool(tune.get("ovl_split", True)), OVL_UPCAST=interpreting(),
+        num_warps=tune.get("num_warps", SLC_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out
 

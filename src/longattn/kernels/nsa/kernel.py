@@ -126,11 +126,15 @@ def _slc_scores(
     q_len, n_cmp, n_blocks, q_offset, num_kv_heads, cmp_block, cmp_stride, select_block, sm_scale_log2,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr, E: tl.constexpr,
-    F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, OVL_SPLIT: tl.constexpr = True,
+    OVL_UPCAST: tl.constexpr = False,
 ):
     """``S[b, kvh, t, j]``: sum over the group's heads and the compressed tokens overlapping
     selection block ``j`` of ``exp(s*scale - lse)``. ``BLOCK_N = NB * l'/d``; ``NBP`` = ``NB``
-    padded to >= 16 (``tl.dot``); ``E`` spill blocks (``E <= NB``)."""
+    padded to >= 16 (``tl.dot``); ``E`` spill blocks (``E <= NB``). ``OVL_SPLIT``: the fp32
+    probabilities enter the 0/1 overlap dot as three bf16 parts whose sum is exactly ``p``
+    (three 16-bit passes, each product exact, fp32 accumulation; ``OVL_UPCAST``: the parts go
+    to fp32 first, for the interpreter), else as fp32 operands with ``PREC``."""
     ROWS: tl.constexpr = GP * BLOCK_M
     pid_m = tl.program_id(0)
     b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
@@ -162,7 +166,16 @@ def _slc_scores(
         s = _mm(q, kt, F32, PREC, UPCAST)
         keep = (cols[None, :] * cmp_stride + cmp_block - 1 <= q_abs[:, None]) & c_ok[None, :] & row_ok[:, None]
         p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)  # [ROWS, BLOCK_N]
-        per_blk = _mm(p, w, True, PREC, False)  # [ROWS, NBP] fp32
+        if OVL_SPLIT:  # p = p1 + p2 + p3 exactly (8 + 8 + 8 mantissa bits); w is 0/1, exact in bf16
+            w16 = w.to(tl.bfloat16)
+            p1 = p.to(tl.bfloat16)
+            r1 = p - p1.to(tl.float32)
+            p2 = r1.to(tl.bfloat16)
+            p3 = (r1 - p2.to(tl.float32)).to(tl.bfloat16)
+            per_blk = (_mm(p1, w16, False, PREC, OVL_UPCAST) + _mm(p2, w16, False, PREC, OVL_UPCAST)
+                       + _mm(p3, w16, False, PREC, OVL_UPCAST))
+        else:
+            per_blk = _mm(p, w, True, PREC, False)  # [ROWS, NBP] fp32
         scores = tl.sum(tl.reshape(per_blk, [GP, BLOCK_M, NBP]), 0) + carry  # [BLOCK_M, NBP]
         j = t * NB + blk
         tl.store(s_base + j[None, :], scores, mask=o_ok[:, None] & ((blk < NB) & (j < n_blocks))[None, :])
