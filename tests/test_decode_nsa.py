@@ -7,6 +7,9 @@ branch, block scores, ranking, ``validate=False``) are tested in test_nsa_decode
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -118,6 +121,26 @@ def test_precomputed_compressed_tokens_give_the_same_result(backend):
                 inc_v[b, :, i] = v[b, :, t - l : t].float().mean(1)
     out = nsa_decode(q, k, v, seqlens, config=CFG, k_cmp=inc_k, v_cmp=inc_v, backend=backend)
     assert err(out, base) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compressed_tokens_in_the_input_dtype(backend):
+    """``compressed_dtype="input"``: the cache's compressed tokens are the fp32 means rounded to
+    bf16, and a step equals ``nsa_forward`` over the same tokens (the reference computes in fp32
+    inside, so the two differ by the rounding of bf16 outputs only)."""
+    cfg = dataclasses.replace(CFG, compressed_dtype="input")
+    q, k, v, seqlens = make_inputs(3, 4, 2, 1, dtype=torch.bfloat16, seed=11)
+    k_cmp, v_cmp = nsa_decode_compress(k, v, seqlens, cfg)
+    k32, v32 = nsa_decode_compress(k, v, seqlens, CFG)
+    assert k_cmp.dtype == v_cmp.dtype == torch.bfloat16
+    assert torch.equal(k_cmp, k32.to(torch.bfloat16)) and torch.equal(v_cmp, v32.to(torch.bfloat16))
+    out = nsa_decode(q, k, v, seqlens, config=cfg, backend=backend)
+    assert torch.equal(out, nsa_decode(q, k, v, seqlens, config=cfg, k_cmp=k_cmp, v_cmp=v_cmp, backend=backend))
+    ref = per_sequence(q, k, v, seqlens, cfg)
+    # bf16 spacing at the outputs' magnitude; an output's rounding (or a branch's, before the
+    # gated sum) may land one spacing apart when fp32 sums run in another order
+    spacing = 2.0 ** (math.floor(math.log2(max(1.0, ref.abs().max().item()))) - 7)
+    assert err(out, ref) <= 2 * spacing, (err(out, ref), spacing)
 
 
 # ---------------------------------------------------------------------------- garbage, reads
