@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--cmp-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="compressed tokens: fp32 (the mean) or bf16 (compressed_dtype='input')")
     ap.add_argument("--scores-configs", default="",
-                    help="score-kernel settings to try instead of the built-in list: rows:block_n:warps:stages[:split],...")
+                    help="score-kernel settings to try instead of the built-in list: rows:block_n:warps:stages[:split] "
+                         "(split 0: the tf32x3 overlap dot; default 1: three exact bf16 parts),...")
     ap.add_argument("--kernels", default="scores,cmp_fwd",
                     help="comma list from scores, cmp_fwd, cmp_bwd, cmp_bwd_dq, cmp_bwd_dkdv")
     args = ap.parse_args()
@@ -79,7 +80,8 @@ def main() -> None:
         sweeps["scores"] = []
         for spec in args.scores_configs.split(","):
             r, n, w, s, *split = (int(x) for x in spec.split(":"))
-            sweeps["scores"].append(dict(rows=r, block_n=n, num_warps=w, num_stages=s, ovl_split=bool(split and split[0])))
+            sweeps["scores"].append(dict(rows=r, block_n=n, num_warps=w, num_stages=s,
+                                         ovl_split=bool(split[0]) if split else True))  # the kernel's default
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, kc, vc))
     do = torch.randn_like(q)
     cmp_grad = lambda: torch.autograd.grad(K.compressed_attention(

@@ -29,7 +29,8 @@ What is timed (B=1, H=32, Hkv in {8, 32}, D=128, bf16, causal, T in {8k, 16k, 32
   outside the timing, recorded as ``kv_layout``). The forward runs without autograd; the backward
   is timed alone: one forward with grad, then ``torch.autograd.grad(..., retain_graph=True)``.
 * ``decode``: one query token per sequence over a cache of T tokens, B=1 and B=4 with lengths
-  T, 3T/4, T/2, T/4: dense SDPA over the cache (B=4: one call per sequence over its own length),
+  T, 3T/4, T/2, T/4 (``--decode-lengths fixed``: T each): dense SDPA over the cache (B=4: one call
+  per sequence over its own length; fixed lengths: one batched call),
   and ``longattn.decode.sparse_decode`` with a 4096-token budget chosen by ``select_topk_blocks``
   (128-token blocks) or ``select_quest_pages`` (16-token pages): ``select`` (from the cache
   summaries a cache keeps up to date), ``attend`` (given the selection; ``validate=False``, the
@@ -870,7 +871,7 @@ class Runner:
         return q, k, v
 
     def decode_inputs(self, c: Case, seed: int):
-        key = (c.T, c.B, c.H, c.Hkv, c.D, c.dtype, seed)
+        key = (c.T, c.B, c.H, c.Hkv, c.D, c.dtype, seed, tuple(c.lengths))
         if self._dec_inputs is not None and self._dec_inputs[0] == key:
             return self._dec_inputs[1]
         self._inputs = None
@@ -1274,7 +1275,8 @@ class Runner:
 
     def decode_dense_call(self, c: Case, q, k, v, lengths):
         """(call() -> out, kv heads read, layout): dense SDPA or the dense reference over each
-        sequence's own length (B > 1: one call per sequence)."""
+        sequence's own length (B > 1 with different lengths: one call per sequence; every sequence
+        at the cache's length: one batched call)."""
         import longattn
         from longattn.backends import expand_kv_heads
 
@@ -1286,7 +1288,7 @@ class Runner:
             one = self.sdpa_fn(c, causal=False)  # one query at the end sees the whole cache
         if layout == "expanded":
             k, v = expand_kv_heads(k, c.H), expand_kv_heads(v, c.H)
-        if len(lengths) == 1 and lengths[0] == k.shape[2]:
+        if all(L == k.shape[2] for L in lengths):  # B = 1, or a fixed-length batch: one batched call
             return (lambda: one(q, k, v)), k.shape[1], layout
         # each sequence's own keys, contiguous (copied outside the timing)
         pieces = [(q[b:b + 1], k[b:b + 1, :, :L].contiguous(), v[b:b + 1, :, :L].contiguous())
@@ -1345,7 +1347,7 @@ class Runner:
                 call = {"attend": attend, "select": sel_only, "both": both, "summary": summary}[c.part]
                 # the summaries a cache keeps: top-k one fp32 mean key per block; Quest min and max per page
                 meta_bytes = (4 * c.Hkv * nblocks * c.D if c.method == "topk" else 2 * self.elt * c.Hkv * nblocks * c.D)
-                sel_flops = 2.0 * c.D * nblocks * (c.Hkv if c.method == "topk" else 2 * c.H)
+                sel_flops = 2.0 * c.D * nblocks * (c.Hkv if c.method == "topk" else 2 * c.Hkv)  # q summed per group
                 att_flops = decode_attend_flops(c.D, G * kv_tokens)
                 att_bytes = decode_attend_bytes(B=c.B, H=c.H, D=c.D, elt=self.elt, kv_tokens=kv_tokens)
                 sel_bytes = meta_bytes + c.B * c.H * c.D * self.elt

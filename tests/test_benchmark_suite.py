@@ -492,6 +492,22 @@ def test_render_markdown_and_json(tmp_path):
     assert again["earlier"] == [earlier]
 
 
+def test_fixed_and_staggered_batches_each_decode_their_own_lengths(tmp_path):
+    """With --decode-lengths both the two batches of one B run back to back: each must build its
+    own caches' lengths (the selection reads every key here: budget >= T)."""
+    proc = run_cli(["--device", "cpu", "--sizes", "256", "--quick", "--max-seconds", "0", "--ops", "decode",
+                    "--methods", "full,topk", "--backends", "reference", "--decode-batch", "2",
+                    "--decode-lengths", "both", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [r for r in finals(str(tmp_path / "suite.jsonl")) if r["op"] == "decode" and r["status"] == "ok"]
+    attend = {r["fixed"]: r for r in recs if r["method"] == "topk" and r["part"] == "attend"}
+    hkv = attend[True]["Hkv"]
+    assert attend[True]["lengths"] == [256, 256] and attend[False]["lengths"] == [256, 128]
+    assert attend[True]["selected_tokens"] == hkv * 512 and attend[False]["selected_tokens"] == hkv * 384
+    dense = {r["fixed"]: r for r in recs if r["method"] == "full"}
+    assert dense[True]["bytes"] > dense[False]["bytes"]
+
+
 def test_render_compares_decode_batches_of_the_same_lengths():
     """A fixed-length decode batch is compared with the dense run over the same lengths, not with
     the staggered batch of the same B."""

@@ -156,7 +156,30 @@ TRITON_CASES = [  # dtype, H, Hkv, Tq, D, block_size
     (torch.bfloat16, 8, 2, 3, 128, 64),
     (torch.float16, 4, 4, 1, 64, 32),
     (torch.bfloat16, 8, 2, 16, 64, 32),  # 64 rows in one tile, 16 causal queries
+    (torch.bfloat16, 8, 2, 1, 64, 8),  # 8-key blocks: eight to a 64-key chunk
+    (torch.float16, 4, 4, 3, 64, 4),  # 4-key blocks: sixteen to a chunk
 ]
+
+
+def test_tile_config_packs_small_power_of_two_blocks():
+    """Blocks smaller than the chunk cap are packed SLOTS to a chunk only when they are a power of
+    two and packing is asked for; work_units counts chunks of a full selection row."""
+    from longattn.kernels.decode import tile_config, work_units
+
+    bf = torch.bfloat16
+    c = tile_config(4, 1, 16, 128, bf)  # Quest's pages, one query of a GQA-4 group
+    assert (c["BLOCK_N"], c["SLOTS"], c["CHUNKS"]) == (64, 4, 1)
+    assert work_units(256, c) == 64 and work_units(5, c) == 2
+    c = tile_config(4, 1, 16, 128, bf, pack_slots=False)  # NSA's branch kernel
+    assert (c["BLOCK_N"], c["SLOTS"], c["CHUNKS"]) == (16, 1, 1)
+    c = tile_config(4, 1, 24, 128, bf)  # not a power of two: padded, not packed
+    assert (c["BLOCK_N"], c["SLOTS"], c["CHUNKS"]) == (32, 1, 1)
+    c = tile_config(16, 4, 16, 128, bf)  # 64 rows: chunks of 32 keys, two pages each
+    assert (c["BLOCK_N"], c["SLOTS"], c["CHUNKS"]) == (32, 2, 1)
+    c = tile_config(4, 1, 128, 128, bf)  # top-k's blocks: two chunks each
+    assert (c["BLOCK_N"], c["SLOTS"], c["CHUNKS"]) == (64, 1, 2) and work_units(32, c) == 64
+    c = tile_config(4, 1, 8, 64, torch.float32)
+    assert (c["BLOCK_N"], c["SLOTS"], c["CHUNKS"]) == (64, 8, 1)
 
 
 @needs_triton
@@ -549,6 +572,23 @@ def test_selection_kernel_ranks_infinite_and_nan_scores():
     # forced: block 0 (NaN, sink) and block 11 (NaN, local) first
     assert sel(4, sink=1, local=1) == sorted([0, 11, 3, 6])
     assert sel(4, sink=1, local=1) == sel(4, sink=1, local=1, backend="reference")
+
+
+@needs_triton
+def test_quest_kernel_ranks_a_nan_query_like_the_reference():
+    """A NaN in one query head makes every page bound of its group NaN (the reference's clamp
+    keeps NaN): those pages rank lowest and tie, so the group keeps its last page and then the
+    lowest indices; the other group is unaffected. (On GPUs max/min return the non-NaN operand,
+    so the kernel must not build relu(q) from them.)"""
+    q, k, _ = make_inputs(1, 4, 2, 1, 320, 32, seed=31)
+    q[0, 1, 0, 5] = float("nan")  # head 1: group 0
+    lens = lengths(320)
+    K, pages = 6, 20
+    got = select_quest_pages(q, k, lens, page_size=16, top_k=K, backend="triton")
+    want = select_quest_pages(q, k, lens, page_size=16, top_k=K, backend="reference")
+    assert got[0][0, 0].tolist() == sorted(set(range(K - 1)) | {pages - 1})
+    assert torch.equal(got[0][0, 1], want[0][0, 1]) and torch.equal(got[1], want[1])
+    assert pages - 1 in want[0][0, 0].tolist()
 
 
 def test_moba_always_keeps_the_current_block():

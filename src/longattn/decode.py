@@ -236,8 +236,9 @@ def sparse_decode(
             ``< ceil(cache_seqlens[b] / block_size)``. Ascending order reads memory in order.
             int64 is accepted too.
         block_counts: ``int32 [B, Hkv]`` in ``[0, K]``.
-        block_size: tokens per key block (any int >= 1; the Triton kernel is fastest with a
-            multiple of 64).
+        block_size: tokens per key block (any int >= 1; the Triton kernel loads 64 keys per
+            step from a multiple of 64 or from power-of-two blocks packed several to a step, and
+            pads other sizes to a power of two).
         scale: score scale, default ``1 / sqrt(D)``.
         backend: ``"reference"`` (:func:`sparse_decode_reference`), ``"triton"`` (the split-K
             kernel: CUDA, or CPU under ``TRITON_INTERPRET=1``; float16/bfloat16/float32, D a

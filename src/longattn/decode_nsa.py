@@ -157,7 +157,8 @@ def nsa_decode_compress(
     k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, config: NSAConfig
 ) -> tuple[Tensor, Tensor]:
     """NSA's compressed keys and values of a KV cache, from scratch: the fp32 (fp64 for fp64)
-    mean of keys ``[i*d, i*d + l)`` for ``i < config.num_compressed(Tmax)``, with every token
+    mean of keys ``[i*d, i*d + l)`` for ``i < config.num_compressed(Tmax)`` (rounded to the
+    cache's dtype with ``config.compressed_dtype == "input"``), with every token
     that reaches past its sequence's length (``i*d + l > cache_seqlens[b]``) set to 0.
 
     ``k_cache, v_cache [B, Hkv, Tmax, D]``, ``cache_seqlens [B]``. Returns ``(k_cmp, v_cmp)``,

@@ -63,11 +63,13 @@ def tile_config(group: int, q_len: int, block_size: int, head_dim: int, dtype: t
     ``BLOCK_M``: rows per program, ``G * Tq`` padded to a power of two in [16, 64] (16 for
     fp32, whose exact fp32 dot runs on FMA units); more rows use more row tiles (grid axis 2),
     each re-reading the selected K/V. ``BLOCK_N``: keys per chunk, a power of two >= 16, at
-    most ``block_size`` where possible, shrunk for wide tiles to stay within registers.
+    most ``block_size`` where possible (unless blocks are packed), shrunk for wide tiles to stay
+    within registers.
     ``CHUNKS``: chunks per selected block. ``SLOTS``: selected blocks per chunk, > 1 when
     ``pack_slots`` and a power-of-two block is smaller than the chunk cap (Quest's 16-token
     pages: four to a 64-key chunk); then ``CHUNKS = 1``. On an H200 at 128k, B = 16, 16-token
-    pages, the attention took 119 us one page per chunk (2026-12-01).
+    pages, the attention took 119 us one page per chunk and 70 us four to a chunk (2026-12-01;
+    the packed bf16 tile compiled to 119-124 registers and no spills there).
 
     The table was checked with ptxas for sm_90a (Triton 3.6, G in {1, 4, 8}, Tq in {1, 4, 16},
     D in {64, 128, 256}, block_size in {16, 64, 512}); bf16 D=128 uses about 200 registers at
@@ -118,8 +120,9 @@ def choose_num_splits(pairs: int, row_tiles: int, max_units: int, sm_count: int)
     """Heuristic number of splits per ``(sequence, KV head)``.
 
     Aim at about two programs per SM (``pairs * row_tiles * splits ~ 2 * sm_count``) so a small
-    batch still fills the GPU, never more splits than chunks of work (``max_units`` = capacity
-    of ``block_indices`` x chunks per block; real counts are unknown without a host sync), at
+    batch still fills the GPU, never more splits than chunks of work (``max_units``: the chunks
+    of a full ``block_indices`` row, :func:`work_units`; real counts are unknown without a host
+    sync), at
     least two chunks per split so the partial write (``rows x D`` fp32) stays small next to the
     K/V it summarises, and at most 64.
     """

@@ -44,6 +44,18 @@ from .kernel import _next_pow2, _ready
 # score kernel at B = 16 took 25.5 us (top-k means) and 139 us (Quest bounds) against 29.9 and 329 us
 # at 4 warps, about 3.9 TB/s for Quest's bounds; the selection is the same bit for bit.
 SCORE_TILE = (32, 2)
+# Larger tiles (many query rows, D = 256) take more warps: a program holds its q rows and one or
+# two [BLOCK_NB, D] summary tiles in fp32; about 5120 of those elements per warp (160 per thread)
+# compile without spills for sm_90 (tests/test_decode_compile.py; 64 rows at D = 256 on 2 warps
+# spilled 25 KB).
+SCORE_ELEMENTS_PER_WARP = 5120
+
+
+def score_warps(rows: int, head_dim: int, quest: bool, block_nb: int, base: int) -> int:
+    """Warps of a scoring program: ``base`` (the measured tile), or more when its fp32 operands
+    (``rows x head_dim`` queries, one or two ``block_nb x head_dim`` summaries) need them."""
+    elements = rows * head_dim + (2 if quest else 1) * block_nb * head_dim
+    return min(8, max(base, _next_pow2(-(-elements // SCORE_ELEMENTS_PER_WARP))))
 
 
 @triton.jit
@@ -86,8 +98,10 @@ def _score_kernel(
         m_off = b * stride_mb + hkv * stride_mh + n[:, None].to(tl.int64) * stride_mn + d[None, :] * stride_md
         if QUEST:  # sum over rows r of (relu(q_r) . kmax + min(q_r, 0) . kmin), in fp32
             q32 = q.to(tl.float32)  # padded rows are 0
-            q_pos = tl.sum(tl.maximum(q32, 0.0), axis=0)  # [D]
-            q_neg = tl.sum(tl.minimum(q32, 0.0), axis=0)
+            # relu(q) and min(q, 0) written with where so that a NaN in q stays NaN (as in the
+            # reference's clamp; the GPU's max/min would return the other operand)
+            q_pos = tl.sum(tl.where(q32 < 0.0, 0.0, q32), axis=0)  # [D]
+            q_neg = tl.sum(tl.where(q32 > 0.0, 0.0, q32), axis=0)
             kmin = tl.load(KMIN + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_NB, D]
             kmax = tl.load(KMAX + m_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
             s = tl.sum(kmax * q_pos[None, :] + kmin * q_neg[None, :], axis=1)  # [BLOCK_NB]
@@ -136,6 +150,7 @@ def select_blocks_triton(
     rows = max(16, _next_pow2((H // Hkv) * Tq))
     kmin, kmax = bounds if quest else (meta, meta)
     block_nb, warps = SCORE_TILE
+    warps = score_warps(rows, D, quest, block_nb, warps)
     _score_kernel[(B * Hkv, triton.cdiv(nb_max, block_nb))](
         q, meta, kmin, kmax, cache_seqlens, scratch,
         *q.stride(), *meta.stride(), scratch.stride(0),

@@ -432,7 +432,8 @@ def selection_scores(
     lse = lse.to(torch.float32)
     tune = LAUNCH_OVERRIDES.get("scores", {})
     # rows per program as for the attention kernel of the tokens' dtype: 16-bit tokens take 128
-    # (64 x 4 heads: 10.9 -> 7.5 ms at 64k on an H200, 2026-12-01, benchmarks/nsa_tile_sweep.py)
+    # (32 queries x 4 heads; 64 rows took 10.9 ms against 7.5 at 64k on an H200 with the split
+    # overlap dot, 2026-12-01, benchmarks/nsa_tile_sweep.py)
     G, GP, block_m, head_dim = _layout(q, Hkv, dtype == torch.float32, tune.get("rows"))
     r = select_block // compress_stride
     nb = max(1, tune.get("block_n", SLC_BLOCK_N) // r)

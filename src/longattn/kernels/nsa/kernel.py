@@ -132,9 +132,11 @@ def _slc_scores(
     """``S[b, kvh, t, j]``: sum over the group's heads and the compressed tokens overlapping
     selection block ``j`` of ``exp(s*scale - lse)``. ``BLOCK_N = NB * l'/d``; ``NBP`` = ``NB``
     padded to >= 16 (``tl.dot``); ``E`` spill blocks (``E <= NB``). ``OVL_SPLIT``: the fp32
-    probabilities enter the 0/1 overlap dot as three bf16 parts whose sum is exactly ``p``
-    (three 16-bit passes, each product exact, fp32 accumulation; ``OVL_UPCAST``: the parts go
-    to fp32 first, for the interpreter), else as fp32 operands with ``PREC``."""
+    probabilities enter the 0/1 overlap dot as three bf16 parts whose sum is exactly ``p`` for
+    ``2^-110 <= p`` below bf16's largest value (``p`` is a probability here; smaller ones lose at
+    most 2^-133 per part, where bf16's exponent range ends), three 16-bit passes with exact
+    products and fp32 accumulation (``OVL_UPCAST``: the parts go to fp32 first, for the
+    interpreter); else fp32 operands with ``PREC``."""
     ROWS: tl.constexpr = GP * BLOCK_M
     pid_m = tl.program_id(0)
     b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
