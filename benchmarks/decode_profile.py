@@ -5,9 +5,11 @@ every sequence, B = 1 (``--batch`` for others), H = 32, Hkv = 8, D = 128, bf16, 
 budget of 128-token blocks.
 
 Variants: an empty kernel (the launch floor), the selection (scoring and ranking kernels), the
-split-K attention alone (the split count ``sparse_decode`` chooses for the batch), the merge alone,
-and the whole step (selection, attention, merge). Per variant: the graph replay time (CUDA events) and each kernel's mean duration in
-replay order; at the end, each compiled kernel's registers, spills and shared memory.
+split-K attention alone (the split count ``sparse_decode`` chooses for the batch, at least 2),
+the merge alone, and the whole step (selection, attention, merge). Per variant: the graph replay
+time (CUDA events) and each kernel's mean duration in replay order; at the end, each compiled
+kernel's registers, spills and shared memory. ``--method quest`` profiles Quest's selector;
+``--score-tiles`` also times the selection under other scoring tiles.
 
     python3 benchmarks/decode_profile.py --out $OUT/decode_profile.jsonl
 """

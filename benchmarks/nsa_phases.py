@@ -1,9 +1,10 @@
 """Time each phase of NSA's forward (inference, backend "triton") and of one NSA decoding step on the GPU.
 
 Prefill phases: compression (mean pooling), compressed branch kernel (output + LSE),
-selection-score kernel (both also with the compressed tokens in bf16 when ``--cmp-dtypes`` names it), top-k selection (PyTorch, and the ranking kernel the inference path
-uses), selected branch (block-sparse kernel over the per-token selection), window branch, gated
-sum; the whole ``longattn.attention(method="nsa")`` call; dense cuDNN SDPA.
+selection-score kernel (both also with the compressed tokens in bf16 when ``--cmp-dtypes``
+names it), top-k selection (PyTorch, and the ranking kernel the inference path uses), selected
+branch (block-sparse kernel over the per-token selection), window branch, gated sum; the whole
+``longattn.attention(method="nsa")`` call; dense cuDNN SDPA.
 
 Decoding (one query per sequence over a cache of T keys whose compressed tokens the cache keeps,
 as a serving loop does): at B = 1, eager phase times -- ``longattn.decode_nsa.nsa_decode(

@@ -94,7 +94,8 @@ def main() -> None:
                 break
             K.LAUNCH_OVERRIDES.clear()
             K.LAUNCH_OVERRIDES[kernel] = tune
-            row = dict(kernel=kernel, T=T, cmp_dtype=args.cmp_dtype, **({"config": tune} if tune else {"config": "default"}))
+            row = dict(kernel=kernel, T=T, cmp_dtype=args.cmp_dtype,
+                       **({"config": tune} if tune else {"config": "default"}))
             try:
                 if kernel == "scores":
                     p = scores()

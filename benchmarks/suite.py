@@ -472,7 +472,8 @@ class CostModel:
         scale = c.B * c.H / 32 * c.D / 128
         dense = prefill_flops("fwd", B=c.B, H=c.H, D=c.D, T=T) / 560e12 * 1e3
         if o.device == "cpu":
-            return 1e3 * prefill_flops("fwd", B=c.B, H=c.H, D=c.D, T=T) / 2e11 * (3 if c.method.startswith("nsa") else 1) + 1
+            nsa = 3 if c.method.startswith("nsa") else 1
+            return 1e3 * prefill_flops("fwd", B=c.B, H=c.H, D=c.D, T=T) / 2e11 * nsa + 1
         if c.is_decode:
             tokens = sum(c.lengths)
             kv = 2 * tokens * c.Hkv * c.D * 2
@@ -543,7 +544,8 @@ class CostModel:
         if ("inputs", c.T, c.B, c.Hkv, c.is_decode) not in self.seen:
             s += 0.2 + 0.5 * c.T / 65536
         if not c.is_decode and c.method != "full" and ("shape", c.method, c.T, c.Hkv) not in self.seen:
-            s += 0.5 + (0.4 * (c.T / 65536) ** 1.7 if c.method.startswith("nsa") else 1.5 * c.T / 65536 if c.method == "moba" else 0.1)
+            s += 0.5 + (0.4 * (c.T / 65536) ** 1.7 if c.method.startswith("nsa")
+                        else 1.5 * c.T / 65536 if c.method == "moba" else 0.1)
         return s + self.runs_ms(c, self.predict_ms(c)) / 1e3
 
     def note(self, c: Case, gate: Case | None, measured_ms: float | None = None,

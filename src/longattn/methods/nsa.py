@@ -15,9 +15,9 @@ outputs with gates (order: compressed, selected, window)::
    (``compressed_dtype="input"``: what a model in bf16 holds, as the paper's learned ``phi``
    and kernels do; the triton backend then scores them with one 16-bit tensor-core pass
    instead of three fp32-emulating ones); :class:`longattn.nn.NativeSparseAttention` learns
-   ``phi`` as the paper's MLP with an intra-block position embedding. Query ``p`` attends compressed token ``i`` iff the whole
-   block lies in its past, ``i*d + l - 1 <= p``. A query that sees no compressed token gets 0
-   from this branch.
+   ``phi`` as the paper's MLP with an intra-block position embedding. Query ``p`` attends
+   compressed token ``i`` iff the whole block lies in its past, ``i*d + l - 1 <= p``. A query
+   that sees no compressed token gets 0 from this branch.
 2. **Selected** (``nsa_selection`` + ``nsa_selected_branch``): the compressed attention
    probabilities ``p_cmp`` (softmax over the visible compressed tokens, per query head) score
    selection blocks of ``l' = select_block`` keys: ``p_slc[j]`` is the sum of ``p_cmp[i]`` over
