@@ -34,23 +34,26 @@ for k_dtype in ("fp32", "bf16"):
     for fn in (_cmp_bwd_dq, _cmp_bwd_dkdv):
         out[f"{fn.__name__}[{k_dtype}]"] = compile_sm90(fn, ptr, const, ("sm_scale_log2", "sm_scale"),
                                                         CMP_BWD_NUM_WARPS)
-# the forward with fp32 compressed keys and 16-bit values (bf16 queries), and the score kernel
+# the forward with fp32 compressed keys (split into bf16 parts against bf16 queries) and 16-bit values, and
+# the score kernel
 rows = ROW_CAP[True]
 out["_cmp_fwd[fp32 K, bf16 V]"] = compile_sm90(
     _cmp_fwd, {"Q": "*bf16", "K": "*fp32", "V": "*bf16", "O": "*bf16", "LSE": "*fp32"},
     dict(D=128, HEAD_DIM=128, G=4, BLOCK_M=rows // 4, ROWS=rows, BLOCK_N=CMP_BLOCK_N, F32=True, PREC="tf32x3",
-         UPCAST=False, F32_V=False, UPCAST_V=False), ("sm_scale_log2",), CMP_NUM_WARPS)
+         UPCAST=False, F32_V=False, UPCAST_V=False, SPLIT_K=True, SPLIT_UPCAST=False), ("sm_scale_log2",),
+    CMP_NUM_WARPS)
 nb = SLC_BLOCK_N // 4  # select_block / compress_stride = 64 / 16
 out["_slc_scores[fp32 K]"] = compile_sm90(
     _slc_scores, {"Q": "*bf16", "K": "*fp32", "LSE": "*fp32", "S": "*fp32"},
     dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
-         F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False), ("sm_scale_log2",), SLC_NUM_WARPS)
+         F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=True), ("sm_scale_log2",),
+    SLC_NUM_WARPS)
 rows16 = ROW_CAP[False]  # 16-bit compressed tokens (compressed_dtype="input"): 128 rows
 out["_slc_scores[bf16 K]"] = compile_sm90(
     _slc_scores, {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "S": "*fp32"},
     dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows16 // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
-         F32=False, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False), ("sm_scale_log2",),
-    SLC_NUM_WARPS)
+         F32=False, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=False),
+    ("sm_scale_log2",), SLC_NUM_WARPS)
 ptr = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")}
 ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32", "ITEMS": "*i32", "DKP": "*fp32",
             "DVP": "*fp32"})

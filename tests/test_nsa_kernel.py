@@ -65,14 +65,15 @@ def _inputs(Tq, Tk, H, Hkv, dtype, cfg, seed):
     return q, k, v, k_cmp, v_cmp
 
 
-def _scan_scores(q, k_cmp, cfg, kv_len, scale):
-    """``p_slc`` as the chunked scan computes it (fp32 softmax, group sum, block_scores)."""
+def _scan_scores(q, k_cmp, cfg, kv_len, scale, acc=torch.float32):
+    """``p_slc`` as the chunked scan computes it (softmax, group sum, block_scores; in ``acc``,
+    fp32 as the scan)."""
     B, H, Tq, D = q.shape
     Hkv, nC = k_cmp.shape[1], k_cmp.shape[2]
     nKB = -(-kv_len // cfg.select_block)
     pos = torch.arange(Tq, device=q.device) + kv_len - Tq
     visible = compressed_visibility(pos, nC, cfg)
-    logits = q.float().reshape(B, Hkv, H // Hkv, Tq, D) @ k_cmp.float()[:, :, None].transpose(-1, -2) * scale
+    logits = q.to(acc).reshape(B, Hkv, H // Hkv, Tq, D) @ k_cmp.to(acc)[:, :, None].transpose(-1, -2) * scale
     p_grp = _masked_softmax(logits, visible).sum(2)
     return block_scores(p_grp, *overlap_ranges(nC, nKB, cfg, q.device)), logits.masked_fill(~visible, float("-inf"))
 
@@ -106,6 +107,31 @@ def test_compressed_attention_and_scores_match_the_scan(Tq, Tk, H, Hkv, dtype, c
     assert torch.equal(sel.kv_indices, ref_sel.kv_indices)
     assert torch.equal(sel.block_full, ref_sel.block_full)
     _assert_kernel_selects_like_torch(p_slc, cfg, Tk)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp32_keys_keep_fp32_accuracy(q_dtype):
+    """16-bit queries against fp32 compressed keys with full 24-bit mantissas and large scores:
+    the LSE and the block scores stay within fp32 rounding of an fp64 computation. (bf16
+    queries take the keys as three exact bf16 parts; dropping the third, a 16-bit key, is off by
+    about 1e-4 here.)"""
+    cfg = NSAConfig(**SMALL)
+    Tq, Tk, H, Hkv = 64, 200, 4, 2
+    g = torch.Generator().manual_seed(77)
+    q = (4 * torch.randn(1, H, Tq, 64, generator=g)).to(q_dtype).to(DEV)
+    nC = cfg.num_compressed(Tk)
+    k_cmp = (4 * torch.randn(1, Hkv, nC, 64, generator=g, dtype=torch.float64)).float().to(DEV)
+    v_cmp = torch.randn(1, Hkv, nC, 64, generator=g).to(DEV)
+    scale = 1 / math.sqrt(64)
+    _, lse = compressed_attention(q, k_cmp, v_cmp, kv_len=Tk, scale=scale, **_kw(cfg))
+    p_ref, logits = _scan_scores(q, k_cmp, cfg, Tk, scale, acc=torch.float64)
+    lse64 = torch.logsumexp(logits.double(), -1).reshape(lse.shape)
+    ok = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), ok)
+    spacing = 2.0 ** (math.floor(math.log2(max(1.0, lse64[ok].abs().max().item()))) - 23)  # fp32's, at |lse|
+    assert err(lse[ok], lse64[ok]) < 8 * spacing, (err(lse[ok], lse64[ok]), spacing)
+    p_slc = selection_scores(q, k_cmp, lse, kv_len=Tk, scale=scale, select_block=cfg.select_block, **_kw(cfg))
+    assert err(p_slc, p_ref) < 2e-5
 
 
 @pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 16), (48, 8, 16), (32, 8, 128)])

@@ -283,6 +283,13 @@ def _dot_args(q: Tensor, dtype: torch.dtype) -> dict:
     return dict(F32=fp32, PREC="ieee" if interp else FP32_DOT_PRECISION, UPCAST=interp and not fp32)
 
 
+def _split_k(q: Tensor, k_cmp: Tensor, tune: dict) -> bool:
+    """Whether the score dot splits fp32 compressed keys into three bf16 parts against bf16
+    queries (exact products; ``tf32x3`` otherwise, e.g. for fp16 queries, whose parts would need
+    fp16's narrower exponent range). ``tune["split_k"] = False`` restores ``tf32x3``."""
+    return bool(tune.get("split_k", True)) and q.dtype == torch.bfloat16 and k_cmp.dtype == torch.float32
+
+
 def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d: int, scale: float) -> tuple[Tensor, Tensor]:
     """The forward launch on checked inputs (``k_cmp``/``v_cmp`` already in the common dtype)."""
     from .kernel import _cmp_fwd
@@ -306,6 +313,7 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=tune.get("block_n", CMP_BLOCK_N),
         **_dot_args(q, k_cmp.dtype), F32_V=v_args["F32"], UPCAST_V=v_args["UPCAST"],
+        SPLIT_K=_split_k(q, k_cmp, tune), SPLIT_UPCAST=interpreting(),
         num_warps=tune.get("num_warps", CMP_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out, lse
@@ -446,6 +454,7 @@ def selection_scores(
         float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, GP=GP, BLOCK_M=block_m, BLOCK_N=nb * r, NB=nb, NBP=max(16, nb), E=spill,
         **_dot_args(q, dtype), OVL_SPLIT=bool(tune.get("ovl_split", True)), OVL_UPCAST=interpreting(),
+        SPLIT_K=_split_k(q, k_cmp, tune),
         num_warps=tune.get("num_warps", SLC_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out

@@ -40,6 +40,35 @@ def _mm(a, b, F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _split3(x):
+    """fp32 ``x`` as three bf16 parts whose sum is exactly ``x`` (8 + 8 + 8 mantissa bits) for
+    ``2^-110 <= |x|`` below bf16's largest value; smaller values lose at most 2^-133 per part,
+    where bf16's exponent range ends."""
+    x1 = x.to(tl.bfloat16)
+    r1 = x - x1.to(tl.float32)
+    x2 = r1.to(tl.bfloat16)
+    x3 = (r1 - x2.to(tl.float32)).to(tl.bfloat16)
+    return x1, x2, x3
+
+
+@triton.jit
+def _mm_split(a, b, SPLIT_A: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with one fp32 operand (``a`` when ``SPLIT_A``, else ``b``) split into three
+    bf16 parts (:func:`_split3`) and the other bf16: three 16-bit tensor-core passes whose
+    products are exact in fp32, accumulated in fp32 -- as accurate as an fp32 dot up to the
+    order of the sums, at about half the cost of ``tf32x3``. ``UPCAST``: the interpreter (parts
+    go to fp32 first)."""
+    if SPLIT_A:
+        x1, x2, x3 = _split3(a)
+        out = _mm(x1, b, False, "ieee", UPCAST) + _mm(x2, b, False, "ieee", UPCAST)
+        return out + _mm(x3, b, False, "ieee", UPCAST)
+    else:
+        x1, x2, x3 = _split3(b)
+        out = _mm(a, x1, False, "ieee", UPCAST) + _mm(a, x2, False, "ieee", UPCAST)
+        return out + _mm(a, x3, False, "ieee", UPCAST)
+
+
+@triton.jit
 def _group_rows(pid_m, pid_bk, num_kv_heads, q_len, G: tl.constexpr, BLOCK_M: tl.constexpr,
                 ROWS: tl.constexpr):
     """Batch, KV head, per-row query head offset / local query index / validity of program
@@ -87,14 +116,17 @@ def _cmp_fwd(
     q_len, n_cmp, q_offset, num_kv_heads, cmp_block, cmp_stride, sm_scale_log2,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, F32_V: tl.constexpr, UPCAST_V: tl.constexpr,
+    UPCAST: tl.constexpr, F32_V: tl.constexpr, UPCAST_V: tl.constexpr, SPLIT_K: tl.constexpr = False,
+    SPLIT_UPCAST: tl.constexpr = False,
 ):
     """``F32``/``UPCAST``: the score dot (Q and K); ``F32_V``/``UPCAST_V``: the P V dot (V may
-    be 16-bit while K is fp32)."""
+    be 16-bit while K is fp32). ``SPLIT_K``: bf16 queries against fp32 keys split into three
+    bf16 parts (:func:`_mm_split`; ``SPLIT_UPCAST`` under the interpreter) instead of ``PREC``."""
     pid_m = tl.program_id(0)
     b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
         Q, pid_m, tl.program_id(1), num_kv_heads, q_len, q_offset, sqb, sqh, sqt, G, BLOCK_M, ROWS, HEAD_DIM, D)
-    q = q.to(K.dtype.element_ty)  # bf16/fp16 queries against fp32 compressed keys: exact upcast
+    if not SPLIT_K:
+        q = q.to(K.dtype.element_ty)  # bf16/fp16 queries against fp32 compressed keys: exact upcast
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
 
@@ -106,7 +138,10 @@ def _cmp_fwd(
         cols = n0 + tl.arange(0, BLOCK_N)
         c_ok = cols < n_cmp
         kt = tl.load(k_base + cols[None, :] * skt + dims[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _mm(q, kt, F32, PREC, UPCAST) * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
+        if SPLIT_K:
+            s = _mm_split(q, kt, False, SPLIT_UPCAST) * sm_scale_log2
+        else:
+            s = _mm(q, kt, F32, PREC, UPCAST) * sm_scale_log2  # [ROWS, BLOCK_N], log2 units
         keep = (cols[None, :] * cmp_stride + cmp_block - 1 <= q_abs[:, None]) & c_ok[None, :] & row_ok[:, None]
         s = tl.where(keep, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
@@ -127,7 +162,7 @@ def _slc_scores(
     D: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr, E: tl.constexpr,
     F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, OVL_SPLIT: tl.constexpr = True,
-    OVL_UPCAST: tl.constexpr = False,
+    OVL_UPCAST: tl.constexpr = False, SPLIT_K: tl.constexpr = False,
 ):
     """``S[b, kvh, t, j]``: sum over the group's heads and the compressed tokens overlapping
     selection block ``j`` of ``exp(s*scale - lse)``. ``BLOCK_N = NB * l'/d``; ``NBP`` = ``NB``
@@ -136,12 +171,14 @@ def _slc_scores(
     ``2^-110 <= p`` below bf16's largest value (``p`` is a probability here; smaller ones lose at
     most 2^-133 per part, where bf16's exponent range ends), three 16-bit passes with exact
     products and fp32 accumulation (``OVL_UPCAST``: the parts go to fp32 first, for the
-    interpreter); else fp32 operands with ``PREC``."""
+    interpreter); else fp32 operands with ``PREC``. ``SPLIT_K``: the score dot as in
+    :func:`_cmp_fwd` (bf16 queries, fp32 keys in three bf16 parts)."""
     ROWS: tl.constexpr = GP * BLOCK_M
     pid_m = tl.program_id(0)
     b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
         Q, pid_m, tl.program_id(1), num_kv_heads, q_len, q_offset, sqb, sqh, sqt, G, BLOCK_M, ROWS, HEAD_DIM, D)
-    q = q.to(K.dtype.element_ty)
+    if not SPLIT_K:
+        q = q.to(K.dtype.element_ty)
     lse = tl.load(LSE + b * slb + heads * slh + r_tok, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # nothing seen -> p = 0
     k_base = K + b * skb + kvh * skh
@@ -165,17 +202,14 @@ def _slc_scores(
         cols = t * BLOCK_N + tok
         c_ok = cols < n_cmp
         kt = tl.load(k_base + cols[None, :] * skt + dims[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _mm(q, kt, F32, PREC, UPCAST)
+        if SPLIT_K:
+            s = _mm_split(q, kt, False, OVL_UPCAST)
+        else:
+            s = _mm(q, kt, F32, PREC, UPCAST)
         keep = (cols[None, :] * cmp_stride + cmp_block - 1 <= q_abs[:, None]) & c_ok[None, :] & row_ok[:, None]
         p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)  # [ROWS, BLOCK_N]
-        if OVL_SPLIT:  # p = p1 + p2 + p3 exactly (8 + 8 + 8 mantissa bits); w is 0/1, exact in bf16
-            w16 = w.to(tl.bfloat16)
-            p1 = p.to(tl.bfloat16)
-            r1 = p - p1.to(tl.float32)
-            p2 = r1.to(tl.bfloat16)
-            p3 = (r1 - p2.to(tl.float32)).to(tl.bfloat16)
-            per_blk = (_mm(p1, w16, False, PREC, OVL_UPCAST) + _mm(p2, w16, False, PREC, OVL_UPCAST)
-                       + _mm(p3, w16, False, PREC, OVL_UPCAST))
+        if OVL_SPLIT:  # p = p1 + p2 + p3 exactly; w is 0/1, exact in bf16
+            per_blk = _mm_split(p, w.to(tl.bfloat16), True, OVL_UPCAST)
         else:
             per_blk = _mm(p, w, True, PREC, False)  # [ROWS, NBP] fp32
         scores = tl.sum(tl.reshape(per_blk, [GP, BLOCK_M, NBP]), 0) + carry  # [BLOCK_M, NBP]
