@@ -35,29 +35,27 @@ with torch.no_grad():
     rec(B=B, what="dense", us=1e3 * graph_median_ms(dense, flush=flush))
     rec(B=B, what="step_default", us=1e3 * graph_median_ms(step, flush=flush),
         kernels=[(n, round(t, 2)) for n, t in kernel_times(step, flush)])
-    real_cmp, real_br = dec.decode_tile_config, br.branches_tile_config
-    for w, st, bn in itertools.product((2, 4), (2, 3, 4), (32, 64, 128)):
-        def pc(*a, **kw):
-            c = real_cmp(*a, **kw); c.update(num_warps=w, num_stages=st, BLOCK_N=bn); return c
-        dec.decode_tile_config = pc
-        try:
-            diff = (step().float() - ref.float()).abs().max().item()
-            rec(B=B, what="cmp_tile", w=w, st=st, bn=bn, diff=diff, us=1e3 * graph_median_ms(step, flush=flush))
-        except Exception as e:
-            rec(B=B, what="cmp_tile", w=w, st=st, bn=bn, err=str(e)[:200])
-        finally:
-            dec.decode_tile_config = real_cmp
-    for w, st, bn in itertools.product((2, 4), (2, 3, 4), (32, 64)):
-        def pb(*a, **kw):
-            c = real_br(*a, **kw); c.update(num_warps=w, num_stages=st, BLOCK_N=bn, CHUNKS=64 // bn); return c
-        br.branches_tile_config = pb
-        try:
-            diff = (step().float() - ref.float()).abs().max().item()
-            rec(B=B, what="br_tile", w=w, st=st, bn=bn, diff=diff, us=1e3 * graph_median_ms(step, flush=flush))
-        except Exception as e:
-            rec(B=B, what="br_tile", w=w, st=st, bn=bn, err=str(e)[:200])
-        finally:
-            br.branches_tile_config = real_br
+    def try_tiles(what, module, name, combos, extra=lambda bn: {}):
+        """The step with ``module.name`` (a tile-config function) patched to each (warps, stages,
+        tokens per tile) of ``combos``; its time and its output's distance from the default's."""
+        real = getattr(module, name)
+        for w, st, bn in combos:
+            def patched(*a, **kw):
+                c = real(*a, **kw)
+                c.update(num_warps=w, num_stages=st, BLOCK_N=bn, **extra(bn))
+                return c
+            setattr(module, name, patched)
+            try:
+                diff = (step().float() - ref.float()).abs().max().item()
+                rec(B=B, what=what, w=w, st=st, bn=bn, diff=diff, us=1e3 * graph_median_ms(step, flush=flush))
+            except Exception as e:
+                rec(B=B, what=what, w=w, st=st, bn=bn, err=str(e)[:200])
+            finally:
+                setattr(module, name, real)
+
+    try_tiles("cmp_tile", dec, "decode_tile_config", itertools.product((2, 4), (2, 3, 4), (32, 64, 128)))
+    try_tiles("br_tile", br, "branches_tile_config", itertools.product((2, 4), (2, 3, 4), (32, 64)),
+              lambda bn: {"CHUNKS": 64 // bn})
     del k, v, kc, vc
     torch.cuda.empty_cache()
 json.dump(rows, open(OUT + "/nsa16.json", "w"), indent=0)

@@ -7,16 +7,14 @@ MiB.
 """
 import json, os, sys, torch
 sys.path.insert(0, "benchmarks")
+from _inputs import prefill_qkv
 from _timing import median_ms
 import longattn
 from longattn.methods import nsa as m
 import longattn.kernels.block_sparse as bs
 from longattn.kernels.nsa import compressed_attention, select_blocks, selection_scores
 dev = "cuda"; T = 65536; H, Hkv, D = 32, 8, 128
-g = torch.Generator(device=dev).manual_seed(0)
-q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-k = torch.randn(1, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-v = torch.randn(1, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+q, k, v = prefill_qkv(T, H, Hkv, D, device=dev)
 cfg = m.NSAConfig(compressed_dtype="input"); scale = D ** -0.5
 rows = []
 with torch.no_grad():

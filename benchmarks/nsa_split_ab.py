@@ -7,14 +7,12 @@ and how far the results differ (outputs, block scores, rows whose selected block
 """
 import json, os, sys, torch
 sys.path.insert(0, "benchmarks")
+from _inputs import prefill_qkv
 from _timing import median_ms
 import longattn.kernels.nsa as K
 from longattn.methods import nsa as m
 dev = "cuda"; T = 65536; H, Hkv, D = 32, 8, 128
-g = torch.Generator(device=dev).manual_seed(0)
-q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-k = torch.randn(1, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-v = torch.randn(1, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+q, k, v = prefill_qkv(T, H, Hkv, D, device=dev)
 cfg = m.NSAConfig(); scale = D ** -0.5
 kw = dict(kv_len=T, compress_block=32, compress_stride=16, scale=scale)
 rows = []
