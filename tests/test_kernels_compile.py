@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 _SCRIPT = r"""
 from longattn.kernels.nsa import (BWD_BLOCK_N, BWD_ROWS, CMP_BLOCK_N, CMP_BWD_NUM_WARPS, CMP_NUM_WARPS, ROW_CAP,
-                                  SLC_NUM_WARPS, SLC_BLOCK_N)
+                                  SLC_NUM_WARPS, SLC_BLOCK_N, SPLIT_NUM_WARPS)
 from longattn.kernels.nsa.backward import _cmp_bwd_dkdv, _cmp_bwd_dq
 from longattn.kernels.nsa.kernel import _cmp_fwd, _slc_scores
 from longattn.kernels.block_sparse.kernel import _bwd_dkdv
@@ -34,21 +34,25 @@ for k_dtype in ("fp32", "bf16"):
     for fn in (_cmp_bwd_dq, _cmp_bwd_dkdv):
         out[f"{fn.__name__}[{k_dtype}]"] = compile_sm90(fn, ptr, const, ("sm_scale_log2", "sm_scale"),
                                                         CMP_BWD_NUM_WARPS)
-# the forward with fp32 compressed keys (split into bf16 parts against bf16 queries) and 16-bit values, and
-# the score kernel
-rows = ROW_CAP[True]
-out["_cmp_fwd[fp32 K, bf16 V]"] = compile_sm90(
-    _cmp_fwd, {"Q": "*bf16", "K": "*fp32", "V": "*bf16", "O": "*bf16", "LSE": "*fp32"},
-    dict(D=128, HEAD_DIM=128, G=4, BLOCK_M=rows // 4, ROWS=rows, BLOCK_N=CMP_BLOCK_N, F32=True, PREC="tf32x3",
-         UPCAST=False, F32_V=False, UPCAST_V=False, SPLIT_K=True, SPLIT_UPCAST=False), ("sm_scale_log2",),
-    CMP_NUM_WARPS)
+# the forward with fp32 compressed keys and 16-bit values, and the score kernel: against bf16 queries the
+# keys split into bf16 parts (128 rows, SPLIT_NUM_WARPS, as launched at D = 128), against fp16 ones tf32x3
+# (fp32 q tiles: ROW_CAP[True] rows)
+rows16 = ROW_CAP[False]
 nb = SLC_BLOCK_N // 4  # select_block / compress_stride = 64 / 16
-out["_slc_scores[fp32 K]"] = compile_sm90(
-    _slc_scores, {"Q": "*bf16", "K": "*fp32", "LSE": "*fp32", "S": "*fp32"},
-    dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
-         F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=True), ("sm_scale_log2",),
-    SLC_NUM_WARPS)
-rows16 = ROW_CAP[False]  # 16-bit compressed tokens (compressed_dtype="input"): 128 rows
+for q_dtype, split in (("bf16", True), ("fp16", False)):
+    rows, w_cmp, w_slc = (rows16, SPLIT_NUM_WARPS, SPLIT_NUM_WARPS) if split else (ROW_CAP[True], CMP_NUM_WARPS,
+                                                                                   SLC_NUM_WARPS)
+    out[f"_cmp_fwd[fp32 K, {q_dtype} Q]"] = compile_sm90(
+        _cmp_fwd, {"Q": f"*{q_dtype}", "K": "*fp32", "V": f"*{q_dtype}", "O": f"*{q_dtype}", "LSE": "*fp32"},
+        dict(D=128, HEAD_DIM=128, G=4, BLOCK_M=rows // 4, ROWS=rows, BLOCK_N=CMP_BLOCK_N, F32=True,
+             PREC="tf32x3", UPCAST=False, F32_V=False, UPCAST_V=False, SPLIT_K=split, SPLIT_UPCAST=False),
+        ("sm_scale_log2",), w_cmp)
+    out[f"_slc_scores[fp32 K, {q_dtype} Q]"] = compile_sm90(
+        _slc_scores, {"Q": f"*{q_dtype}", "K": "*fp32", "LSE": "*fp32", "S": "*fp32"},
+        dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
+             F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=split),
+        ("sm_scale_log2",), w_slc)
+# 16-bit compressed tokens (compressed_dtype="input"): 128 rows
 out["_slc_scores[bf16 K]"] = compile_sm90(
     _slc_scores, {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "S": "*fp32"},
     dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows16 // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
@@ -103,7 +107,7 @@ print(json.dumps(out))
 
 def test_new_kernels_compile_for_sm90_within_shared_memory():
     results = compile_sm90_script(_SCRIPT)
-    assert len(results) == 19
+    assert len(results) == 21
     for name, (shared, _spill) in results.items():
         # the matmul kernels stage tiles in shared memory; the slot and part sums, the row dot and
         # the branch combine are not matmuls

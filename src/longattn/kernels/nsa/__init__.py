@@ -64,6 +64,12 @@ SLC_NUM_WARPS = 4
 CMP_NUM_WARPS = 4
 # And its backward (dq and dk/dv kernels): forward + backward 55.6 ms at 4 warps against 79.1 at 8.
 CMP_BWD_NUM_WARPS = 4
+# fp32 compressed tokens against bf16 queries, scored as three exact bf16 parts (_split_k) at
+# D <= 128: the q tiles stay 16-bit, so both kernels take the 16-bit row cap (128) and 8 warps.
+# H200, 64k, benchmarks/nsa_tile_sweep.py --cmp-dtype fp32, 2026-12-01: compressed branch 21.2 ms
+# at 64 rows / 4 warps against 12.4 ms at 128 / 8 (same output bit for bit); scores 18.6 against
+# 17.4 ms (same scores bit for bit).
+SPLIT_NUM_WARPS = 8
 # Launch settings forced per kernel ("cmp_fwd", "scores"; the backward's "cmp_bwd_dq" and "cmp_bwd_dkdv", or
 # "cmp_bwd" for both), e.g. {"scores": {"rows": 32, "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning
 # hook for benchmarks/nsa_tile_sweep.py; empty in normal use.
@@ -301,7 +307,9 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
     if B == 0 or Tq == 0 or nC == 0 or H == 0:
         return out, lse
     tune = LAUNCH_OVERRIDES.get("cmp_fwd", {})
-    G, GP, block_m, head_dim = _layout(q, Hkv, k_cmp.dtype == torch.float32, tune.get("rows"))
+    split = _split_k(q, k_cmp, tune)
+    wide = split and D <= 128  # 16-bit q tiles: the 16-bit row cap
+    G, GP, block_m, head_dim = _layout(q, Hkv, k_cmp.dtype == torch.float32 and not wide, tune.get("rows"))
     rows = GP * block_m
     # 16-bit queries: P V takes the values rounded to q's dtype (the output is 16-bit anyway);
     # the scores, hence lse and the selection, keep the fp32 keys
@@ -313,8 +321,9 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=tune.get("block_n", CMP_BLOCK_N),
         **_dot_args(q, k_cmp.dtype), F32_V=v_args["F32"], UPCAST_V=v_args["UPCAST"],
-        SPLIT_K=_split_k(q, k_cmp, tune), SPLIT_UPCAST=interpreting(),
-        num_warps=tune.get("num_warps", CMP_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES),
+        SPLIT_K=split, SPLIT_UPCAST=interpreting(),
+        num_warps=tune.get("num_warps", SPLIT_NUM_WARPS if wide else CMP_NUM_WARPS),
+        num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out, lse
 
@@ -442,7 +451,9 @@ def selection_scores(
     # rows per program as for the attention kernel of the tokens' dtype: 16-bit tokens take 128
     # (32 queries x 4 heads; 64 rows took 10.9 ms against 7.5 at 64k on an H200 with the split
     # overlap dot, 2026-12-01, benchmarks/nsa_tile_sweep.py)
-    G, GP, block_m, head_dim = _layout(q, Hkv, dtype == torch.float32, tune.get("rows"))
+    split = _split_k(q, k_cmp, tune)
+    wide = split and D <= 128  # fp32 tokens, 16-bit q tiles: as the compressed branch
+    G, GP, block_m, head_dim = _layout(q, Hkv, dtype == torch.float32 and not wide, tune.get("rows"))
     r = select_block // compress_stride
     nb = max(1, tune.get("block_n", SLC_BLOCK_N) // r)
     spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
@@ -454,8 +465,8 @@ def selection_scores(
         float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, GP=GP, BLOCK_M=block_m, BLOCK_N=nb * r, NB=nb, NBP=max(16, nb), E=spill,
         **_dot_args(q, dtype), OVL_SPLIT=bool(tune.get("ovl_split", True)), OVL_UPCAST=interpreting(),
-        SPLIT_K=_split_k(q, k_cmp, tune),
-        num_warps=tune.get("num_warps", SLC_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES),
+        SPLIT_K=split, num_warps=tune.get("num_warps", SPLIT_NUM_WARPS if wide else SLC_NUM_WARPS),
+        num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out
 
