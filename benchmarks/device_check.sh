@@ -9,7 +9,8 @@
 #                then the sparse methods' dense-masked sdpa path
 #   prefill      suite: full/top-k/MoBA/window forward+backward at 2k-32k (ours, dense masked, cuDNN,
 #                FlashAttention; then Flex top-k at 4k-16k): the break-even lengths of `auto`
-#   decode       suite: top-k and Quest decoding at 128k (B = 1 and 4)
+#   decode       suite: top-k and Quest decoding at 128k (B = 1, 4 with lengths 128k ... 32k, and 16
+#                sequences of 128k each, the issue's sparse-decoding target)
 #   nsa          suite NSA forward at 8k-64k (Flex at 8k) and benchmarks/nsa_phases.py
 #   sweep        benchmarks/tile_sweep.py at 64k
 #   nsatrain     NSA training: benchmarks/nsa_train_phases.py at 64k, then the suite's NSA and dense
@@ -49,7 +50,10 @@ for step in $STEPS; do
              --backends flex --ops fwd,bwd --max-seconds 70 >> "$OUT/suite_prefill.log" 2>&1
              tail -40 "$OUT/suite_prefill.log" ;;
     decode) timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 128k --hkv 8 --methods full,topk,quest --ops decode \
-             --max-seconds 55 > "$OUT/suite_decode.log" 2>&1; grep -E "^decode" "$OUT/suite_decode.log" | tail -20 ;;
+             --max-seconds 55 > "$OUT/suite_decode.log" 2>&1
+            timeout 60 python3 benchmarks/suite.py --out "$OUT" --sizes 128k --hkv 8 --methods full,topk,quest --ops decode \
+             --decode-batch 16 --decode-lengths fixed --max-seconds 55 >> "$OUT/suite_decode.log" 2>&1
+            grep -E "^decode" "$OUT/suite_decode.log" | tail -30 ;;
     nsa) timeout 90 python3 benchmarks/suite.py --out "$OUT" --sizes 8k,16k,32k,64k --hkv 8 --methods nsa --ops fwd \
              --backends ours --max-seconds 80 > "$OUT/suite_nsa.log" 2>&1
          timeout 45 python3 benchmarks/suite.py --out "$OUT" --sizes 8k --hkv 8 --methods nsa --ops fwd --backends flex \
