@@ -28,12 +28,15 @@ matrices, a softmax and a gather per chunk; here two kernels do it without ever 
 :func:`compressed_attention` is differentiable (backward kernels in :mod:`.backward`); the
 scores and the ranking carry no gradient (NSA's selection is discrete).
 
-Precision: scores are computed with the compressed keys in their own dtype; fp32 compressed
-keys (the mean ``phi`` output) against 16-bit queries upcast the queries (exact), and fp32
-products use ``tf32x3`` on GPUs (near-fp32, tensor cores) and IEEE fp32 in the interpreter, so
-the block scores match the fp32 chunked scan to rounding and the two pick the same blocks
-except between scores equal to ~1e-6. Cast ``k_cmp``/``v_cmp`` to bf16 for speed (full tensor
-core rate) at the price of bf16-rounded scores.
+Precision: scores are computed with the compressed keys in their own dtype. fp32 compressed
+keys (the mean ``phi`` output) against bf16 queries are split into three bf16 parts that sum to
+them exactly, so each product is exact and only the fp32 sums' order differs from an fp32 dot;
+against fp16 queries the queries are upcast (exact) and the fp32 products use ``tf32x3`` on GPUs
+(near-fp32) and IEEE fp32 in the interpreter. Either way the block scores match the fp32
+chunked scan to rounding and the two pick the same blocks except between scores equal to
+~1e-6. 16-bit compressed keys (``NSAConfig.compressed_dtype="input"``) take one 16-bit pass,
+also exact per product, at the price of bf16-rounded keys. (NSA's decoding kernels keep
+``tf32x3`` for fp32 keys: near-ties may break differently from the prefill kernels.)
 """
 
 from __future__ import annotations
@@ -70,9 +73,21 @@ CMP_BWD_NUM_WARPS = 4
 # at 64 rows / 4 warps against 12.4 ms at 128 / 8 (same output bit for bit); scores 18.6 against
 # 17.4 ms (same scores bit for bit).
 SPLIT_NUM_WARPS = 8
+# fp32 q and key tiles at D > 128 (fp16 queries against fp32 tokens) take 16 rows: at 64 rows the
+# two kernels need about 320 KiB of shared memory at D = 256, past sm_90's 227 KiB; at 16 rows
+# 133 and 99 KiB, with the fewest spills of the tiles that fit (tests/test_kernels_compile.py
+# compiles both at D = 256; their speed there is not measured).
+WIDE_FP32_ROWS = 16
+
+
+def _row_cap(tune: dict, fp32_tiles: bool, head_dim: int) -> int | None:
+    """Rows per program of the compressed forward and score kernels (``None``: ``ROW_CAP``)."""
+    return tune.get("rows", WIDE_FP32_ROWS if fp32_tiles and head_dim > 128 else None)
 # Launch settings forced per kernel ("cmp_fwd", "scores"; the backward's "cmp_bwd_dq" and "cmp_bwd_dkdv", or
 # "cmp_bwd" for both), e.g. {"scores": {"rows": 32, "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning
-# hook for benchmarks/nsa_tile_sweep.py; empty in normal use.
+# hook for benchmarks/nsa_tile_sweep.py; empty in normal use. Also "ovl_split" (scores: False for the tf32x3
+# overlap dot) and "split_k" (False under either kernel's key: both score fp32 keys with tf32x3, so the
+# scores kernel recomputes the forward's LSE arithmetic).
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
 # Backward tiles (rows of the query tiles, compressed tokens per step), fp32 operands? -> size:
 # the backward holds two more accumulators (dK, dV or dQ with dP, dS) than the forward.
@@ -289,11 +304,14 @@ def _dot_args(q: Tensor, dtype: torch.dtype) -> dict:
     return dict(F32=fp32, PREC="ieee" if interp else FP32_DOT_PRECISION, UPCAST=interp and not fp32)
 
 
-def _split_k(q: Tensor, k_cmp: Tensor, tune: dict) -> bool:
+def _split_k(q: Tensor, k_cmp: Tensor) -> bool:
     """Whether the score dot splits fp32 compressed keys into three bf16 parts against bf16
     queries (exact products; ``tf32x3`` otherwise, e.g. for fp16 queries, whose parts would need
-    fp16's narrower exponent range). ``tune["split_k"] = False`` restores ``tf32x3``."""
-    return bool(tune.get("split_k", True)) and q.dtype == torch.bfloat16 and k_cmp.dtype == torch.float32
+    fp16's narrower exponent range). One decision for both kernels (the scores kernel must
+    recompute the forward's scores): ``split_k = False`` under the ``"cmp_fwd"`` or the
+    ``"scores"`` key of :data:`LAUNCH_OVERRIDES` restores ``tf32x3`` in both."""
+    forced_off = any(LAUNCH_OVERRIDES.get(key, {}).get("split_k", True) is False for key in ("cmp_fwd", "scores"))
+    return not forced_off and q.dtype == torch.bfloat16 and k_cmp.dtype == torch.float32
 
 
 def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -307,9 +325,10 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
     if B == 0 or Tq == 0 or nC == 0 or H == 0:
         return out, lse
     tune = LAUNCH_OVERRIDES.get("cmp_fwd", {})
-    split = _split_k(q, k_cmp, tune)
+    split = _split_k(q, k_cmp)
     wide = split and D <= 128  # 16-bit q tiles: the 16-bit row cap
-    G, GP, block_m, head_dim = _layout(q, Hkv, k_cmp.dtype == torch.float32 and not wide, tune.get("rows"))
+    fp32_tiles = k_cmp.dtype == torch.float32 and not wide
+    G, GP, block_m, head_dim = _layout(q, Hkv, fp32_tiles, _row_cap(tune, fp32_tiles and not split, D))
     rows = GP * block_m
     # 16-bit queries: P V takes the values rounded to q's dtype (the output is 16-bit anyway);
     # the scores, hence lse and the selection, keep the fp32 keys
@@ -448,12 +467,14 @@ def selection_scores(
     k_cmp = kernel_layout(k_cmp, "k_cmp")
     lse = lse.to(torch.float32)
     tune = LAUNCH_OVERRIDES.get("scores", {})
-    # rows per program as for the attention kernel of the tokens' dtype: 16-bit tokens take 128
-    # (32 queries x 4 heads; 64 rows took 10.9 ms against 7.5 at 64k on an H200 with the split
-    # overlap dot, 2026-12-01, benchmarks/nsa_tile_sweep.py)
-    split = _split_k(q, k_cmp, tune)
+    # rows per program as for the attention kernel: 16-bit q tiles (16-bit tokens, or fp32 tokens
+    # split against bf16 queries at D <= 128) take 128 (32 queries x 4 heads; with 16-bit tokens 64
+    # rows took 10.9 ms against 7.5 at 64k on an H200 with the split overlap dot, 2026-12-01,
+    # benchmarks/nsa_tile_sweep.py)
+    split = _split_k(q, k_cmp)
     wide = split and D <= 128  # fp32 tokens, 16-bit q tiles: as the compressed branch
-    G, GP, block_m, head_dim = _layout(q, Hkv, dtype == torch.float32 and not wide, tune.get("rows"))
+    fp32_tiles = dtype == torch.float32 and not wide
+    G, GP, block_m, head_dim = _layout(q, Hkv, fp32_tiles, _row_cap(tune, fp32_tiles and not split, D))
     r = select_block // compress_stride
     nb = max(1, tune.get("block_n", SLC_BLOCK_N) // r)
     spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
