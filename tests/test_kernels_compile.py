@@ -17,7 +17,8 @@ pytest.importorskip("triton")
 
 _SCRIPT = r"""
 from longattn.kernels.nsa import (BWD_BLOCK_N, BWD_ROWS, CMP_BLOCK_N, CMP_BWD_NUM_WARPS, CMP_NUM_WARPS, NUM_STAGES,
-                                  ROW_CAP, SLC_NUM_WARPS, SLC_BLOCK_N, SPLIT_NUM_WARPS, WIDE_FP32_ROWS)
+                                  ROW_CAP, SLC_NUM_WARPS, SLC_BLOCK_N, SPLIT_NUM_WARPS, WIDE_FP32_BWD_BLOCK_N,
+                                  WIDE_FP32_ROWS)
 from longattn.kernels.nsa.backward import _cmp_bwd_dkdv, _cmp_bwd_dq
 from longattn.kernels.nsa.kernel import _cmp_fwd, _slc_scores
 from longattn.kernels.block_sparse.kernel import _bwd_dkdv
@@ -34,6 +35,13 @@ for k_dtype in ("fp32", "bf16"):
     for fn in (_cmp_bwd_dq, _cmp_bwd_dkdv):
         out[f"{fn.__name__}[{k_dtype}]"] = compile_sm90(fn, ptr, const, ("sm_scale_log2", "sm_scale"),
                                                         CMP_BWD_NUM_WARPS)
+# fp32 training at D = 256 (fp32 queries and tokens): the smaller backward tiles
+ptr = {n: "*fp32" for n in ("K", "V", "DK", "DV", "LSE", "DELTA", "Q", "DO", "DQ")}
+const = dict(D=256, HEAD_DIM=256, G=4, BLOCK_M=WIDE_FP32_ROWS // 4, ROWS=WIDE_FP32_ROWS,
+             BLOCK_N=WIDE_FP32_BWD_BLOCK_N, F32=True, PREC="tf32x3", UPCAST=False)
+for fn in (_cmp_bwd_dq, _cmp_bwd_dkdv):
+    out[f"{fn.__name__}[fp32, D=256]"] = compile_sm90(fn, ptr, const, ("sm_scale_log2", "sm_scale"),
+                                                      CMP_BWD_NUM_WARPS)
 # the forward with fp32 compressed keys and 16-bit values, and the score kernel: against bf16 queries the
 # keys split into bf16 parts (128 rows, SPLIT_NUM_WARPS, as launched at D = 128), against fp16 ones tf32x3
 # (fp32 q tiles: ROW_CAP[True] rows)
@@ -121,7 +129,7 @@ print(json.dumps(out))
 
 def test_new_kernels_compile_for_sm90_within_shared_memory():
     results = compile_sm90_script(_SCRIPT)
-    assert len(results) == 25
+    assert len(results) == 27
     for name, (shared, _spill) in results.items():
         # the matmul kernels stage tiles in shared memory; the slot and part sums, the row dot and
         # the branch combine are not matmuls

@@ -227,6 +227,7 @@ BWD_CASES = [  # (Tq, Tk, H, Hkv, D, dtype)
     (40, 130, 6, 2, 40, torch.float32),  # queries at the end of a longer key sequence, odd D
     (90, 90, 3, 3, 64, torch.float32),  # no GQA
     (100, 100, 4, 1, 64, torch.bfloat16),
+    (40, 70, 4, 2, 256, torch.float32),  # D = 256 in fp32: the smaller tiles that fit shared memory
 ]
 
 

@@ -78,6 +78,9 @@ SPLIT_NUM_WARPS = 8
 # 133 and 99 KiB, with the fewest spills of the tiles that fit (tests/test_kernels_compile.py
 # compiles both at D = 256; their speed there is not measured).
 WIDE_FP32_ROWS = 16
+# and the backward's fp32 kernels there (fp32 queries) 16 rows x 16 tokens: 64 x 32 needed 384 KiB
+# for dQ at D = 256; 16 x 16 takes 96 KiB in each kernel
+WIDE_FP32_BWD_BLOCK_N = 16
 
 
 def _row_cap(tune: dict, fp32_tiles: bool, head_dim: int) -> int | None:
@@ -377,9 +380,12 @@ def _cmp_backward(
     def launch(name: str) -> dict:
         # tiles of one backward kernel: rows of a query tile, compressed tokens per tile
         tune = {**shared, **LAUNCH_OVERRIDES.get(name, {})}
-        G, GP, block_m, head_dim = _layout(q, Hkv, fp32, tune.get("rows", BWD_ROWS[fp32]))
+        wide_fp32 = fp32 and D > 128  # fp32 training at D = 256: smaller tiles fit shared memory
+        G, GP, block_m, head_dim = _layout(q, Hkv, fp32, tune.get("rows", WIDE_FP32_ROWS if wide_fp32
+                                                                     else BWD_ROWS[fp32]))
         return dict(D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=GP * block_m,
-                    BLOCK_N=tune.get("block_n", BWD_BLOCK_N[fp32]), **_dot_args(q, k_cmp.dtype),
+                    BLOCK_N=tune.get("block_n", WIDE_FP32_BWD_BLOCK_N if wide_fp32 else BWD_BLOCK_N[fp32]),
+                    **_dot_args(q, k_cmp.dtype),
                     num_warps=tune.get("num_warps", CMP_BWD_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES))
 
     kw = launch("cmp_bwd_dq")
