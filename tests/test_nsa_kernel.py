@@ -142,6 +142,34 @@ def test_fp32_keys_keep_fp32_accuracy(q_dtype):
     assert err(p_slc, p_ref) < 2e-5
 
 
+def test_tuning_overrides_restore_the_fp32_dots():
+    """``split_k=False`` and ``ovl_split=False`` (the sweeps' baseline: fp32 operands through
+    ``tf32x3`` on GPUs, IEEE fp32 here) give the default's LSE and block scores to fp32
+    rounding, and the same blocks."""
+    cfg = NSAConfig(**SMALL)
+    q, _, _, k_cmp, v_cmp = _inputs(90, 200, 4, 2, torch.bfloat16, cfg, seed=12)
+    scale = 1 / math.sqrt(64)
+    kw = dict(kv_len=200, scale=scale, **_kw(cfg))
+
+    def run():
+        _, lse = compressed_attention(q, k_cmp, v_cmp, **kw)
+        return lse, selection_scores(q, k_cmp, lse, select_block=cfg.select_block, **kw)
+
+    lse, p = run()
+    nsa_kernels.LAUNCH_OVERRIDES.update(cmp_fwd={"split_k": False}, scores={"ovl_split": False})
+    try:
+        assert not nsa_kernels._split_k(q, k_cmp)
+        lse_f, p_f = run()
+    finally:
+        nsa_kernels.LAUNCH_OVERRIDES.clear()
+    seen = torch.isfinite(lse)
+    assert torch.equal(seen, torch.isfinite(lse_f)) and err(lse[seen], lse_f[seen]) < 1e-5
+    assert err(p, p_f) < 1e-5
+    sel = select_from_scores(p, cfg, kv_len=200, num_heads=4)
+    sel_f = select_from_scores(p_f, cfg, kv_len=200, num_heads=4)
+    assert torch.equal(sel.kv_indices, sel_f.kv_indices)
+
+
 @pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 16), (48, 8, 16), (32, 8, 128)])
 def test_scores_for_other_block_geometries(l, d, ls):
     """Spill over tile boundaries (``l - d`` beyond a selection block, several blocks per
