@@ -83,9 +83,19 @@ WIDE_FP32_ROWS = 16
 WIDE_FP32_BWD_BLOCK_N = 16
 
 
-def _row_cap(tune: dict, fp32_tiles: bool, head_dim: int) -> int | None:
-    """Rows per program of the compressed forward and score kernels (``None``: ``ROW_CAP``)."""
-    return tune.get("rows", WIDE_FP32_ROWS if fp32_tiles and head_dim > 128 else None)
+def _score_tiles(q: Tensor, k_cmp: Tensor, Hkv: int, tune: dict, warps: int) -> tuple[bool, int, int, int, int, int]:
+    """The tiles both compressed forward kernels (attention and scores) take, from one decision:
+    ``(split, G, GP, BLOCK_M, HEAD_DIM, num_warps)``. ``k_cmp`` is in the common dtype; ``warps``:
+    the kernel's default. fp32 tokens split against bf16 queries keep 16-bit q tiles: at D <= 128
+    the 16-bit row cap and :data:`SPLIT_NUM_WARPS`; fp32 q tiles at D > 128 take
+    :data:`WIDE_FP32_ROWS`; ``tune`` (``rows``, ``num_warps``) overrides."""
+    D = q.shape[-1]
+    split = _split_k(q, k_cmp)
+    wide = split and D <= 128
+    fp32_tiles = k_cmp.dtype == torch.float32 and not wide
+    cap = tune.get("rows", WIDE_FP32_ROWS if fp32_tiles and not split and D > 128 else None)
+    G, GP, block_m, head_dim = _layout(q, Hkv, fp32_tiles, cap)
+    return split, G, GP, block_m, head_dim, tune.get("num_warps", SPLIT_NUM_WARPS if wide else warps)
 # Launch settings forced per kernel ("cmp_fwd", "scores"; the backward's "cmp_bwd_dq" and "cmp_bwd_dkdv", or
 # "cmp_bwd" for both), e.g. {"scores": {"rows": 32, "num_warps": 4, "num_stages": 3, "block_n": 64}}: a tuning
 # hook for benchmarks/nsa_tile_sweep.py; empty in normal use. Also "ovl_split" (scores: False for the tf32x3
@@ -328,10 +338,7 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
     if B == 0 or Tq == 0 or nC == 0 or H == 0:
         return out, lse
     tune = LAUNCH_OVERRIDES.get("cmp_fwd", {})
-    split = _split_k(q, k_cmp)
-    wide = split and D <= 128  # 16-bit q tiles: the 16-bit row cap
-    fp32_tiles = k_cmp.dtype == torch.float32 and not wide
-    G, GP, block_m, head_dim = _layout(q, Hkv, fp32_tiles, _row_cap(tune, fp32_tiles and not split, D))
+    split, G, GP, block_m, head_dim, warps = _score_tiles(q, k_cmp, Hkv, tune, CMP_NUM_WARPS)
     rows = GP * block_m
     # 16-bit queries: P V takes the values rounded to q's dtype (the output is 16-bit anyway);
     # the scores, hence lse and the selection, keep the fp32 keys
@@ -343,9 +350,7 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=tune.get("block_n", CMP_BLOCK_N),
         **_dot_args(q, k_cmp.dtype), F32_V=v_args["F32"], UPCAST_V=v_args["UPCAST"],
-        SPLIT_K=split, SPLIT_UPCAST=interpreting(),
-        num_warps=tune.get("num_warps", SPLIT_NUM_WARPS if wide else CMP_NUM_WARPS),
-        num_stages=tune.get("num_stages", NUM_STAGES),
+        SPLIT_K=split, SPLIT_UPCAST=interpreting(), num_warps=warps, num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out, lse
 
@@ -477,10 +482,7 @@ def selection_scores(
     # split against bf16 queries at D <= 128) take 128 (32 queries x 4 heads; with 16-bit tokens 64
     # rows took 10.9 ms against 7.5 at 64k on an H200 with the split overlap dot, 2026-12-01,
     # benchmarks/nsa_tile_sweep.py)
-    split = _split_k(q, k_cmp)
-    wide = split and D <= 128  # fp32 tokens, 16-bit q tiles: as the compressed branch
-    fp32_tiles = dtype == torch.float32 and not wide
-    G, GP, block_m, head_dim = _layout(q, Hkv, fp32_tiles, _row_cap(tune, fp32_tiles and not split, D))
+    split, G, GP, block_m, head_dim, warps = _score_tiles(q, k_cmp, Hkv, tune, SLC_NUM_WARPS)
     r = select_block // compress_stride
     nb = max(1, tune.get("block_n", SLC_BLOCK_N) // r)
     spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
@@ -492,8 +494,7 @@ def selection_scores(
         float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, GP=GP, BLOCK_M=block_m, BLOCK_N=nb * r, NB=nb, NBP=max(16, nb), E=spill,
         **_dot_args(q, dtype), OVL_SPLIT=bool(tune.get("ovl_split", True)), OVL_UPCAST=interpreting(),
-        SPLIT_K=split, num_warps=tune.get("num_warps", SPLIT_NUM_WARPS if wide else SLC_NUM_WARPS),
-        num_stages=tune.get("num_stages", NUM_STAGES),
+        SPLIT_K=split, num_warps=warps, num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out
 
