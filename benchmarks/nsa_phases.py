@@ -227,16 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
     import longattn
+    from _inputs import prefill_qkv
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         raise SystemExit("nsa_phases.py times GPU kernels: run it on a CUDA machine, or pass --smoke for a CPU check")
     dev = torch.device("cuda" if cuda else "cpu")
-    g = torch.Generator(device=dev).manual_seed(0)
-    B, H, D, T = 1, (32 if cuda else 4), 128 if cuda else 64, args.T
-    q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, args.hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, args.hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    H, D, T = (32 if cuda else 4), 128 if cuda else 64, args.T
+    q, k, v = prefill_qkv(T, H, args.hkv, D, device=str(dev))
     cfg = longattn.get_method("nsa").make_config()
     scale = D ** -0.5
     if cuda:

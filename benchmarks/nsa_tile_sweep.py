@@ -18,6 +18,7 @@ import json
 import time
 
 import torch
+from _inputs import prefill_qkv
 from _timing import median_ms
 
 
@@ -42,11 +43,8 @@ def main() -> None:
     from longattn.methods import nsa as m
 
     dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    B, H, Hkv, D, T = 1, 32, 8, 128, args.T
-    q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    H, Hkv, D, T = 32, 8, 128, args.T
+    q, k, v = prefill_qkv(T, H, Hkv, D, device=dev)
     cfg = longattn.get_method("nsa").make_config()
     l, d, ls, scale = cfg.compress_block, cfg.compress_stride, cfg.select_block, D ** -0.5
     with torch.no_grad():
