@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 _SCRIPT = r"""
 from longattn.kernels.nsa import (BWD_BLOCK_N, BWD_ROWS, CMP_BLOCK_N, CMP_BWD_NUM_WARPS, CMP_NUM_WARPS, NUM_STAGES,
                                   ROW_CAP, SLC_NUM_WARPS, SLC_BLOCK_N, SPLIT_NUM_WARPS, WIDE_FP32_BWD_BLOCK_N,
-                                  WIDE_FP32_ROWS)
+                                  WIDE_FP32_ROWS, WIDE_SPLIT_BLOCK_N)
 from longattn.kernels.nsa.backward import _cmp_bwd_dkdv, _cmp_bwd_dq
 from longattn.kernels.nsa.kernel import _cmp_fwd, _slc_scores
 from longattn.kernels.block_sparse.kernel import _bwd_dkdv
@@ -60,13 +60,14 @@ for q_dtype, split in (("bf16", True), ("fp16", False)):
         dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
              F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=split),
         ("sm_scale_log2",), w_slc)
-# D = 256 with fp32 tokens: split against bf16 queries (64 rows: the split's wide tiles are for D <= 128),
-# tf32x3 against fp16 ones (fp32 q tiles: WIDE_FP32_ROWS)
+# D = 256 with fp32 tokens: split against bf16 queries (64 rows: the split's wide tiles are for D <= 128;
+# the forward steps WIDE_SPLIT_BLOCK_N tokens), tf32x3 against fp16 ones (fp32 q tiles: WIDE_FP32_ROWS)
 for q_dtype, split in (("bf16", True), ("fp16", False)):
     rows, stages = (ROW_CAP[True] if split else WIDE_FP32_ROWS), NUM_STAGES
     out[f"_cmp_fwd[fp32 K, {q_dtype} Q, D=256]"] = compile_sm90(
         _cmp_fwd, {"Q": f"*{q_dtype}", "K": "*fp32", "V": f"*{q_dtype}", "O": f"*{q_dtype}", "LSE": "*fp32"},
-        dict(D=256, HEAD_DIM=256, G=4, BLOCK_M=rows // 4, ROWS=rows, BLOCK_N=CMP_BLOCK_N, F32=True,
+        dict(D=256, HEAD_DIM=256, G=4, BLOCK_M=rows // 4, ROWS=rows,
+             BLOCK_N=WIDE_SPLIT_BLOCK_N if split else CMP_BLOCK_N, F32=True,
              PREC="tf32x3", UPCAST=False, F32_V=False, UPCAST_V=False, SPLIT_K=split, SPLIT_UPCAST=False),
         ("sm_scale_log2",), CMP_NUM_WARPS, stages)
     out[f"_slc_scores[fp32 K, {q_dtype} Q, D=256]"] = compile_sm90(

@@ -110,20 +110,21 @@ def test_compressed_attention_and_scores_match_the_scan(Tq, Tk, H, Hkv, dtype, c
     _assert_kernel_selects_like_torch(p_slc, cfg, Tk)
 
 
-@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fp32_keys_keep_fp32_accuracy(q_dtype):
+@pytest.mark.parametrize("q_dtype,D", [(torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 64),
+                                       (torch.bfloat16, 256), (torch.float16, 256)])
+def test_fp32_keys_keep_fp32_accuracy(q_dtype, D):
     """16-bit queries against fp32 compressed keys with full 24-bit mantissas and large scores:
     the LSE and the block scores stay within fp32 rounding of an fp64 computation. (bf16
     queries take the keys as three exact bf16 parts; dropping the third, a 16-bit key, put the LSE
-    off by about 5e-4 here.)"""
+    off by about 5e-4 here.) D = 256 takes the tiles that fit sm_90's shared memory there."""
     cfg = NSAConfig(**SMALL)
     Tq, Tk, H, Hkv = 64, 200, 4, 2
     g = torch.Generator().manual_seed(77)
-    q = (4 * torch.randn(1, H, Tq, 64, generator=g)).to(q_dtype).to(DEV)
+    q = (4 * torch.randn(1, H, Tq, D, generator=g)).to(q_dtype).to(DEV)
     nC = cfg.num_compressed(Tk)
-    k_cmp = (4 * torch.randn(1, Hkv, nC, 64, generator=g, dtype=torch.float64)).float().to(DEV)
-    v_cmp = torch.randn(1, Hkv, nC, 64, generator=g).to(DEV)
-    scale = 1 / math.sqrt(64)
+    k_cmp = (4 * torch.randn(1, Hkv, nC, D, generator=g, dtype=torch.float64)).float().to(DEV)
+    v_cmp = torch.randn(1, Hkv, nC, D, generator=g).to(DEV)
+    scale = 1 / math.sqrt(D)
     # the split path serves bf16 queries only, for both kernels at once
     assert nsa_kernels._split_k(q, k_cmp) == (q_dtype == torch.bfloat16)
     nsa_kernels.LAUNCH_OVERRIDES["scores"] = {"split_k": False}
@@ -136,7 +137,11 @@ def test_fp32_keys_keep_fp32_accuracy(q_dtype):
     lse64 = torch.logsumexp(logits.double(), -1).reshape(lse.shape)
     ok = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), ok)
-    spacing = 2.0 ** (math.floor(math.log2(max(1.0, lse64[ok].abs().max().item()))) - 23)  # fp32's, at |lse|
+    # fp32's spacing at the larger of |lse| and the logits' sum of |products| (an fp32 dot of D
+    # terms rounds in proportion to the latter: 4x larger at D = 256 than at 64 here)
+    mag = (q.double().abs() * scale).reshape(1, Hkv, H // Hkv, Tq, D) @ k_cmp.double().abs()[:, :, None].transpose(-1, -2)
+    mag = max(1.0, lse64[ok].abs().max().item(), mag.max().item())
+    spacing = 2.0 ** (math.floor(math.log2(mag)) - 23)
     assert err(lse[ok], lse64[ok]) < 8 * spacing, (err(lse[ok], lse64[ok]), spacing)
     p_slc = selection_scores(q, k_cmp, lse, kv_len=Tk, scale=scale, select_block=cfg.select_block, **_kw(cfg))
     assert err(p_slc, p_ref) < 2e-5

@@ -81,6 +81,11 @@ WIDE_FP32_ROWS = 16
 # and the backward's fp32 kernels there (fp32 queries) 16 rows x 16 tokens: 64 x 32 needed 384 KiB
 # for dQ at D = 256; 16 x 16 takes 96 KiB in each kernel
 WIDE_FP32_BWD_BLOCK_N = 16
+# bf16 queries against fp32 tokens at D > 128 (the split, 64-row tiles): the compressed forward
+# steps 32 tokens at a time. At 64 it needs 256 KiB of shared memory at D = 256 when its
+# arguments are 16-aligned (every power-of-two shape) and failed to launch on the H200; at 32,
+# 144 KiB. The score kernel fits as it is (194 KiB).
+WIDE_SPLIT_BLOCK_N = 32
 
 
 def _score_tiles(q: Tensor, k_cmp: Tensor, Hkv: int, tune: dict, warps: int) -> tuple[bool, int, int, int, int, int]:
@@ -340,6 +345,7 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
     tune = LAUNCH_OVERRIDES.get("cmp_fwd", {})
     split, G, GP, block_m, head_dim, warps = _score_tiles(q, k_cmp, Hkv, tune, CMP_NUM_WARPS)
     rows = GP * block_m
+    block_n = tune.get("block_n", WIDE_SPLIT_BLOCK_N if split and D > 128 else CMP_BLOCK_N)
     # 16-bit queries: P V takes the values rounded to q's dtype (the output is 16-bit anyway);
     # the scores, hence lse and the selection, keep the fp32 keys
     v_dot = v_cmp.to(q.dtype) if q.dtype != torch.float32 else v_cmp
@@ -348,7 +354,7 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
         q, k_cmp, v_dot, out, lse,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_dot.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
-        D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=tune.get("block_n", CMP_BLOCK_N),
+        D=D, HEAD_DIM=head_dim, G=G, BLOCK_M=block_m, ROWS=rows, BLOCK_N=block_n,
         **_dot_args(q, k_cmp.dtype), F32_V=v_args["F32"], UPCAST_V=v_args["UPCAST"],
         SPLIT_K=split, SPLIT_UPCAST=interpreting(), num_warps=warps, num_stages=tune.get("num_stages", NUM_STAGES),
     )
