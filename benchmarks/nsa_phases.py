@@ -136,13 +136,11 @@ def prefill_phases(q, k, v, cfg, scale, timer, cmp_dtypes=("fp32",)) -> dict[str
 def decode_phases(q1, k, v, cfg, scale, timer) -> dict[str, float]:
     """Eager phase times of one decoding step (B = 1) over the T cached keys (the compressed
     tokens kept by the cache, as a serving loop would): the whole step with and without the
-    host sync, the split-K compressed-branch + block-score kernels (with the ranking in the
-    score merge, as the step runs them, and without it), the standalone ranking kernel on their
-    scores, the selected + window branches with the gated sum (two kernels), and dense SDPA
-    decoding."""
+    host sync, the split-K compressed-branch + block-score kernels, the ranking kernel, the
+    selected + window branches with the gated sum (two kernels), and dense SDPA decoding."""
     from longattn import decode_nsa as dn
     from longattn.kernels.nsa import select_blocks
-    from longattn.kernels.nsa.decode import nsa_decode_compressed, nsa_decode_select
+    from longattn.kernels.nsa.decode import nsa_decode_compressed
     from longattn.kernels.nsa.decode_branches import nsa_decode_branches
 
     T = k.shape[2]
@@ -158,9 +156,6 @@ def decode_phases(q1, k, v, cfg, scale, timer) -> dict[str, float]:
               num_blocks=n_blocks, scale=scale)
     o_cmp, _, p_slc = nsa_decode_compressed(q1, kc, vc, lens, **kw)
     res["decode_cmp_and_scores_kernels"] = timer(lambda: nsa_decode_compressed(q1, kc, vc, lens, **kw))
-    sel_kw = dict(num_selected=cfg.num_selected, num_init_blocks=cfg.num_init_blocks,
-                  num_local_blocks=cfg.num_local_blocks)
-    res["decode_cmp_scores_and_rank_kernels"] = timer(lambda: nsa_decode_select(q1, kc, vc, lens, **kw, **sel_kw))
     rank_kw = dict(kv_len=T, kv_lens=lens, select_block=cfg.select_block, num_selected=cfg.num_selected,
                    num_init_blocks=cfg.num_init_blocks, num_local_blocks=cfg.num_local_blocks)
     idx, cnt, _ = select_blocks(p_slc, **rank_kw)

@@ -175,7 +175,7 @@ def test_reads_are_bounded_by_selection_and_window(monkeypatch, backend):
     pos = seqlens.long()[:, None] - Tq + torch.arange(Tq, device=q.device)
     n_blocks = -(-Tmax // CFG.select_block)
     if backend == "triton":
-        _, idx, cnt = mod._compressed_and_selection_triton(q, k_cmp, v_cmp, seqlens, CFG, 0.125, n_blocks)
+        _, idx, cnt = mod._compressed_and_selection_triton(q, k_cmp, v_cmp, seqlens, CFG, 0.125, n_blocks, Tmax)
     else:
         valid = mod._valid_tokens(seqlens, k_cmp.shape[2], CFG)
         _, idx, cnt = mod._compressed_and_selection(q, k_cmp, v_cmp, pos, valid, CFG, 0.125, n_blocks)

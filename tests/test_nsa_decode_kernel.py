@@ -91,25 +91,17 @@ def torch_path(q, k_cmp, v_cmp, seqlens, cfg, scale, Tmax=TMAX):
 
 
 def kernel_path(q, k_cmp, v_cmp, seqlens, cfg, scale, Tmax=TMAX, **kw):
-    """The kernels: ``(o_cmp, lse, p_slc, idx, counts)`` from ``nsa_decode_select`` (the merge
-    ranks each row as it scores it), checked against the standalone ranking kernel on the same
-    scores and against ``nsa_decode_compressed`` (the merge without the ranking)."""
+    """The kernels: ``(o_cmp, lse, p_slc, idx, counts)``."""
     from longattn.kernels.nsa import select_blocks
-    from longattn.kernels.nsa.decode import nsa_decode_compressed, nsa_decode_select
+    from longattn.kernels.nsa.decode import nsa_decode_compressed
 
     n_blocks = -(-Tmax // cfg.select_block)
-    args = dict(compress_block=cfg.compress_block, compress_stride=cfg.compress_stride,
-                select_block=cfg.select_block, num_blocks=n_blocks, scale=scale, **kw)
-    o, lse, p_slc, idx, cnt = nsa_decode_select(q, k_cmp, v_cmp, seqlens, **args, num_selected=cfg.num_selected,
-                                                num_init_blocks=cfg.num_init_blocks,
-                                                num_local_blocks=cfg.num_local_blocks)
-    ref_idx, ref_cnt, _ = select_blocks(p_slc, kv_len=Tmax, kv_lens=seqlens, select_block=cfg.select_block,
-                                        num_selected=cfg.num_selected, num_init_blocks=cfg.num_init_blocks,
-                                        num_local_blocks=cfg.num_local_blocks)
-    assert torch.equal(idx, ref_idx) and torch.equal(cnt, ref_cnt)
-    alone = nsa_decode_compressed(q, k_cmp, v_cmp, seqlens, **args)
-    for a, b in zip(alone, (o, lse, p_slc)):  # the same launches but the ranking: bit for bit
-        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+    o, lse, p_slc = nsa_decode_compressed(
+        q, k_cmp, v_cmp, seqlens, compress_block=cfg.compress_block, compress_stride=cfg.compress_stride,
+        select_block=cfg.select_block, num_blocks=n_blocks, scale=scale, **kw)
+    idx, cnt, _ = select_blocks(p_slc, kv_len=Tmax, kv_lens=seqlens, select_block=cfg.select_block,
+                                num_selected=cfg.num_selected, num_init_blocks=cfg.num_init_blocks,
+                                num_local_blocks=cfg.num_local_blocks)
     return o, lse, p_slc, idx, cnt
 
 
@@ -355,19 +347,25 @@ def test_cuda_graph_capture_and_replay():
     assert torch.equal(out, nsa_decode(q, k, v, seqlens, **kw))
 
 
-def test_fallback_when_the_kernels_cannot_serve_the_call(monkeypatch):
-    """When :func:`decode_unsupported_reason` gives a reason, the compressed branch and the
-    selection run in PyTorch, with a RuntimeWarning for ``backend="triton"`` and silently for
-    ``"auto"``; the result is unchanged."""
+def test_fallback_for_a_geometry_the_kernels_do_not_take(monkeypatch):
+    """A selection block overlapping more compressed tokens than the score merge holds for a
+    KV head's rows (here: the merge's budget lowered below this config's 2 rows x 4 tokens), or
+    a merge grid past CUDA's limit (here: the limit lowered): the compressed branch and the
+    selection run in PyTorch, with a RuntimeWarning; the result is unchanged."""
     import longattn.kernels.nsa.decode as mod
 
     q, k, v, seqlens, k_cmp, v_cmp = make_inputs(2, 4, 2, 1, (10, 150), seed=6)
     base = nsa_decode(q, k, v, seqlens, config=CFG, k_cmp=k_cmp, v_cmp=v_cmp, backend="triton")
     kw = dict(compress_block=16, compress_stride=8, select_block=16)
-    assert mod.decode_unsupported_reason(q, k_cmp, **kw) is None
-    assert "multiples of compress_stride" in mod.decode_unsupported_reason(q, k_cmp, **{**kw, "select_block": 12})
-    monkeypatch.setattr(mod, "decode_unsupported_reason", lambda *a, **k: "a reason")
-    with pytest.warns(RuntimeWarning, match="NSA decode kernels cannot serve this call \\(a reason\\)"):
+    assert mod.decode_unsupported_reason(q, k_cmp, **kw, num_blocks=10) is None
+    monkeypatch.setattr(mod, "MAX_GRID_Y", 2 + 9)  # 2 row programs + 10 one-block chunks
+    monkeypatch.setattr(mod, "MERGE_ELEMENTS", 8)
+    assert "grid limit of 11" in mod.decode_unsupported_reason(q, k_cmp, **kw, num_blocks=10)
+    with pytest.raises(ValueError, match="grid limit"):
+        mod.nsa_decode_compressed(q, k_cmp, v_cmp, seqlens, **kw, num_blocks=10, scale=0.2)
+    monkeypatch.setattr(mod, "MERGE_ELEMENTS", 4)
+    assert "at most 4" in mod.decode_unsupported_reason(q, k_cmp, **kw)
+    with pytest.warns(RuntimeWarning, match="NSA decode kernels cannot serve"):
         out = nsa_decode(q, k, v, seqlens, config=CFG, k_cmp=k_cmp, v_cmp=v_cmp, backend="triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" falls back silently
@@ -376,39 +374,11 @@ def test_fallback_when_the_kernels_cannot_serve_the_call(monkeypatch):
     assert err(out, ref) < 1e-5 and err(out, base) < 1e-5 and torch.equal(auto, out)
 
 
-def test_past_the_ranking_limit_the_scores_go_out_in_chunks_and_rank_in_pytorch(poisoned, monkeypatch):
-    """More selection blocks than the merge ranks in registers (``MAX_SELECT_BLOCKS``, lowered
-    here to 8 of the cache's 10): the merge writes the scores in ``MERGE_BLOCKS``-block chunks
-    (lowered to 4: three chunks, the last partial) and ``nsa_decode`` ranks them in PyTorch. The
-    scores equal the one-chunk merge's bit for bit, and so does the whole step."""
-    import longattn.kernels.nsa as nsa_mod
-    import longattn.kernels.nsa.decode as mod
-
-    q, k, v, seqlens, k_cmp, v_cmp = make_inputs(3, 6, 2, 2, (10, 40, 150), seed=8)
-    scale = 1 / math.sqrt(D)
-    kw = dict(compress_block=16, compress_stride=8, select_block=16, num_blocks=10, scale=scale, num_splits=2)
-    sel = dict(num_selected=CFG.num_selected, num_init_blocks=CFG.num_init_blocks,
-               num_local_blocks=CFG.num_local_blocks)
-    fused = mod.nsa_decode_select(q, k_cmp, v_cmp, seqlens, **kw, **sel)
-    base = nsa_decode(q, k, v, seqlens, config=CFG, k_cmp=k_cmp, v_cmp=v_cmp, backend="triton")
-    monkeypatch.setattr(nsa_mod, "MAX_SELECT_BLOCKS", 8)
-    monkeypatch.setattr(mod, "MERGE_BLOCKS", 4)
-    chunked = mod.nsa_decode_compressed(q, k_cmp, v_cmp, seqlens, **kw)
-    for a, b in zip(chunked, fused[:3]):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="at most 8 blocks"):
-        mod.nsa_decode_select(q, k_cmp, v_cmp, seqlens, **kw, **sel)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning: the kernels still serve the step
-        out = nsa_decode(q, k, v, seqlens, config=CFG, k_cmp=k_cmp, v_cmp=v_cmp, backend="triton")
-    assert torch.equal(out, base)
-
-
 # ---------------------------------------------------------------------------- GPU compilation
 MAX_SPILL = 64  # bytes of ptxas spill stores tolerated (the tile table was chosen for none, 8 at most)
 
 _COMPILE_SCRIPT = r"""
-from longattn.kernels.nsa.decode import _cmp_decode_merge, _cmp_decode_split, decode_tile_config, merge_config
+from longattn.kernels.nsa.decode import MERGE_ELEMENTS, _cmp_decode_merge, _cmp_decode_split, decode_tile_config
 from longattn.kernels.nsa.kernel import _select_rank
 
 
@@ -422,14 +392,13 @@ for k_dtype, q_dtype, D, G, Tq in [("fp32", "bf16", 128, 4, 1), ("bf16", "bf16",
                  **{n: cfg[n] for n in ("BLOCK_M", "BLOCK_N")})
     out[f"split[{k_dtype} K, {q_dtype} q, D={D}, G={G}, Tq={Tq}]"] = compile_sm90(
         _cmp_decode_split, ptr, const, ("qk_scale",), cfg["num_warps"], cfg["num_stages"])
-# the merge as launched: ranking 1024 blocks (64k keys), 8192 (the ranking's limit), or scores in chunks
-for G, Tq, D, S, n_blocks, top_k in [(4, 1, 128, 64, 1024, 16), (4, 2, 128, 8, 8192, 16), (8, 16, 256, 8, 20000, None)]:
-    mc = merge_config(D, n_blocks, top_k)
+for G, Tq, D, S in [(4, 1, 128, 64), (8, 16, 256, 8)]:
+    GP, TQP = G, 1 << (Tq - 1).bit_length()
     ptr = {n: "*fp32" for n in ("OP", "LP", "SR", "LSE", "PS")}
-    ptr.update({"Lens": "*i32", "O": "*bf16", "IDX": "*i32", "CNT": "*i32", "FULL": "*i8"})
-    const = dict(G=G, TQ=Tq, GP=G, HEAD_DIM=D, S_PAD=S, R=4, E=1, NBC=mc["NBC"], RANK=mc["RANK"], K_PAD=mc["K_PAD"])
-    out[f"merge[G={G}, Tq={Tq}, D={D}, S={S}, blocks={n_blocks}, rank={mc['RANK']}]"] = compile_sm90(
-        _cmp_decode_merge, ptr, const, warps=mc["num_warps"])
+    ptr.update({"Lens": "*i32", "O": "*bf16"})
+    const = dict(G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=S, R=4, E=1, REP=8,
+                 NBC=max(1, MERGE_ELEMENTS // (GP * TQP * 8)))
+    out[f"merge[G={G}, Tq={Tq}, D={D}, S={S}]"] = compile_sm90(_cmp_decode_merge, ptr, const, warps=4 if D <= 128 else 8)
 ptr = {"S": "*fp32", "IDX": "*i32", "CNT": "*i32", "FULL": "*i8", "KV_LENS": "*i32"}
 # the layouts _rank_layout picks: one row per program, a warp per 512 columns
 out["rank[kv_lens]"] = compile_sm90(_select_rank, ptr, dict(BLOCK_R=1, NB_PAD=1024, K_PAD=16, HAS_KV_LENS=True,
@@ -452,7 +421,7 @@ def test_kernels_compile_for_sm90_within_shared_memory_without_spilling():
     (sm_90) with the ptxas that ships with Triton (:mod:`tests.sm90`): each configuration
     :func:`decode_tile_config` picks fits shared memory and (almost) does not spill."""
     results = compile_sm90_script(_COMPILE_SCRIPT)
-    assert len(results) == 11
+    assert len(results) == 10
     for name, (shared, spill) in results.items():
         assert 0 <= shared <= SM90_SHARED, (name, shared)
         assert spill <= MAX_SPILL, (name, spill)

@@ -268,12 +268,13 @@ def _rank_blocks(p_slc: Tensor, pos: Tensor, config: NSAConfig) -> tuple[Tensor,
     return idx.to(torch.int32), counts.to(torch.int32).contiguous()
 
 
-def _triton_compressed_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig) -> str | None:
+def _triton_compressed_reason(q: Tensor, k_cmp: Tensor, config: NSAConfig, num_blocks: int) -> str | None:
     """``None`` when the NSA decode kernels can compute the compressed branch and the scores."""
     from .kernels.nsa.decode import decode_unsupported_reason
 
     return decode_unsupported_reason(q, k_cmp, compress_block=config.compress_block,
-                                     compress_stride=config.compress_stride, select_block=config.select_block)
+                                     compress_stride=config.compress_stride, select_block=config.select_block,
+                                     num_blocks=num_blocks)
 
 
 def _query_positions(cache_seqlens: Tensor, q_len: int) -> Tensor:
@@ -283,25 +284,28 @@ def _query_positions(cache_seqlens: Tensor, q_len: int) -> Tensor:
 
 def _compressed_and_selection_triton(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor, config: NSAConfig, scale: float,
-    num_blocks: int,
+    num_blocks: int, Tmax: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What :func:`_compressed_and_selection` returns, from the Triton kernels: the split-K
-    compressed branch, then one program per query row that merges it, computes the row's block
-    scores and ranks them (:func:`longattn.kernels.nsa.decode.nsa_decode_select`); past the
-    ranking's ``MAX_SELECT_BLOCKS`` the kernels' scores are ranked by :func:`_rank_blocks`. No
-    host sync."""
-    from .kernels.nsa import MAX_SELECT_BLOCKS
-    from .kernels.nsa.decode import nsa_decode_compressed, nsa_decode_select
+    compressed branch and block scores (:func:`longattn.kernels.nsa.decode.nsa_decode_compressed`),
+    then the ranking kernel :func:`longattn.kernels.nsa.select_blocks` with per-sequence
+    positions (:func:`_rank_blocks` on the kernel's scores beyond the ranking kernel's
+    ``MAX_SELECT_BLOCKS``). No host sync."""
+    from .kernels.nsa import select_blocks, select_unsupported_reason
+    from .kernels.nsa.decode import nsa_decode_compressed
 
-    kw = dict(compress_block=config.compress_block, compress_stride=config.compress_stride,
-              select_block=config.select_block, num_blocks=num_blocks, scale=scale)
-    if num_blocks > MAX_SELECT_BLOCKS:
-        o_cmp, _, p_slc = nsa_decode_compressed(q, k_cmp, v_cmp, cache_seqlens, **kw)
+    o_cmp, _, p_slc = nsa_decode_compressed(
+        q, k_cmp, v_cmp, cache_seqlens, compress_block=config.compress_block,
+        compress_stride=config.compress_stride, select_block=config.select_block, num_blocks=num_blocks, scale=scale,
+    )
+    if select_unsupported_reason(p_slc) is not None:
         idx, counts = _rank_blocks(p_slc, _query_positions(cache_seqlens, q.shape[2]), config)
         return o_cmp, idx, counts
-    o_cmp, _, _, idx, counts = nsa_decode_select(
-        q, k_cmp, v_cmp, cache_seqlens, **kw, num_selected=config.num_selected,
-        num_init_blocks=config.num_init_blocks, num_local_blocks=config.num_local_blocks)
+    idx, counts, _ = select_blocks(
+        p_slc, kv_len=Tmax, kv_lens=cache_seqlens, select_block=config.select_block,
+        num_selected=config.num_selected, num_init_blocks=config.num_init_blocks,
+        num_local_blocks=config.num_local_blocks,
+    )
     return o_cmp, idx, counts
 
 
@@ -431,7 +435,7 @@ def nsa_decode(
     num_blocks = _ceil_div(Tmax, config.select_block)
     kernels = backend == "triton"
     if kernels:
-        reason = _triton_compressed_reason(q, k_cmp, config)
+        reason = _triton_compressed_reason(q, k_cmp, config, num_blocks)
         if reason is not None:
             if requested == "triton":  # "auto" falls back silently
                 warnings.warn(f"NSA decode kernels cannot serve this call ({reason}); the compressed branch and "
@@ -439,7 +443,7 @@ def nsa_decode(
             kernels = False
     if kernels:
         o_cmp, idx, counts = _compressed_and_selection_triton(
-            q, k_cmp, v_cmp, cache_seqlens, config, scale, num_blocks)
+            q, k_cmp, v_cmp, cache_seqlens, config, scale, num_blocks, Tmax)
     else:
         pos = _query_positions(cache_seqlens, Tq)
         valid_tok = _valid_tokens(cache_seqlens, k_cmp.shape[2], config)

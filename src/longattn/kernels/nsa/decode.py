@@ -70,7 +70,7 @@ from ..decode import choose_num_splits
 from ..decode.kernel import _sm_count
 from . import _pow2_at_least
 from ..online_softmax import online_softmax_step
-from .kernel import _mm, _rank_masks, _rank_store
+from .kernel import _mm
 
 MAX_DECODE_QUERIES = 16
 SUPPORTED_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,7 +82,8 @@ FP32_DOT_PRECISION = "tf32x3"  # fp32 operands on GPUs; the interpreter uses IEE
 # stage): tests/test_nsa_decode_kernel.py compiles them for sm_90.
 MAX_ROWS = {True: 16, False: 32}
 BASE_BLOCK_N = {True: 32, False: 64}
-MERGE_BLOCKS = 2048  # selection blocks per chunk of the score merge when it does not rank (past MAX_SELECT_BLOCKS)
+MERGE_ELEMENTS = 8192  # rows x blocks x overlapped tokens of one score-merge program
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (the merge's rows + block chunks)
 
 # Tests set this to fill every buffer the kernels write (outputs and the split workspace) with
 # NaN before launching: an element left unwritten, or read before it is written, shows up as NaN.
@@ -115,7 +116,8 @@ def decode_tile_config(
 
     ``BLOCK_M``: rows per program (``G * Tq`` padded to a power of two in [16, MAX_ROWS]; more
     rows take more row tiles, grid axis 2, each re-reading the tokens). ``BLOCK_N``: compressed
-    tokens per tile (:func:`_block_n`, or ``block_n``). ``R``, ``E``: :func:`_geometry`. 4 warps at
+    tokens per tile (:func:`_block_n`, or ``block_n``). ``R``, ``E``: :func:`_geometry`;
+    ``REP``: ``R + E`` (the tokens one block overlaps) padded to a power of two. 4 warps at
     ``D <= 128``: at B = 16 and 64k keys (H200, 2026-11-30, the previous kernel with the same
     tiles) 8 warps took 1.5-2x as long."""
     R, E = _geometry(compress_block, compress_stride, select_block)
@@ -128,6 +130,7 @@ def decode_tile_config(
         "BLOCK_N": block_n,
         "R": R,
         "E": E,
+        "REP": _pow2_at_least(R + E),
         "row_tiles": _ceil_div(rows, block_m),
         "num_warps": 4 if head_dim <= 128 else 8,
         # fp32 D = 256: no room for a second stage; fp32 at D <= 128 gains from a third (B = 16,
@@ -136,26 +139,18 @@ def decode_tile_config(
     }
 
 
-def merge_config(head_dim: int, num_blocks: int, top_k: int | None) -> dict:
-    """Compile-time settings of the score merge (one program per ``(sequence, KV head)`` and
-    query row: the row's output merge, its block scores and, when ``top_k`` is given, their
-    ranking). ``RANK``; ``NBC``: blocks scored at a time (every block when ranking: the row's
-    scores stay in registers, at most ``MAX_SELECT_BLOCKS``; else :data:`MERGE_BLOCKS`);
-    ``K_PAD``; ``num_warps``: 4 at D <= 128, 8 above, and when ranking at least one per 512
-    blocks (the ranking kernel's layout, :func:`longattn.kernels.nsa._rank_layout`)."""
-    nb_pad = max(16, _pow2_at_least(num_blocks))
-    warps = 4 if head_dim <= 128 else 8
-    if top_k is None:
-        return {"RANK": False, "NBC": min(nb_pad, MERGE_BLOCKS), "K_PAD": 16, "num_warps": warps}
-    return {"RANK": True, "NBC": nb_pad, "K_PAD": max(16, _pow2_at_least(top_k)),
-            "num_warps": max(warps, nb_pad // 512)}
+def _merge_chunk(group: int, q_len: int, rep: int, num_blocks: int) -> int:
+    """Selection blocks per score-merge program: ``GP * TQP * REP * NBC <= MERGE_ELEMENTS``."""
+    rows = _pow2_at_least(group) * _pow2_at_least(q_len)
+    return max(1, min(_pow2_at_least(num_blocks), MERGE_ELEMENTS // (rows * rep)))
 
 
 def decode_unsupported_reason(
     q: Tensor, k_cmp: Tensor, *, compress_block: int, compress_stride: int, select_block: int,
+    num_blocks: int | None = None,
 ) -> str | None:
     """``None`` when :func:`nsa_decode_compressed` can run on these inputs, else why not
-    (device, dtypes, head dim, block geometry)."""
+    (device, dtypes, head dim, block geometry; with ``num_blocks``, the merge's grid)."""
     reason = triton_unavailable_reason(q.device)
     if reason is not None:
         return reason
@@ -170,6 +165,18 @@ def decode_unsupported_reason(
     if compress_block % compress_stride or select_block % compress_stride:
         return (f"the NSA decode kernels need compress_block={compress_block} and select_block={select_block} to "
                 f"be multiples of compress_stride={compress_stride}")
+    R, E = _geometry(compress_block, compress_stride, select_block)
+    G, Tq = q.shape[1] // max(1, k_cmp.shape[1]), q.shape[2]
+    rows = _pow2_at_least(max(1, G)) * _pow2_at_least(max(1, Tq))
+    if rows * _pow2_at_least(R + E) > MERGE_ELEMENTS:
+        return (f"a selection block overlaps {R + E} compressed tokens (select_block / compress_stride + "
+                f"compress_block / compress_stride - 1); the score merge holds them for the {rows} padded query "
+                f"rows of a KV head in at most {MERGE_ELEMENTS} elements")
+    if num_blocks is not None:
+        chunks = _ceil_div(num_blocks, _merge_chunk(G, Tq, _pow2_at_least(R + E), num_blocks))
+        if G * Tq + chunks > MAX_GRID_Y:
+            return (f"the score merge would need {G * Tq + chunks} programs per (sequence, KV head), past CUDA's "
+                    f"grid limit of {MAX_GRID_Y} ({num_blocks} selection blocks, {G * Tq} query rows)")
     return None
 
 
@@ -252,11 +259,21 @@ def _cmp_decode_split(
 
 
 @triton.jit
+def _merged_lse2(LP, flat, ok, sp, s_ok, split_stride_l):
+    """Base-2 LSE of rows ``flat`` merged over the splits (``-inf`` where no split saw a token)."""
+    lse_s = tl.load(LP + sp[:, None] * split_stride_l + flat[None, :], mask=s_ok[:, None] & ok[None, :],
+                    other=float("-inf"))  # [S_PAD, ROWS]
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.sum(tl.exp2(lse_s - m_safe[None, :]), 0)
+    return tl.where(tot > 0.0, m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _merge_row(OP, LP, O, LSE, b, kvh, r, H, sp, s_ok, sob, soh, sot, slb, slh, split_stride_o, split_stride_l,
                G: tl.constexpr, TQ: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Row ``r = g * TQ + t`` of one ``(sequence, KV head)``: the splits' partial outputs weighted
-    by their LSE; writes the output in O's dtype and the natural-log LSE, returns the base-2 LSE
-    (``-inf`` where no split saw a token)."""
+    by their LSE; output in O's dtype and the natural-log LSE."""
     t = r % TQ
     head = kvh * G + r // TQ
     flat = (b * H + head) * TQ + t
@@ -269,94 +286,73 @@ def _merge_row(OP, LP, O, LSE, b, kvh, r, H, sp, s_ok, sob, soh, sot, slb, slh, 
     d = tl.arange(0, HEAD_DIM)
     o_s = tl.load(OP + sp[:, None] * split_stride_o + flat * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(wgt[:, None] * o_s, 0) / tl.where(has, tot, 1.0)
-    lse2 = tl.where(has, m_safe + tl.log2(tl.where(has, tot, 1.0)), float("-inf"))
+    lse = tl.where(has, (m_safe + tl.log2(tl.where(has, tot, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(O + b * sob + head * soh + t * sot + d, out.to(O.dtype.element_ty))
-    tl.store(LSE + b * slb + head * slh + t, lse2 * 0.6931471805599453)
-    return lse2
+    tl.store(LSE + b * slb + head * slh + t, lse)
 
 
 @triton.jit
-def _row_scores(SR, lse2, flat, j, n_vis, n_cmp, n_blocks, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr,
-                E: tl.constexpr):
-    """Block scores of blocks ``j`` for one query row of one ``(sequence, KV head)``: for each
-    block, ``exp2(s - lse2)`` of the visible tokens ``[j*R - E, (j+1)*R)`` that overlap it,
-    summed over them (in token order) and over the ``G`` heads (in head order), so blocks with
-    equal probabilities over equal tokens tie exactly. ``lse2``, ``flat``: ``[GP]`` base-2 LSE
-    and ``[B, H, Tq]`` row of each head."""
-    g = tl.arange(0, GP)
-    acc = tl.zeros(j.shape, tl.float32)
-    for gi in range(G):
-        l2 = tl.sum(tl.where(g == gi, lse2, 0.0), 0)
-        l2 = tl.where(l2 == float("-inf"), 0.0, l2)  # a row that sees nothing has only -inf scores
-        row = SR + tl.sum(tl.where(g == gi, flat, 0), 0) * n_cmp
-        for e in range(R + E):
-            tok = j * R - E + e
-            ok = (tok >= 0) & (tok < n_vis) & (j < n_blocks)
-            s = tl.load(row + tok, mask=ok, other=float("-inf"))
-            acc += tl.where(s == float("-inf"), 0.0, tl.exp2(s - l2))  # NaN (unwritten) stays NaN
-    return acc
+def _merge_scores(LP, SR, PS, b, kvh, c, H, n_vis, n_cmp, n_blocks, sp, s_ok, spb, sph, spt, split_stride_l,
+                  G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, TQP: tl.constexpr, NBC: tl.constexpr,
+                  R: tl.constexpr, E: tl.constexpr, REP: tl.constexpr):
+    """Scores of blocks ``[c*NBC, (c+1)*NBC)`` of one ``(sequence, KV head)``: per row ``rr = g *
+    TQP + t``, ``exp2(s - lse2)`` of the visible tokens ``[j*R - E, (j+1)*R)`` overlapping block
+    ``j``, summed over them and over the ``G`` heads."""
+    rr = tl.arange(0, GP * TQP)
+    g = rr // TQP
+    t = rr % TQP
+    ok = (g < G) & (t < TQ)
+    flat = (b * H + kvh * G + g) * TQ + t
+    lse2 = _merged_lse2(LP, flat, ok, sp, s_ok, split_stride_l)  # [ROWS]
+    j = c * NBC + tl.arange(0, NBC)
+    e = tl.arange(0, REP)
+    tok = j[:, None] * R - E + e[None, :]  # [NBC, REP]
+    tok_ok = (e < R + E)[None, :] & (tok >= 0) & (tok < n_vis) & (j < n_blocks)[:, None]
+    s = tl.load(SR + flat[:, None, None] * n_cmp + tok[None, :, :], mask=ok[:, None, None] & tok_ok[None, :, :],
+                other=float("-inf"))  # [ROWS, NBC, REP], -inf where invisible
+    lse2_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows that see nothing have only -inf scores
+    p = tl.where(s == float("-inf"), 0.0, tl.exp2(s - lse2_safe[:, None, None]))  # NaN (unwritten) stays NaN
+    blk = tl.sum(p, 2)  # [ROWS, NBC]
+    ps = tl.sum(tl.reshape(blk, [GP, TQP, NBC]), 0)  # [TQP, NBC]: summed over the group's heads
+    tq = tl.arange(0, TQP)
+    tl.store(PS + b * spb + kvh * sph + tq[:, None] * spt + j[None, :], ps,
+             mask=(tq < TQ)[:, None] & (j < n_blocks)[None, :])
 
 
 @triton.jit
 def _cmp_decode_merge(
-    OP, LP, SR, Lens, O, LSE, PS, IDX, CNT, FULL,
-    sob, soh, sot, slb, slh, spb, sph, spt, sib, sih, sit, scb, sch, sfb, sfh, sft,
+    OP, LP, SR, Lens, O, LSE, PS,
+    sob, soh, sot, slb, slh, spb, sph, spt,
     split_stride_o, split_stride_l, num_splits,
-    n_cmp, n_blocks, num_kv_heads, cmp_block, cmp_stride, select_block, top_k, n_init, n_local,
-    G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr,
-    R: tl.constexpr, E: tl.constexpr, NBC: tl.constexpr, RANK: tl.constexpr, K_PAD: tl.constexpr,
+    n_cmp, n_blocks, num_kv_heads, cmp_block, cmp_stride,
+    G: tl.constexpr, TQ: tl.constexpr, GP: tl.constexpr, TQP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    S_PAD: tl.constexpr, R: tl.constexpr, E: tl.constexpr, REP: tl.constexpr, NBC: tl.constexpr,
 ):
-    """Program ``(bk, t)``: query row ``t`` of one ``(sequence, KV head)``. Merges the ``G`` heads'
-    rows over the splits (output, natural-log LSE), writes the row's block scores ``PS[b, kvh,
-    t, :n_blocks]`` summed over the heads (0 for blocks no visible token reaches) and, with
-    ``RANK`` (then ``NBC`` covers every block), ranks them as :func:`longattn.kernels.nsa.select_blocks`
-    does with per-sequence lengths (``IDX``, ``CNT``, ``FULL``); else the scores go out in
-    ``NBC``-block chunks for a ranking elsewhere."""
+    """Programs ``(bk, r < G*TQ)``: row ``r`` of the group, merged over the splits (output and
+    natural-log LSE). Programs ``(bk, G*TQ + c)``: scores of blocks ``[c*NBC, (c+1)*NBC)`` for
+    the group's ``Tq`` rows, summed over its ``G`` heads (0 for blocks no visible token reaches)."""
     pid_bk = tl.program_id(0)
-    t = tl.program_id(1)
+    pid = tl.program_id(1)
     b = (pid_bk // num_kv_heads).to(tl.int64)
     kvh = (pid_bk % num_kv_heads).to(tl.int64)
     H = num_kv_heads * G
     sp = tl.arange(0, S_PAD)
     s_ok = sp < num_splits
     sp = sp.to(tl.int64)  # split offsets: S x B x H x Tq x D elements may pass 2^31
-    g = tl.arange(0, GP)
-    flat = (b * H + kvh * G + g) * TQ + t  # [GP] rows of [B, H, Tq]
-    lse2 = tl.full([GP], float("-inf"), tl.float32)
-    for gi in range(G):
-        l2 = _merge_row(OP, LP, O, LSE, b, kvh, gi * TQ + t, H, sp, s_ok, sob, soh, sot, slb, slh, split_stride_o,
-                        split_stride_l, G, TQ, HEAD_DIM)
-        lse2 = tl.where(g == gi, l2, lse2)
-    kv_len = tl.load(Lens + b).to(tl.int32)
-    n_vis, _ = _visible(kv_len, n_cmp, n_blocks, cmp_block, cmp_stride, R, E)
-    ps_row = PS + b * spb + kvh * sph + t * spt
-    if RANK:
-        j = tl.arange(0, NBC)
-        s = _row_scores(SR, lse2, flat, j, n_vis, n_cmp, n_blocks, G, GP, R, E)
-        tl.store(ps_row + j, s, mask=j < n_blocks)
-        # the position select_blocks(kv_lens=...) gives query t: t - Tq + the length, clamped
-        one = tl.zeros([1], tl.int32)
-        pos = one + t - TQ + tl.minimum(tl.maximum(kv_len, 1), n_blocks * select_block)
-        r_ok = one == 0
-        cb, eligible, forced = _rank_masks(pos, r_ok, n_blocks, select_block, n_init, n_local, NBC, True)
-        at = one[:, None].to(tl.int64) + t
-        _rank_store(s[None, :], cb, eligible, forced, pos, r_ok, IDX + b * sib + kvh * sih + at * sit,
-                    FULL + b * sfb + kvh * sfh + at * sft, CNT + b * scb + kvh * sch + t + one, select_block,
-                    top_k, K_PAD, True)
+    if pid < G * TQ:
+        _merge_row(OP, LP, O, LSE, b, kvh, pid, H, sp, s_ok, sob, soh, sot, slb, slh, split_stride_o,
+                   split_stride_l, G, TQ, HEAD_DIM)
     else:
-        for c in range(0, tl.cdiv(n_blocks, NBC)):
-            j = c * NBC + tl.arange(0, NBC)
-            s = _row_scores(SR, lse2, flat, j, n_vis, n_cmp, n_blocks, G, GP, R, E)
-            tl.store(ps_row + j, s, mask=j < n_blocks)
+        n_vis, _ = _visible(tl.load(Lens + b).to(tl.int32), n_cmp, n_blocks, cmp_block, cmp_stride, R, E)
+        _merge_scores(LP, SR, PS, b, kvh, pid - G * TQ, H, n_vis, n_cmp, n_blocks, sp, s_ok, spb, sph, spt,
+                      split_stride_l, G, TQ, GP, TQP, NBC, R, E, REP)
 
 
 # ---------------------------------------------------------------------------- wrappers
 def _buffer(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """An uninitialised buffer (when :data:`POISON_BUFFERS` is set: NaN-filled, or the lowest
-    value of an integer dtype)."""
+    """An uninitialised buffer (NaN-filled when :data:`POISON_BUFFERS` is set)."""
     if POISON_BUFFERS:
-        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
-        return torch.full(shape, fill, dtype=dtype, device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -396,7 +392,8 @@ def _check_inputs(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor
     if nC and (nC - 1) * d >= num_blocks * ls:
         raise ValueError(f"num_blocks={num_blocks} selection blocks of {ls} keys end before compressed token "
                          f"{nC - 1} (keys from {(nC - 1) * d}); num_blocks must be ceil(Tmax / select_block)")
-    reason = decode_unsupported_reason(q, k_cmp, compress_block=l, compress_stride=d, select_block=ls)
+    reason = decode_unsupported_reason(q, k_cmp, compress_block=l, compress_stride=d, select_block=ls,
+                                       num_blocks=num_blocks)
     if reason is not None:
         raise ValueError(f"the NSA decode kernels cannot run: {reason}")
 
@@ -451,65 +448,7 @@ def nsa_decode_compressed(
         :func:`longattn.methods.nsa.block_scores` reads them).
 
     No autograd, no host sync (CUDA-graph capturable). Raises ``ValueError``/``TypeError`` on
-    inconsistent shapes or inputs the kernels cannot take. :func:`nsa_decode_select` also ranks
-    the scores in the same launch."""
-    return _decode_compressed(q, k_cmp, v_cmp, cache_seqlens, compress_block, compress_stride, select_block,
-                              num_blocks, scale, num_splits, block_n, None)[:3]
-
-
-def nsa_decode_select(
-    q: Tensor,
-    k_cmp: Tensor,
-    v_cmp: Tensor,
-    cache_seqlens: Tensor,
-    *,
-    compress_block: int,
-    compress_stride: int,
-    select_block: int,
-    num_blocks: int,
-    scale: float,
-    num_selected: int,
-    num_init_blocks: int,
-    num_local_blocks: int,
-    num_splits: int | None = None,
-    block_n: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`nsa_decode_compressed` and NSA's per-query block selection from its scores in the
-    same launches: the score merge ranks each query row's scores as it computes them (no
-    separate ranking launch, no round trip of the scores), by the rule of
-    :func:`longattn.kernels.nsa.select_blocks` with ``kv_lens=cache_seqlens``.
-
-    Args: as :func:`nsa_decode_compressed`, plus ``num_selected`` (``K``, >= 1; ``min(K,
-    num_blocks)`` slots are returned), ``num_init_blocks`` and ``num_local_blocks`` (>= 0, the
-    forced blocks). ``num_blocks`` must be at most
-    :data:`longattn.kernels.nsa.MAX_SELECT_BLOCKS` (a row of scores is ranked in registers).
-
-    Returns:
-        ``(o_cmp, lse, p_slc, kv_indices int32 [B, Hkv, Tq, K], kv_num_blocks int32 [B, Hkv,
-        Tq])``: the selection exactly as ``select_blocks(p_slc, kv_len=num_blocks *
-        select_block, kv_lens=cache_seqlens, ...)`` returns it for these scores (ascending, unused
-        slots 0). No autograd, no host sync."""
-    from . import MAX_SELECT_BLOCKS
-
-    for name, val, least in (("num_selected", num_selected, 1), ("num_init_blocks", num_init_blocks, 0),
-                             ("num_local_blocks", num_local_blocks, 0)):
-        _check_pos_int(name, val, least)
-    if isinstance(num_blocks, int) and num_blocks > MAX_SELECT_BLOCKS:
-        raise ValueError(f"nsa_decode_select ranks at most {MAX_SELECT_BLOCKS} blocks per query row, got "
-                         f"num_blocks={num_blocks}; use nsa_decode_compressed and rank the scores elsewhere")
-    return _decode_compressed(q, k_cmp, v_cmp, cache_seqlens, compress_block, compress_stride, select_block,
-                              num_blocks, scale, num_splits, block_n,
-                              (num_selected, num_init_blocks, num_local_blocks))
-
-
-def _decode_compressed(
-    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, cache_seqlens: Tensor, compress_block: int, compress_stride: int,
-    select_block: int, num_blocks: int, scale: float, num_splits: int | None, block_n: int | None,
-    rank: tuple[int, int, int] | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The launches behind :func:`nsa_decode_compressed` (``rank`` None: no selection, the last
-    two results None) and :func:`nsa_decode_select` (``rank = (num_selected, num_init_blocks,
-    num_local_blocks)``)."""
+    inconsistent shapes or inputs the kernels cannot take."""
     l, d, ls = compress_block, compress_stride, select_block
     _check_inputs(q, k_cmp, v_cmp, cache_seqlens, l, d, ls, num_blocks)
     cache_seqlens = cache_seqlens.contiguous()  # the kernels read Lens[b] at unit stride
@@ -529,21 +468,10 @@ def _decode_compressed(
     o_cmp = _buffer((B, H, Tq, D), dev, q.dtype)
     lse = _buffer((B, H, Tq), dev)
     p_slc = _buffer((B, Hkv, Tq, num_blocks), dev)
-    K = None if rank is None else min(rank[0], num_blocks)
-    idx = cnt = None
-    if rank is not None:
-        idx = _buffer((B, Hkv, Tq, K), dev, torch.int32)
-        cnt = _buffer((B, Hkv, Tq), dev, torch.int32)
     if B == 0:
-        return o_cmp, lse, p_slc, idx, cnt
+        return o_cmp, lse, p_slc
     if nC == 0:  # the cache is shorter than one compression block: nothing to see
-        o_cmp.zero_(), lse.fill_(float("-inf")), p_slc.zero_()
-        if rank is not None:  # every score is 0: the forced blocks, then the lowest eligible ones
-            from . import select_blocks
-
-            idx, cnt, _ = select_blocks(p_slc, kv_len=num_blocks * ls, kv_lens=cache_seqlens, select_block=ls,
-                                        num_selected=rank[0], num_init_blocks=rank[1], num_local_blocks=rank[2])
-        return o_cmp, lse, p_slc, idx, cnt
+        return o_cmp.zero_(), lse.fill_(float("-inf")), p_slc.zero_()
 
     # operands in one dtype: 16-bit q against fp32 tokens upcasts in the kernel (exact)
     kdtype = k_cmp.dtype
@@ -571,25 +499,17 @@ def _decode_compressed(
         G=G, TQ=Tq, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         **_dot_args(kdtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    mcfg = merge_config(D, num_blocks, K)
-    if rank is None:
-        top_k, n_init, n_local = 0, 0, 0
-        idx_t, cnt_t, full = p_slc, p_slc, p_slc  # not read (RANK=False)
-        idx_s, cnt_s, full_s = (0, 0, 0), (0, 0), (0, 0, 0)
-    else:
-        top_k, n_init, n_local = K, rank[1], rank[2]
-        full = torch.empty(B, Hkv, Tq, K, dtype=torch.int8, device=dev)
-        idx_t, cnt_t = idx, cnt
-        idx_s, cnt_s, full_s = idx.stride()[:3], cnt.stride()[:2], full.stride()[:3]
-    _cmp_decode_merge[(B * Hkv, Tq)](
-        o_part, lse_part, raw, cache_seqlens, o_cmp, lse, p_slc, idx_t, cnt_t, full,
-        *o_cmp.stride()[:3], *lse.stride()[:2], *p_slc.stride()[:3], *idx_s, *cnt_s, *full_s,
+    GP, TQP = _pow2_at_least(G), _pow2_at_least(Tq)
+    nbc = _merge_chunk(G, Tq, cfg["REP"], num_blocks)
+    _cmp_decode_merge[(B * Hkv, G * Tq + _ceil_div(num_blocks, nbc))](
+        o_part, lse_part, raw, cache_seqlens, o_cmp, lse, p_slc,
+        *o_cmp.stride()[:3], *lse.stride()[:2], *p_slc.stride()[:3],
         o_part.stride(0), lse_part.stride(0), num_splits,
-        nC, num_blocks, Hkv, l, d, ls, top_k, n_init, n_local,
-        G=G, TQ=Tq, GP=_pow2_at_least(G), HEAD_DIM=D, S_PAD=max(2, _pow2_at_least(num_splits)), R=cfg["R"],
-        E=cfg["E"], NBC=mcfg["NBC"], RANK=mcfg["RANK"], K_PAD=mcfg["K_PAD"], num_warps=mcfg["num_warps"],
+        nC, num_blocks, Hkv, l, d,
+        G=G, TQ=Tq, GP=GP, TQP=TQP, HEAD_DIM=D, S_PAD=max(2, _pow2_at_least(num_splits)), R=cfg["R"],
+        E=cfg["E"], REP=cfg["REP"], NBC=nbc, num_warps=4 if D <= 128 else 8,
     )
-    return o_cmp, lse, p_slc, idx, cnt
+    return o_cmp, lse, p_slc
 
 
 __all__ = [
@@ -597,5 +517,4 @@ __all__ = [
     "decode_tile_config",
     "decode_unsupported_reason",
     "nsa_decode_compressed",
-    "nsa_decode_select",
 ]

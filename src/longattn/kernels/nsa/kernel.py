@@ -229,29 +229,44 @@ def _slc_scores(
 
 
 @triton.jit
-def _rank_masks(pos, r_ok, n_blocks, select_block, n_init, n_local, NB_PAD: tl.constexpr, CAUSAL: tl.constexpr):
-    """``(cb [1, NB_PAD], eligible, forced [ROWS, NB_PAD])`` of rows at positions ``pos``: block
-    ``j`` is eligible iff ``j < n_blocks`` (and ``j * select_block <= pos`` when ``CAUSAL``);
-    forced: eligible and among the first ``n_init`` or the ``n_local`` ending at the row's own
-    block ``pos // select_block``."""
-    cb = tl.arange(0, NB_PAD)[None, :]  # block index
-    eligible = (cb < n_blocks) & r_ok[:, None]
+def _select_rank(
+    S, IDX, CNT, FULL,
+    ssb, ssh, sst, sib, sih, sit, scb, sch, sfb, sfh, sft,
+    q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local, row_stride, slice_base,
+    BLOCK_R: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    KV_LENS=None, HAS_KV_LENS: tl.constexpr = False, CAUSAL: tl.constexpr = True,
+):
+    """Block selection of ``BLOCK_R`` consecutive rows of one ``(batch, head)`` from their
+    scores ``S[b, kvh, t, :n_blocks]``: ``count = min(eligible, top_k)`` blocks -- the forced
+    ones, then by score (NaN and -inf as the lowest float, +inf as the largest), ties to the
+    lower index -- written ascending to ``IDX[b, kvh, t, :count]`` (0 after, up to ``top_k``),
+    with ``FULL`` (block wholly at or before the row's position) and ``CNT``.
+    Row ``t`` sits at position ``t * row_stride + q_offset`` (``row_stride`` 1: a query per row,
+    NSA; the block size: a query block per row, whose first query is that position, block
+    top-k), plus ``KV_LENS[b]`` when ``HAS_KV_LENS`` (per-sequence lengths, as in decoding;
+    clamped to ``[1, n_blocks * select_block]``, so a length outside the cache ranks like the
+    nearest valid one, as the decode selectors' reference clamps lengths). The program's
+    ``(batch, head)`` slice is ``program_id(1) + slice_base`` (launches of at most 65535 slices).
+    ``CAUSAL``: block ``j`` is eligible iff ``j * select_block <= position``, else every block
+    is (and every kept block is full)."""
+    pid_r = tl.program_id(0)
+    pid_bk = tl.program_id(1) + slice_base
+    b = (pid_bk // num_kv_heads).to(tl.int64)
+    kvh = (pid_bk % num_kv_heads).to(tl.int64)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] local row index
+    r_ok = r < q_len
+    pos = r * row_stride + q_offset  # absolute position (of the row's first query)
+    if HAS_KV_LENS:
+        kv_l = tl.load(KV_LENS + b).to(tl.int32)
+        pos = pos + tl.minimum(tl.maximum(kv_l, 1), n_blocks * select_block)
+    c = tl.arange(0, NB_PAD)  # block index
+    cb = c[None, :]
+    eligible = (cb < n_blocks) & r_ok[:, None]  # [BLOCK_R, NB_PAD]
     if CAUSAL:
         eligible = eligible & (cb * select_block <= pos[:, None])
     own = pos // select_block
     forced = eligible & ((cb < n_init) | ((cb <= own[:, None]) & (cb > own[:, None] - n_local)))
-    return cb, eligible, forced
-
-
-@triton.jit
-def _rank_store(s, cb, eligible, forced, pos, r_ok, i_row, f_row, c_row, select_block, top_k,
-                K_PAD: tl.constexpr, CAUSAL: tl.constexpr):
-    """Keep ``count = min(eligible, top_k)`` blocks of each row of scores ``s [ROWS, NB_PAD]``
-    (masks from :func:`_rank_masks`) -- the forced ones, then by score (NaN and -inf as the
-    lowest float, +inf as the largest), ties to the lower index -- and write them ascending to
-    ``i_row + slot`` (``i_row [ROWS, 1]`` pointers; 0 after, up to ``top_k``), with ``f_row``
-    (block wholly at or before the row's position; every kept block when not ``CAUSAL``) and the
-    count to ``c_row [ROWS]`` (masked by ``r_ok``)."""
+    s = tl.load(S + b * ssb + kvh * ssh + r[:, None].to(tl.int64) * sst + cb, mask=eligible, other=0.0)
     # order-preserving int32 keys from the float bits, in integer operations only (exact for
     # subnormals whatever the float mode): non-negative floats keep their bits, negative ones
     # flip the low 31 bits (a larger magnitude gives a smaller key). NaN -> -FLT_MAX (eligible,
@@ -264,7 +279,7 @@ def _rank_store(s, cb, eligible, forced, pos, r_ok, i_row, f_row, c_row, select_
     bits = tl.where(bits == -2147483648, 0, bits)  # -0 -> +0
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     key = tl.where(forced, 2139095040, tl.where(eligible, key, -2139095041))  # keys of +inf / -inf
-    n_elig = tl.sum(eligible.to(tl.int32), axis=1)  # [ROWS]
+    n_elig = tl.sum(eligible.to(tl.int32), axis=1)  # [BLOCK_R]
     count = tl.minimum(n_elig, top_k)
 
     # per row, a threshold t such that the keys > t number fewer than count and the keys >= t
@@ -303,51 +318,16 @@ def _rank_store(s, cb, eligible, forced, pos, r_ok, i_row, f_row, c_row, select_
     kept = (above | (tie & (tie_rank <= (count - n_above)[:, None]))) & eligible
 
     slot = tl.cumsum(kept.to(tl.int32), axis=1) - 1  # ascending order
+    i_row = IDX + b * sib + kvh * sih + r[:, None].to(tl.int64) * sit
+    f_row = FULL + b * sfb + kvh * sfh + r[:, None].to(tl.int64) * sft
     if CAUSAL:
         full = (cb + 1) * select_block - 1 <= pos[:, None]
     else:
-        full = tl.full(key.shape, 1, tl.int1)  # every kept block: no token rule inside it
-    tl.store(i_row + slot, tl.broadcast_to(cb, key.shape).to(tl.int32), mask=kept)
+        full = tl.full([BLOCK_R, NB_PAD], 1, tl.int1)  # every kept block: no token rule inside it
+    tl.store(i_row + slot, tl.broadcast_to(cb, [BLOCK_R, NB_PAD]).to(tl.int32), mask=kept)
     tl.store(f_row + slot, full.to(tl.int8), mask=kept)
     w = tl.arange(0, K_PAD)[None, :]
     rest = (w >= count[:, None]) & (w < top_k) & r_ok[:, None]
-    zero = tl.zeros_like(rest.to(tl.int32))
-    tl.store(i_row + w, zero, mask=rest)
-    tl.store(f_row + w, zero.to(tl.int8), mask=rest)
-    tl.store(c_row, count.to(tl.int32), mask=r_ok)
-
-
-@triton.jit
-def _select_rank(
-    S, IDX, CNT, FULL,
-    ssb, ssh, sst, sib, sih, sit, scb, sch, sfb, sfh, sft,
-    q_len, n_blocks, q_offset, num_kv_heads, select_block, top_k, n_init, n_local, row_stride, slice_base,
-    BLOCK_R: tl.constexpr, NB_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    KV_LENS=None, HAS_KV_LENS: tl.constexpr = False, CAUSAL: tl.constexpr = True,
-):
-    """Block selection of ``BLOCK_R`` consecutive rows of one ``(batch, head)`` from their
-    scores ``S[b, kvh, t, :n_blocks]`` (:func:`_rank_store`'s rule) into ``IDX[b, kvh, t, :]``,
-    ``FULL`` and ``CNT``. Row ``t`` sits at position ``t * row_stride + q_offset``
-    (``row_stride`` 1: a query per row, NSA; the block size: a query block per row, whose first
-    query is that position, block top-k), plus ``KV_LENS[b]`` when ``HAS_KV_LENS``
-    (per-sequence lengths, as in decoding; clamped to ``[1, n_blocks * select_block]``, so a
-    length outside the cache ranks like the nearest valid one, as the decode selectors'
-    reference clamps lengths). The program's ``(batch, head)`` slice is ``program_id(1) +
-    slice_base`` (launches of at most 65535 slices). ``CAUSAL``: block ``j`` is eligible iff ``j
-    * select_block <= position``, else every block is (and every kept block is full)."""
-    pid_r = tl.program_id(0)
-    pid_bk = tl.program_id(1) + slice_base
-    b = (pid_bk // num_kv_heads).to(tl.int64)
-    kvh = (pid_bk % num_kv_heads).to(tl.int64)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] local row index
-    r_ok = r < q_len
-    pos = r * row_stride + q_offset  # absolute position (of the row's first query)
-    if HAS_KV_LENS:
-        kv_l = tl.load(KV_LENS + b).to(tl.int32)
-        pos = pos + tl.minimum(tl.maximum(kv_l, 1), n_blocks * select_block)
-    cb, eligible, forced = _rank_masks(pos, r_ok, n_blocks, select_block, n_init, n_local, NB_PAD, CAUSAL)
-    s = tl.load(S + b * ssb + kvh * ssh + r[:, None].to(tl.int64) * sst + cb, mask=eligible, other=0.0)
-    r64 = r[:, None].to(tl.int64)
-    _rank_store(s, cb, eligible, forced, pos, r_ok, IDX + b * sib + kvh * sih + r64 * sit,
-                FULL + b * sfb + kvh * sfh + r64 * sft, CNT + b * scb + kvh * sch + r, select_block, top_k,
-                K_PAD, CAUSAL)
+    tl.store(i_row + w, tl.zeros([BLOCK_R, K_PAD], tl.int32), mask=rest)
+    tl.store(f_row + w, tl.zeros([BLOCK_R, K_PAD], tl.int8), mask=rest)
+    tl.store(CNT + b * scb + kvh * sch + r, count.to(tl.int32), mask=r_ok)
