@@ -51,7 +51,7 @@ with torch.no_grad():
     rec(B=B, T=T, what="step_default", us=1e3 * graph_median_ms(step, flush=flush),
         kernels=[(n, round(t, 2)) for n, t in kernel_times(step, flush)])
 
-    def patched_run(what, module, name, make, settings, **fields):
+    def patched_run(what, module, name, make, settings, fields):
         """The step with ``module.name`` replaced by ``make(real, setting)`` for each setting; its
         time, its kernels' times and its output's distance from the default's."""
         real = getattr(module, name)
