@@ -7,21 +7,15 @@ MiB.
 """
 import json, os, sys, torch
 sys.path.insert(0, "benchmarks")
-from _inputs import prefill_qkv
+from _inputs import nsa_selected_inputs
 from _timing import median_ms
 import longattn
 from longattn.methods import nsa as m
 import longattn.kernels.block_sparse as bs
-from longattn.kernels.nsa import compressed_attention, select_blocks, selection_scores
-dev = "cuda"; T = 65536; H, Hkv, D = 32, 8, 128
-q, k, v = prefill_qkv(T, H, Hkv, D, device=dev)
-cfg = m.NSAConfig(compressed_dtype="input"); scale = D ** -0.5
+T = 65536
+q, k, v, sel, scale = nsa_selected_inputs(T)
 rows = []
 with torch.no_grad():
-    kc, vc = m.nsa_compress(k, v, cfg)
-    o, lse = compressed_attention(q, kc, vc, kv_len=T, compress_block=32, compress_stride=16, scale=scale)
-    p = selection_scores(q, kc, lse, kv_len=T, compress_block=32, compress_stride=16, select_block=64, scale=scale)
-    sel = m.select_from_scores(p, cfg, kv_len=T, num_heads=H)
     f = lambda: m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton")
     ref = f()
     for mb in [int(x) for x in sys.argv[1].split(",")]:
