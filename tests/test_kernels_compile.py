@@ -105,8 +105,8 @@ from longattn.kernels.block_sparse.kernel import _fwd
 out["_fwd[bf16]"] = compile_sm90(_fwd, {n: "*bf16" for n in ("Q", "K", "V", "O")} | {"LSE": "*fp32", "KVN": "*i32",
                                  "KVI": "*i32"}, dict(rule, P=4, BLOCK_M=32, ROWS=128, KV_BLOCK=128, BLOCK_N=64),
                                  ("sm_scale_log2",), 4, 3)
-out["_fwd_tokens[bf16]"] = compile_sm90(_fwd_tokens, ptr, dict(rule, BLOCK_M=32, ROWS=128, BLOCK_N=32),
-                                        ("sm_scale_log2",), 4, 3)
+out["_fwd_tokens[bf16]"] = compile_sm90(_fwd_tokens, ptr, dict(rule, BLOCK_M=32, ROWS=128, BLOCK_N=64),
+                                        ("sm_scale_log2",), 4, 2)
 out["_bwd_dq_tokens[bf16]"] = compile_sm90(_bwd_dq_tokens, ptr, dict(rule, BLOCK_M=16, ROWS=64, BLOCK_N=64),
                                            ("sm_scale_log2",), 4, 2)
 from longattn.kernels.block_sparse.kernel import _sum_slots

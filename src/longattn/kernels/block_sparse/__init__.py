@@ -34,7 +34,7 @@ from .. import interpreting, kernel_layout, triton_unavailable_reason
 # forward at 128 x 64 (832 bytes at D = 128); it was still the fastest tile measured.
 TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
     ("fwd", False): (128, 64),  # the query-major forward
-    ("fwd-tokens", False): (128, 32),  # the key-major per-token forward (MoBA's gate, NSA's selected branch)
+    ("fwd-tokens", False): (128, 64),  # the key-major per-token forward (MoBA's gate, NSA's selected branch)
     ("fwd", True): (32, 32),
     ("fwd-tokens", True): (32, 32),
     ("bwd", False): (64, 64),
@@ -169,11 +169,13 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
     # bf16; docs/benchmarks.md): 4 warps beat 8 in both phases (forward + backward 26.8 ms
     # against 45.9 ms at 8 warps). The query-major forward with the mask skip and the lazy
     # rescale: 5.21 ms at 128 x 64 tiles and 3 stages, 5.40 at 2 stages, 6.41 at 128 x 32 (the
-    # previous default, which without those two changes took 6.0); the key-major forward keeps
-    # 128 x 32. fp32 keeps its small tiles at 4 warps and 2 stages.
+    # previous default, which without those two changes took 6.0). The key-major forward: 128 x
+    # 64 at 2 stages (NSA's selected branch at 64k, benchmarks/nsa_selected_tiles.py, 2026-12-01:
+    # its tile kernel 10.6 ms against 11.7 at 128 x 32 and 3 stages, and 17.6 at 128 x 64 and 3
+    # stages). fp32 keeps its small tiles at 4 warps and 2 stages.
     sixteen = q.dtype != torch.float32
     warps = 4
-    stages = 3 if sixteen and phase == "fwd" else 2
+    stages = 3 if sixteen and phase == "fwd" and not key_major else 2
     return _Plan(
         P=P,
         BLOCK_M=block_m,
@@ -245,7 +247,11 @@ def _transpose(kvn: Tensor, kvi: Tensor, num_kv_blocks: int, chunk: int) -> tupl
     kb = kvi[bs, hs, qb, slot].long()
     cid = qb // chunk
     key = ((cid * Bs + bs) * Hs + hs) * num_kv_blocks + kb
-    order = torch.argsort(key * nqb + qb)  # by key, then query block
+    # nonzero lists the entries in row-major order, so within one key (one batch and head) they
+    # come by query block: a stable sort by the key alone orders them by key, then query block.
+    # Keys that fit int32 sort in half the radix passes of int64 ones.
+    n_keys = _ceil_div(nqb, chunk) * Bs * Hs * num_kv_blocks
+    _, order = torch.sort(key.to(torch.int32) if n_keys < 2**31 else key, stable=True)
     local = (qb - cid * chunk)[order].to(torch.int32).contiguous()
     return key[order], local, slot[order].to(torch.int32).contiguous()
 
