@@ -34,7 +34,7 @@ from .. import interpreting, kernel_layout, triton_unavailable_reason
 # forward at 128 x 64 (832 bytes at D = 128); it was still the fastest tile measured.
 TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
     ("fwd", False): (128, 64),  # the query-major forward
-    ("fwd-tokens", False): (128, 64),  # the key-major per-token forward (MoBA's gate, NSA's selected branch)
+    ("fwd-tokens", False): (128, 32),  # the key-major per-token forward (MoBA's gate, NSA's selected branch)
     ("fwd", True): (32, 32),
     ("fwd-tokens", True): (32, 32),
     ("bwd", False): (64, 64),
@@ -48,6 +48,12 @@ TILE_CAPS = {  # (phase, fp32?) -> (max rows, max block_n)
 # (per-block shares summed). False keeps the query-major kernels for them (one program row per token and head
 # group, every token loading its own blocks) -- kept for comparison and tests.
 KEY_MAJOR_PER_TOKEN = True
+# The 16-bit key-major forward over key blocks of at most this many keys (NSA's 64) takes the whole
+# block in one inner step at 2 stages: NSA's selected branch at 64k (benchmarks/nsa_selected_tiles.py,
+# H200, 2026-12-01) ran its tile kernel in 10.6 ms at 128 x 64 / 2 stages against 11.7 at 128 x 32
+# / 3 stages and 17.6 at 128 x 64 / 3 stages. MoBA's 512-key blocks keep 128 x 32 at 3 stages: at
+# 128 x 64 / 2 stages its forward at 64k took 26.0 ms against about 21.
+KEY_MAJOR_ONE_STEP = 64
 # Bytes of fp32 per-block results (output row and LSE per token, head and selected block) the
 # key-major forward holds at once; longer query ranges run in chunks of tokens.
 KEY_MAJOR_PARTIAL_BYTES = 1 << 30
@@ -163,19 +169,21 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
         block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, max_rows // P))
     rows = _tile_rows(P * block_m)
     block_n = _largest_pow2_divisor_at_most(sel.kv_block, max_block_n)
+    one_step = key_major and phase == "fwd" and q.dtype != torch.float32 and sel.kv_block <= KEY_MAJOR_ONE_STEP
+    if one_step:  # the whole key block in one inner step (no loop to pipeline: 2 stages below)
+        block_n = _largest_pow2_divisor_at_most(sel.kv_block, KEY_MAJOR_ONE_STEP)
     rule = token_rule_of(sel.mask_mod)
     head_dim = max(16, 1 << (D - 1).bit_length())
     # 16-bit launch settings from benchmarks/tile_sweep.py on the H200 (top-k, T = 64k, D = 128,
     # bf16; docs/benchmarks.md): 4 warps beat 8 in both phases (forward + backward 26.8 ms
     # against 45.9 ms at 8 warps). The query-major forward with the mask skip and the lazy
     # rescale: 5.21 ms at 128 x 64 tiles and 3 stages, 5.40 at 2 stages, 6.41 at 128 x 32 (the
-    # previous default, which without those two changes took 6.0). The key-major forward: 128 x
-    # 64 at 2 stages (NSA's selected branch at 64k, benchmarks/nsa_selected_tiles.py, 2026-12-01:
-    # its tile kernel 10.6 ms against 11.7 at 128 x 32 and 3 stages, and 17.6 at 128 x 64 and 3
-    # stages). fp32 keeps its small tiles at 4 warps and 2 stages.
+    # previous default, which without those two changes took 6.0). The key-major forward keeps
+    # 128 x 32 at 3 stages, except over key blocks of at most KEY_MAJOR_ONE_STEP keys.
+    # fp32 keeps its small tiles at 4 warps and 2 stages.
     sixteen = q.dtype != torch.float32
     warps = 4
-    stages = 3 if sixteen and phase == "fwd" and not key_major else 2
+    stages = 3 if sixteen and phase == "fwd" and not one_step else 2
     return _Plan(
         P=P,
         BLOCK_M=block_m,
