@@ -3,7 +3,8 @@ compressed tokens, paper defaults, H = 32, Hkv = 8, D = 128, bf16) under other t
 ``rows:block_n:warps:stages`` (query rows = 4 heads x tokens per program, keys per inner step),
 the branch's median time, its two kernels' CUPTI times (the per-block tile kernel and the slot
 merge) and the output's distance from the default tiles'. The tiles are forced through
-``TILE_CAPS[("fwd-tokens", False)]`` and ``LAUNCH_OVERRIDES["fwd"]``.
+``TILE_CAPS[("fwd-tokens", False)]`` and ``LAUNCH_OVERRIDES["fwd"]``, with
+``KEY_MAJOR_ONE_STEP`` set to 0 meanwhile (it would otherwise widen a 64-key block's steps).
 
     python3 benchmarks/nsa_selected_tiles.py 128:32:4:3,64:32:4:3,128:64:8:3   # $OUT/nsa_selected_tiles.json
 """
@@ -39,13 +40,14 @@ def main() -> None:
     configs = [tuple(int(x) for x in c.split(":")) for c in sys.argv[1].split(",")]
     q, k, v, sel, scale = nsa_selected_inputs(65536)
     f = lambda: m.nsa_selected_branch(q, k, v, sel, scale=scale, backend="triton")  # noqa: E731
-    caps = dict(bs.TILE_CAPS)
+    caps, one_step = dict(bs.TILE_CAPS), bs.KEY_MAJOR_ONE_STEP
     rows = []
     with torch.no_grad():
         ref = f()
         for n_rows, block_n, warps, stages in configs:
             bs.TILE_CAPS[("fwd-tokens", False)] = (n_rows, block_n)
             bs.LAUNCH_OVERRIDES["fwd"] = {"num_warps": warps, "num_stages": stages}
+            bs.KEY_MAJOR_ONE_STEP = 0
             try:
                 out = f()
                 r = dict(rows=n_rows, block_n=block_n, warps=warps, stages=stages, ms=round(median_ms(f, 5), 3),
@@ -56,6 +58,7 @@ def main() -> None:
                 bs.TILE_CAPS.clear()
                 bs.TILE_CAPS.update(caps)
                 bs.LAUNCH_OVERRIDES.clear()
+                bs.KEY_MAJOR_ONE_STEP = one_step
             rows.append(r)
             print(json.dumps(r), flush=True)
     json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "nsa_selected_tiles.json"), "w"), indent=0)

@@ -4,9 +4,10 @@ rejects (a Python global read inside a kernel, for one) and checks neither share
 registers. :func:`compile_sm90_script` runs a script in a subprocess without
 ``TRITON_INTERPRET`` (in the test process the kernels are interpreter objects), with ptxas'
 log on and an empty cache, so ptxas runs and reports every time; the script calls
-``compile_sm90(fn, pointers, constexprs, floats, warps, stages) -> [shared bytes, spill bytes]``
-and prints one JSON object last. Every pointer and integer argument is compiled as divisible by
-16, the specialisation the launcher picks at aligned shapes, which needs the most shared memory."""
+``compile_sm90(fn, pointers, constexprs, floats, warps, stages, ones) -> [shared bytes, spill
+bytes]`` and prints one JSON object last. Arguments are specialised as the launcher specialises
+them at aligned shapes: the integers named in ``ones`` (unit strides) as the constant 1, every
+other pointer and integer as divisible by 16."""
 
 from __future__ import annotations
 
@@ -25,15 +26,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def compile_sm90(fn, pointers, constexprs, floats=(), warps=4, stages=2):
+def compile_sm90(fn, pointers, constexprs, floats=(), warps=4, stages=2, ones=()):
     """Compile ``fn`` to a cubin for sm_90; arguments: ``pointers`` (name -> "*bf16"...),
-    ``constexprs``, ``floats`` (fp32 scalars), the rest int32. Returns [shared bytes, spill
-    store bytes from ptxas -v]."""
+    ``constexprs``, ``floats`` (fp32 scalars), ``ones`` (integers that are 1 at launch: unit
+    strides), the rest int32. Returns [shared bytes, spill store bytes from ptxas -v]."""
+    # as Triton's launcher specialises at the benchmarks' power-of-two shapes: an integer equal
+    # to 1 becomes the constant 1, and every other pointer and integer is divisible by 16. Both
+    # let the compiler vectorise and pipeline the loads, which then stage more in shared memory
+    # (without the hints an sm_90 _cmp_fwd compiled to 192 KiB that launched needing 256 KiB)
+    constexprs = {**constexprs, **{n: 1 for n in ones}}
     sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
            for n in fn.arg_names}
-    # every pointer and integer divisible by 16, as at the benchmarks' power-of-two shapes: the
-    # launcher specialises on that, and its pipelined loads then stage more in shared memory
-    # (without the hints an sm_90 _cmp_fwd compiled to 192 KiB that launched needing 256 KiB)
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                if n not in constexprs and n not in floats}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},

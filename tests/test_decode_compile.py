@@ -25,7 +25,8 @@ for G, TQ, bs, D in ((4, 1, 16, 128), (4, 1, 128, 128), (16, 4, 16, 256)):
     const = dict(G=G, TQ=TQ, BLOCK_SIZE=bs, CHUNKS=cfg["CHUNKS"], HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"],
                  BLOCK_N=cfg["BLOCK_N"], DOT_MODE=0, SLOTS=cfg["SLOTS"])
     out[f"split[G={G},TQ={TQ},bs={bs},D={D},slots={cfg['SLOTS']}]"] = compile_sm90(
-        _decode_split_kernel, ptr, const, ("qk_scale",), cfg["num_warps"], cfg["num_stages"])
+        _decode_split_kernel, ptr, const, ("qk_scale",), cfg["num_warps"], cfg["num_stages"],
+        ones=("stride_qd", "stride_kd", "stride_vd"))
 block_nb, warps = SCORE_TILE
 sptr = {"Q": "*bf16", "KM": "*fp32", "KMIN": "*bf16", "KMAX": "*bf16", "Lens": "*i32", "Scratch": "*fp32"}
 for quest in (False, True):
@@ -33,7 +34,8 @@ for quest in (False, True):
         G, TQ = (4, 1) if rows == 16 else (16, 4)
         const = dict(G=G, TQ=TQ, HEAD_DIM=D, ROWS=rows, BLOCK_NB=block_nb, QUEST=quest)
         w = score_warps(rows, D, quest, block_nb, warps)
-        out[f"score[quest={quest},rows={rows},D={D},warps={w}]"] = compile_sm90(_score_kernel, sptr, const, (), w)
+        out[f"score[quest={quest},rows={rows},D={D},warps={w}]"] = compile_sm90(_score_kernel, sptr, const, (), w,
+                                                                                           ones=("stride_qd", "stride_md"))
 print(json.dumps(out))
 """
 

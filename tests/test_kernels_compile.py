@@ -110,6 +110,8 @@ out["_fwd_tokens[bf16]"] = compile_sm90(_fwd_tokens, ptr, dict(rule, BLOCK_M=32,
                                         ("sm_scale_log2",), 4, 2)
 out["_fwd_tokens[bf16, 512-key blocks]"] = compile_sm90(
     _fwd_tokens, ptr, dict(rule, KV_BLOCK=512, P=1, BLOCK_M=128, ROWS=128, BLOCK_N=32), ("sm_scale_log2",), 4, 3)
+out["_fwd_tokens[bf16, D=256]"] = compile_sm90(
+    _fwd_tokens, ptr, dict(rule, D=256, HEAD_DIM=256, BLOCK_M=32, ROWS=128, BLOCK_N=64), ("sm_scale_log2",), 4, 2)
 out["_bwd_dq_tokens[bf16]"] = compile_sm90(_bwd_dq_tokens, ptr, dict(rule, BLOCK_M=16, ROWS=64, BLOCK_N=64),
                                            ("sm_scale_log2",), 4, 2)
 from longattn.kernels.block_sparse.kernel import _sum_slots
@@ -133,7 +135,7 @@ print(json.dumps(out))
 
 def test_new_kernels_compile_for_sm90_within_shared_memory():
     results = compile_sm90_script(_SCRIPT)
-    assert len(results) == 28
+    assert len(results) == 29
     for name, (shared, _spill) in results.items():
         # the matmul kernels stage tiles in shared memory; the slot and part sums, the row dot and
         # the branch combine are not matmuls

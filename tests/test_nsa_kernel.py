@@ -115,10 +115,12 @@ def test_compressed_attention_and_scores_match_the_scan(Tq, Tk, H, Hkv, dtype, c
 def test_fp32_keys_keep_fp32_accuracy(q_dtype, D):
     """16-bit queries against fp32 compressed keys with full 24-bit mantissas and large scores:
     the LSE and the block scores stay within fp32 rounding of an fp64 computation. (bf16
-    queries take the keys as three exact bf16 parts; dropping the third, a 16-bit key, put the LSE
-    off by about 5e-4 here.) D = 256 takes the tiles that fit sm_90's shared memory there."""
+    queries take the keys as three exact bf16 parts; dropping the third, a 16-bit key, puts the
+    LSE off by 5.7e-4 at D = 64 and 6.4e-4 at D = 256 here, about 5x the bound.) D = 256 takes the
+    tiles that fit sm_90's shared memory there; 74 compressed tokens make several of the
+    forward's token steps."""
     cfg = NSAConfig(**SMALL)
-    Tq, Tk, H, Hkv = 64, 200, 4, 2
+    Tq, Tk, H, Hkv = 64, 600, 4, 2
     g = torch.Generator().manual_seed(77)
     q = (4 * torch.randn(1, H, Tq, D, generator=g)).to(q_dtype).to(DEV)
     nC = cfg.num_compressed(Tk)
