@@ -30,7 +30,6 @@ TMAX = 150
 U_BF16 = 2.0 ** -8  # bf16's unit roundoff (round to nearest)
 
 
-
 def make_case(B, H, Hkv, Tq, lens, *, block, window, K, dtype, seed, D=32):
     """Random q, caches, compressed output and per-row selections; NaN in every cache key no
     row of its (sequence, KV head) may read. Returns the kernel's inputs and the allowed keys

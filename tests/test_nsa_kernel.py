@@ -140,7 +140,7 @@ def test_fp32_keys_keep_fp32_accuracy(q_dtype, D):
     ok = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), ok)
     # fp32's spacing at the larger of |lse| and the logits' sum of |products| (an fp32 dot of D
-    # terms rounds in proportion to the latter: 4x larger at D = 256 than at 64 here)
+    # terms rounds in proportion to the latter: about twice as large at D = 256 as at 64 here)
     mag = (q.double().abs() * scale).reshape(1, Hkv, H // Hkv, Tq, D) @ k_cmp.double().abs()[:, :, None].transpose(-1, -2)
     mag = max(1.0, lse64[ok].abs().max().item(), mag.max().item())
     spacing = 2.0 ** (math.floor(math.log2(mag)) - 23)
