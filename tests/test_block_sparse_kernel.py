@@ -608,3 +608,27 @@ def test_sparse_decode_refuses_a_cache_view_past_int32_offsets(monkeypatch):
     monkeypatch.setattr(kernels, "MAX_SLICE_OFFSET", 63 * 64)  # below this view's span, 63 * 64 + 31
     with pytest.raises(ValueError, match="k_cache .*2\\^31"):
         sparse_decode(q, k_cache, v_cache, lens, idx, cnt, block_size=16, backend="triton")
+
+
+@pytest.mark.parametrize("kv_block,dtype,hs,want,want_bwd", [
+    (64, torch.bfloat16, 8, (4, 32, 128, 64, 2), (64, 2)),  # NSA's selected branch: a 64-key block in one step
+    (512, torch.bfloat16, 32, (1, 128, 128, 32, 3), (64, 2)),  # MoBA's per-token gate over 512-key blocks
+    (64, torch.float32, 8, (4, 8, 32, 32, 2), (32, 2)),  # fp32 keeps its small tiles
+    (48, torch.bfloat16, 8, (4, 32, 128, 16, 2), (16, 2)),  # a block that is no power of two: steps of 16
+])
+def test_key_major_forward_tiles_follow_the_key_block(kv_block, dtype, hs, want, want_bwd):
+    """The key-major forward's tiles as measured on the H200: a 16-bit block of at most
+    KEY_MAJOR_ONE_STEP keys in as few steps as divide it at 2 stages (NSA: 10.6 against 11.7 ms
+    for its tile kernel at 64k), longer blocks 128 x 32 at 3 stages (MoBA: the wider tile took 26.0
+    against about 21 ms at 64k). A tile change measured on one method must not leak to the other;
+    the backward's plan keeps its own tiles."""
+    from longattn.kernels.block_sparse import _plan
+
+    T, H = 4 * kv_block, 32
+    q, k = torch.zeros(1, H, T, 128, dtype=dtype), torch.zeros(1, 8, T, 128, dtype=dtype)
+    sel = BlockSelection(torch.ones(1, hs, T, dtype=torch.int32), torch.zeros(1, hs, T, 2, dtype=torch.int32),
+                         q_block=1, kv_block=kv_block, q_len=T, kv_len=T, num_heads=H, validate=False)
+    fwd = _plan(q, k, sel, "fwd")
+    assert fwd.key_major and (fwd.P, fwd.BLOCK_M, fwd.ROWS, fwd.BLOCK_N, fwd.num_stages) == want
+    bwd = _plan(q, k, sel, "bwd")
+    assert (bwd.BLOCK_N, bwd.num_stages) == want_bwd
