@@ -58,7 +58,7 @@ for q_dtype, split in (("bf16", True), ("fp16", False)):
     out[f"_slc_scores[fp32 K, {q_dtype} Q]"] = compile_sm90(
         _slc_scores, {"Q": f"*{q_dtype}", "K": "*fp32", "LSE": "*fp32", "S": "*fp32"},
         dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
-             F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=split),
+             F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, SPLIT_UPCAST=False, SPLIT_K=split),
         ("sm_scale_log2",), w_slc)
 # D = 256 with fp32 tokens: split against bf16 queries (64 rows: the split's wide tiles are for D <= 128;
 # the forward steps WIDE_SPLIT_BLOCK_N tokens), tf32x3 against fp16 ones (fp32 q tiles: WIDE_FP32_ROWS)
@@ -73,13 +73,13 @@ for q_dtype, split in (("bf16", True), ("fp16", False)):
     out[f"_slc_scores[fp32 K, {q_dtype} Q, D=256]"] = compile_sm90(
         _slc_scores, {"Q": f"*{q_dtype}", "K": "*fp32", "LSE": "*fp32", "S": "*fp32"},
         dict(D=256, HEAD_DIM=256, G=4, GP=4, BLOCK_M=rows // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
-             F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=split),
+             F32=True, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, SPLIT_UPCAST=False, SPLIT_K=split),
         ("sm_scale_log2",), SLC_NUM_WARPS, stages)
 # 16-bit compressed tokens (compressed_dtype="input"): 128 rows
 out["_slc_scores[bf16 K]"] = compile_sm90(
     _slc_scores, {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "S": "*fp32"},
     dict(D=128, HEAD_DIM=128, G=4, GP=4, BLOCK_M=rows16 // 4, BLOCK_N=nb * 4, NB=nb, NBP=max(16, nb), E=1,
-         F32=False, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, OVL_UPCAST=False, SPLIT_K=False),
+         F32=False, PREC="tf32x3", UPCAST=False, OVL_SPLIT=True, SPLIT_UPCAST=False, SPLIT_K=False),
     ("sm_scale_log2",), SLC_NUM_WARPS)
 ptr = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")}
 ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "T_OFF": "*i32", "T_QB": "*i32", "ITEMS": "*i32", "DKP": "*fp32",

@@ -168,10 +168,9 @@ def _plan(q: Tensor, k: Tensor, sel: BlockSelection, phase: str = "fwd") -> _Pla
     else:
         block_m = _largest_pow2_divisor_at_most(sel.q_block, max(1, max_rows // P))
     rows = _tile_rows(P * block_m)
-    block_n = _largest_pow2_divisor_at_most(sel.kv_block, max_block_n)
+    # the whole key block in one inner step (no loop to pipeline: 2 stages below)
     one_step = key_major and phase == "fwd" and q.dtype != torch.float32 and sel.kv_block <= KEY_MAJOR_ONE_STEP
-    if one_step:  # the whole key block in one inner step (no loop to pipeline: 2 stages below)
-        block_n = _largest_pow2_divisor_at_most(sel.kv_block, KEY_MAJOR_ONE_STEP)
+    block_n = _largest_pow2_divisor_at_most(sel.kv_block, KEY_MAJOR_ONE_STEP if one_step else max_block_n)
     rule = token_rule_of(sel.mask_mod)
     head_dim = max(16, 1 << (D - 1).bit_length())
     # 16-bit launch settings from benchmarks/tile_sweep.py on the H200 (top-k, T = 64k, D = 128,

@@ -499,7 +499,7 @@ def selection_scores(
         Tq, nC, n_blocks, kv_len - Tq, Hkv, compress_block, compress_stride, select_block,
         float(scale) * math.log2(math.e),
         D=D, HEAD_DIM=head_dim, G=G, GP=GP, BLOCK_M=block_m, BLOCK_N=nb * r, NB=nb, NBP=max(16, nb), E=spill,
-        **_dot_args(q, dtype), OVL_SPLIT=bool(tune.get("ovl_split", True)), OVL_UPCAST=interpreting(),
+        **_dot_args(q, dtype), OVL_SPLIT=bool(tune.get("ovl_split", True)), SPLIT_UPCAST=interpreting(),
         SPLIT_K=split, num_warps=warps, num_stages=tune.get("num_stages", NUM_STAGES),
     )
     return out

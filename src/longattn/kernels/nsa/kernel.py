@@ -162,7 +162,7 @@ def _slc_scores(
     D: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr, E: tl.constexpr,
     F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, OVL_SPLIT: tl.constexpr = True,
-    OVL_UPCAST: tl.constexpr = False, SPLIT_K: tl.constexpr = False,
+    SPLIT_UPCAST: tl.constexpr = False, SPLIT_K: tl.constexpr = False,
 ):
     """``S[b, kvh, t, j]``: sum over the group's heads and the compressed tokens overlapping
     selection block ``j`` of ``exp(s*scale - lse)``. ``BLOCK_N = NB * l'/d``; ``NBP`` = ``NB``
@@ -170,9 +170,9 @@ def _slc_scores(
     probabilities enter the 0/1 overlap dot as three bf16 parts whose sum is exactly ``p`` for
     ``2^-110 <= p`` below bf16's largest value (``p`` is a probability here; smaller ones lose at
     most 2^-133 per part, where bf16's exponent range ends), three 16-bit passes with exact
-    products and fp32 accumulation (``OVL_UPCAST``: the parts go to fp32 first, for the
-    interpreter); else fp32 operands with ``PREC``. ``SPLIT_K``: the score dot as in
-    :func:`_cmp_fwd` (bf16 queries, fp32 keys in three bf16 parts)."""
+    products and fp32 accumulation; else fp32 operands with ``PREC``. ``SPLIT_K``: the score dot
+    as in :func:`_cmp_fwd` (bf16 queries, fp32 keys in three bf16 parts). ``SPLIT_UPCAST``: both
+    splits' parts go to fp32 first, for the interpreter."""
     ROWS: tl.constexpr = GP * BLOCK_M
     pid_m = tl.program_id(0)
     b, kvh, heads, r_tok, row_ok, q_abs, dims, d_ok, q = _group_tile(
@@ -203,13 +203,13 @@ def _slc_scores(
         c_ok = cols < n_cmp
         kt = tl.load(k_base + cols[None, :] * skt + dims[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
         if SPLIT_K:
-            s = _mm_split(q, kt, False, OVL_UPCAST)
+            s = _mm_split(q, kt, False, SPLIT_UPCAST)
         else:
             s = _mm(q, kt, F32, PREC, UPCAST)
         keep = (cols[None, :] * cmp_stride + cmp_block - 1 <= q_abs[:, None]) & c_ok[None, :] & row_ok[:, None]
         p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)  # [ROWS, BLOCK_N]
         if OVL_SPLIT:  # p = p1 + p2 + p3 exactly; w is 0/1, exact in bf16
-            per_blk = _mm_split(p, w.to(tl.bfloat16), True, OVL_UPCAST)
+            per_blk = _mm_split(p, w.to(tl.bfloat16), True, SPLIT_UPCAST)
         else:
             per_blk = _mm(p, w, True, PREC, False)  # [ROWS, NBP] fp32
         scores = tl.sum(tl.reshape(per_blk, [GP, BLOCK_M, NBP]), 0) + carry  # [BLOCK_M, NBP]
