@@ -45,6 +45,6 @@ def test_decode_kernels_compile_for_sm90():
     assert len(results) == 7
     for name, (shared, spill) in results.items():
         assert 0 < shared <= SM90_SHARED, (name, shared)
-        # the split kernel's bf16 tiles spill a few bytes (tile_config's docstring: 64 at most
-        # with this ptxas; 4-32 here); the scoring kernel's warps are sized not to spill
-        assert spill <= (64 if name.startswith("split") else 0), (name, spill)
+        # compiled as launched (unit strides constant) neither kernel spills; with the unit
+        # strides as runtime integers the split kernel's bf16 tiles reported 4-64 bytes
+        assert spill == 0, (name, spill)

@@ -74,7 +74,9 @@ def tile_config(group: int, q_len: int, block_size: int, head_dim: int, dtype: t
     The table was checked with ptxas for sm_90a (Triton 3.6, G in {1, 4, 8}, Tq in {1, 4, 16},
     D in {64, 128, 256}, block_size in {16, 64, 512}); bf16 D=128 uses about 200 registers at
     16 rows / 4 warps (two programs per SM by registers). Rechecked 2026-11-30 with the ptxas in
-    this environment: that tile (G = 4, Tq = 1, 64-key blocks) reports 64 bytes of spill stores.
+    this environment: that tile (G = 4, Tq = 1, 64-key blocks) reported 64 bytes of spill stores
+    compiled with its unit strides as runtime integers; compiled as the launcher specialises it
+    (unit strides constant) it reports none (tests/test_decode_compile.py, 2026-12-01).
     """
     rows = group * q_len
     max_m = 16 if dtype == torch.float32 else MAX_BLOCK_M
