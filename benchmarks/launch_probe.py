@@ -8,6 +8,7 @@ launch and the rest of ``run`` (grid, global-value check, Python glue).
     python3 benchmarks/launch_probe.py > $OUT/launch_probe.txt
 """
 import statistics
+import sys
 import time
 from collections import defaultdict
 
@@ -17,6 +18,9 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
 
 import longattn
+
+sys.path.insert(0, "benchmarks")
+from _inputs import prefill_qkv  # noqa: E402
 
 spent: dict[str, float] = defaultdict(float)  # piece -> us, for the launch in progress
 
@@ -32,12 +36,7 @@ def timed(piece, fn):
 
 
 def main() -> None:
-    dev = "cuda"
-    T = 65536
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(1, 32, T, 128, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, 8, T, 128, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, 8, T, 128, device=dev, dtype=torch.bfloat16, generator=g)
+    q, k, v = prefill_qkv(65536)  # the same seeded tensors the other 64k scripts time
     f = lambda: longattn.attention(q, k, v, method="topk", block_size=128, top_k=16, backend="triton")  # noqa: E731
     for _ in range(3):  # compile and load every kernel first
         f()
