@@ -9,7 +9,7 @@ duration), and the host time at which each stage of the call begins and ends (``
 wrappers around the stages, median of 30 calls, microseconds from the call's start; the
 wrappers add about a microsecond each).
 
-    python3 benchmarks/host_wait.py > $OUT/host_wait.txt
+    python3 benchmarks/host_wait.py [--marks] [--ab 5] > $OUT/host_wait.txt
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def host_marks(fn, reps: int = 30) -> list[tuple[str, float]]:
     import longattn.kernels.nsa as nsa
     import longattn.methods._common as common
     import longattn.methods.topk as topk
+    from longattn.kernels.launch import FastKernel
 
     marks: list[tuple[str, float]] = []
     saved = []
@@ -57,13 +58,21 @@ def host_marks(fn, reps: int = 30) -> list[tuple[str, float]]:
                       (bsp, "_unchecked_block_sparse_attention"), (bsp, "_forward"), (api, "nonfinite_flags")):
         wrap(mod, name)
     run0 = tjit.JITFunction.run
+    launch0 = FastKernel.launch
 
     def run(self, *a, **kw):
-        marks.append(("launch " + self.__name__ + " >", time.perf_counter()))
+        marks.append(("triton run " + self.__name__ + " >", time.perf_counter()))
         r = run0(self, *a, **kw)
-        marks.append(("launch " + self.__name__ + " <", time.perf_counter()))
+        marks.append(("triton run " + self.__name__ + " <", time.perf_counter()))
+        return r
+
+    def launch(self, *a, **kw):
+        marks.append(("launch " + self.fn.__name__ + " >", time.perf_counter()))
+        r = launch0(self, *a, **kw)
+        marks.append(("launch " + self.fn.__name__ + " <", time.perf_counter()))
         return r
     tjit.JITFunction.run = run
+    FastKernel.launch = launch
     try:
         fn()
         torch.cuda.synchronize()
@@ -77,6 +86,7 @@ def host_marks(fn, reps: int = 30) -> list[tuple[str, float]]:
             rows.append([(label, (t - t0) * 1e6) for label, t in marks] + [("return", (t1 - t0) * 1e6)])
     finally:
         tjit.JITFunction.run = run0
+        FastKernel.launch = launch0
         for mod, name, fn0 in saved:
             setattr(mod, name, fn0)
     return [(label, statistics.median(r[i][1] for r in rows)) for i, (label, _) in enumerate(rows[0])]
@@ -86,6 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--marks", action="store_true")
+    ap.add_argument("--ab", type=int, default=0,
+                    help="rounds of timing (as suite.py does) with longattn's fast kernel launches on, then off "
+                         "(every launch through Triton's own path)")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, h, args.T, 128, device="cuda", dtype=torch.bfloat16, generator=g) for h in (32, 8, 8))
@@ -105,6 +118,23 @@ def main() -> None:
     print("start us  duration us  kernel (one pre-queued call)")
     for e in ev:
         print(f"{e.time_range.start - t0:9.1f} {e.device_time:12.1f}  {e.name[:90]}")
+    from longattn.kernels.launch import _FAST, FastKernel
+
+    if args.ab:
+        launch0 = FastKernel.launch
+        rows = {"fast launches": [], "Triton's own launches": []}
+        for _ in range(args.ab):
+            for label in rows:
+                if label != "fast launches":
+                    FastKernel.launch = lambda self, grid, a, kw: self._slow(grid, a, kw, "disabled")
+                fn()
+                rows[label].append(median_ms(fn, 20))
+                FastKernel.launch = launch0
+        for label, ms in rows.items():
+            print(f"{label}: median {statistics.median(ms):.3f} ms over {len(ms)} rounds "
+                  f"({', '.join(f'{m:.3f}' for m in ms)})")
+    for fk in _FAST.values():
+        print(f"{fk.fn.__name__}: {fk.slow_launches} launches through Triton's own path, the last for {fk.last_slow!r}")
     if args.marks:
         print("host us from the call's start (median of 30 calls)")
         for label, t in host_marks(fn):

@@ -8,12 +8,15 @@ it on first use.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 
+@functools.cache
 def triton_importable() -> bool:
+    """Whether Triton imports (found once per process: a kernel call asks several times)."""
     try:
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken install is "not available", not a crash
@@ -21,8 +24,11 @@ def triton_importable() -> bool:
     return True
 
 
+@functools.cache
 def interpreting() -> bool:
-    """Whether Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether Triton kernels run through the interpreter (``TRITON_INTERPRET=1``). Read once per
+    process: Triton reads the variable when a kernel is defined, so a later change would not
+    change how the kernels run."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import fast
+
 
 @triton.jit
 def online_softmax_step(s, m_i, l_i):
@@ -133,5 +135,5 @@ def backward_delta(dout, out):
     if out.stride(-1) != 1:
         out = out.contiguous()
     grid, kw = row_launch(out)
-    _row_dot[grid](dout, out, delta, *dout.stride()[:3], *out.stride()[:3], H, Tq, **kw)
+    fast(_row_dot)[grid](dout, out, delta, *dout.stride()[:3], *out.stride()[:3], H, Tq, **kw)
     return delta

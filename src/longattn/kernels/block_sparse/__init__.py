@@ -26,6 +26,7 @@ from torch.autograd import forward_ad
 
 from ...selection import BlockSelection, _ceil_div, token_rule_of
 from .. import interpreting, kernel_layout, triton_unavailable_reason
+from ..launch import fast
 
 # Tile caps (query rows = heads x tokens per program, keys per inner step), chosen by measured
 # time on the H200 (benchmarks/tile_sweep.py) within the shared memory a block may have on sm_90
@@ -229,7 +230,7 @@ def _forward(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_bloc
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     grid = (_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))
-    _fwd[grid](
+    fast(_fwd)[grid](
         q, k, v, out, lse, kvn, kvi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         *_sel_strides(kvn), *_sel_strides(kvi),
@@ -379,12 +380,12 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
         op_buf, op = _chunk_buffer(op_buf, (B, H, n, lists.slots, D), n, q.device)
         lp_buf, lp = _chunk_buffer(lp_buf, (B, H, n, lists.slots), n, q.device, fill=float("-inf"))
         if item_key.numel():
-            _fwd_tokens[(item_key.numel(), grid1)](
+            fast(_fwd_tokens)[(item_key.numel(), grid1)](
                 q, k, v, op, lp, item_key, item_start, item_stop, lists.tokens, lists.token_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:4], *lp.stride()[:3],
                 *args, t0, *tail, **kw,
             )
-        _merge_slots[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
+        fast(_merge_slots)[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
             op, lp, out, lse, *op.stride()[:4], *lp.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
             t0, n, H, lists.slots, D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
         )
@@ -406,12 +407,12 @@ def _dq_key_major(q, k, v, dout, lse, delta, kvn, lists: _TokenLists, sel_meta, 
         n = t1 - t0
         part_buf, part = _chunk_buffer(part_buf, (B, H, n, lists.slots, D), n, q.device)  # filled slots only
         if item_key.numel():
-            _bwd_dq_tokens[(item_key.numel(), grid1)](
+            fast(_bwd_dq_tokens)[(item_key.numel(), grid1)](
                 q, k, v, dout, part, lse, delta, item_key, item_start, item_stop, lists.tokens, lists.token_slots,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *part.stride()[:4],
                 *lse.stride()[:2], *args, t0, *tail, **kw,
             )
-        _sum_slots[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
+        fast(_sum_slots)[(_ceil_div(n, MERGE_BLOCK_T), B * H)](
             part, kvn, dq, *part.stride()[:4], *_sel_strides(kvn), *dq.stride()[:3],
             t0, n, H, plan.heads_per_sel, lists.slots, scale,
             D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_T=MERGE_BLOCK_T, num_warps=4,
@@ -495,7 +496,7 @@ def _dkdv(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, scale: flo
     # kernel takes a pointer even when nothing is split)
     dk_part = torch.empty(max(1, work.slots), plan.BLOCK_N, D, device=q.device, dtype=torch.float32)
     dv_part = torch.empty_like(dk_part)
-    _bwd_dkdv[(work.items.shape[0],)](
+    fast(_bwd_dkdv)[(work.items.shape[0],)](
         q, k, v, dout, dk, dv, dk_part, dv_part, lse, delta, t_off, t_qb, work.items,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2],
@@ -504,7 +505,7 @@ def _dkdv(q, k, v, dout, lse, delta, kvn, kvi, sel_meta, plan: _Plan, scale: flo
         scale, plan.window or 0, plan.sink, TOKEN_LIST=token_list, **common,
     )
     if work.split.numel():
-        _sum_dkdv_parts[(work.split.shape[0], plan.BLOCK_N // DKDV_SUM_ROWS)](
+        fast(_sum_dkdv_parts)[(work.split.shape[0], plan.BLOCK_N // DKDV_SUM_ROWS)](
             dk_part, dv_part, dk, dv, work.split, *dk.stride()[:3], *dv.stride()[:3],
             kv_len, Hkv, num_kv_blocks * chunks, scale,
             D=D, HEAD_DIM=plan.HEAD_DIM, BLOCK_N=plan.BLOCK_N, SUM_ROWS=DKDV_SUM_ROWS, num_warps=4,
@@ -534,7 +535,7 @@ def _backward(q, k, v, out, lse, dout, kvn, kvi, sel_meta, plan: _Plan, scale: f
         dq = _dq_key_major(q, k, v, dout, lse, delta, kvn, lists, sel_meta, plan, scale, num_kv_blocks)
     else:
         dq = torch.empty_like(q)
-        _bwd_dq[(_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))](
+        fast(_bwd_dq)[(_ceil_div(Tq, plan.BLOCK_M), B * (H // plan.P))](
             q, k, v, dout, dq, lse, delta, kvn, kvi,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
             *lse.stride()[:2], *_sel_strides(kvn), *_sel_strides(kvi),

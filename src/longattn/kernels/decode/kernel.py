@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import fast
 from ..online_softmax import online_softmax_step
 
 _LOG2E = 1.4426950408889634
@@ -305,7 +306,7 @@ def _launch_split(q, k_cache, v_cache, cache_seqlens, block_indices, block_count
     Hkv = k_cache.shape[1]
     cache_seqlens = cache_seqlens.contiguous()  # the kernel reads Lens[b] at unit stride
     grid = (B * Hkv, num_splits, cfg["row_tiles"])
-    _decode_split_kernel[grid](
+    fast(_decode_split_kernel)[grid](
         q, k_cache, v_cache, cache_seqlens, block_indices, block_counts, o, lse,
         scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
@@ -360,7 +361,7 @@ def merge_partials(o_part: Tensor, lse_part: Tensor, out_dtype: torch.dtype) -> 
     rows = B * H * Tq
     if rows:
         _ready(o_part.device)
-        _merge_kernel[(rows,)](
+        fast(_merge_kernel)[(rows,)](
             o_part, lse_part, out, lse, S, o_part.stride(0), lse_part.stride(0),
             HEAD_DIM=D, S_PAD=max(2, _next_pow2(S)), num_warps=4 if D <= 128 else 8,
         )

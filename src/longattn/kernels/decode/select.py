@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import fast
 from ..nsa import MAX_SELECT_BLOCKS, rank_blocks
 from .kernel import _next_pow2, _ready
 
@@ -151,7 +152,7 @@ def select_blocks_triton(
     kmin, kmax = bounds if quest else (meta, meta)
     block_nb, warps = SCORE_TILE
     warps = score_warps(rows, D, quest, block_nb, warps)
-    _score_kernel[(B * Hkv, triton.cdiv(nb_max, block_nb))](
+    fast(_score_kernel)[(B * Hkv, triton.cdiv(nb_max, block_nb))](
         q, meta, kmin, kmax, cache_seqlens, scratch,
         *q.stride(), *meta.stride(), scratch.stride(0),
         Hkv, nb_max, block_size,

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ...selection import _ceil_div
 from .. import interpreting, kernel_layout
+from ..launch import fast
 from ..block_sparse import inputs_unsupported_reason
 
 # Tile sizes, in one place. Rows of a program = GP x BLOCK_M (GP: query heads per KV head,
@@ -269,7 +270,7 @@ def rank_blocks(
         kv_lens = kv_lens.contiguous()  # the kernel reads KV_LENS[b] at unit stride
     slices = B * Hs
     for base in range(0, slices, MAX_RANK_SLICES):  # grid axis 1 holds at most 65535 slices
-        _select_rank[(_ceil_div(R, block_r), min(MAX_RANK_SLICES, slices - base))](
+        fast(_select_rank)[(_ceil_div(R, block_r), min(MAX_RANK_SLICES, slices - base))](
             scores, idx, cnt, full,
             *scores.stride()[:3], *idx.stride()[:3], *cnt.stride()[:2], *full.stride()[:3],
             R, nKB, first_position, Hs, block, K, num_init_blocks, num_local_blocks, row_stride, base,
@@ -350,7 +351,7 @@ def _cmp_forward(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int, l: int, d
     # the scores, hence lse and the selection, keep the fp32 keys
     v_dot = v_cmp.to(q.dtype) if q.dtype != torch.float32 else v_cmp
     v_args = _dot_args(q, v_dot.dtype)
-    _cmp_fwd[(_ceil_div(Tq, block_m), B * Hkv)](
+    fast(_cmp_fwd)[(_ceil_div(Tq, block_m), B * Hkv)](
         q, k_cmp, v_dot, out, lse,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_dot.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         Tq, nC, kv_len - Tq, Hkv, l, d, float(scale) * math.log2(math.e),
@@ -400,13 +401,13 @@ def _cmp_backward(
                     num_warps=tune.get("num_warps", CMP_BWD_NUM_WARPS), num_stages=tune.get("num_stages", NUM_STAGES))
 
     kw = launch("cmp_bwd_dq")
-    _cmp_bwd_dq[(_ceil_div(Tq, kw["BLOCK_M"]), B * Hkv)](
+    fast(_cmp_bwd_dq)[(_ceil_div(Tq, kw["BLOCK_M"]), B * Hkv)](
         q, k_cmp, v_cmp, dout, dq, lse, delta,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
         *lse.stride()[:2], *args, **kw,
     )
     kw = launch("cmp_bwd_dkdv")
-    _cmp_bwd_dkdv[(_ceil_div(nC, kw["BLOCK_N"]), B * Hkv)](
+    fast(_cmp_bwd_dkdv)[(_ceil_div(nC, kw["BLOCK_N"]), B * Hkv)](
         q, k_cmp, v_cmp, dout, dk, dv, lse, delta,
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3], *dout.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *args, **kw,
@@ -493,7 +494,7 @@ def selection_scores(
     nb = max(1, tune.get("block_n", SLC_BLOCK_N) // r)
     spill = _ceil_div(max(0, compress_block - compress_stride), select_block)
     rows = GP * block_m
-    _slc_scores[(_ceil_div(Tq, block_m), B * Hkv)](
+    fast(_slc_scores)[(_ceil_div(Tq, block_m), B * Hkv)](
         q, k_cmp, lse, out,
         *q.stride()[:3], *k_cmp.stride()[:3], *lse.stride()[:2], *out.stride()[:3],
         Tq, nC, n_blocks, kv_len - Tq, Hkv, compress_block, compress_stride, select_block,

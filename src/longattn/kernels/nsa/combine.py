@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import fast
 from ..online_softmax import load_rows, row_launch, row_tile
 
 
@@ -84,7 +85,7 @@ class _Combine(torch.autograd.Function):
         g = gates if per_query else out  # a placeholder pointer when the gates are constants
         if out.numel():
             grid, kw = row_launch(out)
-            _combine_fwd[grid](
+            fast(_combine_fwd)[grid](
                 o_cmp, o_slc, o_win, g, out, *_strides(o_cmp, o_slc, o_win, g, out),
                 out.shape[1], out.shape[2], *consts, PER_QUERY=per_query, **kw,
             )
@@ -103,7 +104,7 @@ class _Combine(torch.autograd.Function):
         g = gates if per_query else dout
         if dout.numel():
             grid, kw = row_launch(dout)
-            _combine_bwd[grid](
+            fast(_combine_bwd)[grid](
                 dout, o_cmp, o_slc, o_win, g, *grads, dg if per_query else dout,
                 *_strides(dout, o_cmp, o_slc, o_win, g), dout.shape[1], dout.shape[2], *ctx.consts,
                 PER_QUERY=per_query, **kw,

@@ -68,6 +68,7 @@ from ...selection import _ceil_div
 from .. import interpreting, triton_unavailable_reason
 from ..decode import choose_num_splits
 from ..decode.kernel import _sm_count
+from ..launch import fast
 from . import _pow2_at_least
 from ..online_softmax import online_softmax_step
 from .kernel import _mm
@@ -490,7 +491,7 @@ def nsa_decode_compressed(
     o_part = _buffer((num_splits, B, H, Tq, D), dev)
     lse_part = _buffer((num_splits, B, H, Tq), dev)
     raw = _buffer((B, H, Tq, nC), dev)  # scores of the visible tokens, written once, read once
-    _cmp_decode_split[(B * Hkv, num_splits, cfg["row_tiles"])](
+    fast(_cmp_decode_split)[(B * Hkv, num_splits, cfg["row_tiles"])](
         q, k_cmp, v_cmp, cache_seqlens, o_part, lse_part, raw,
         float(scale) * math.log2(math.e),
         *q.stride()[:3], *k_cmp.stride()[:3], *v_cmp.stride()[:3],
@@ -501,7 +502,7 @@ def nsa_decode_compressed(
     )
     GP, TQP = _pow2_at_least(G), _pow2_at_least(Tq)
     nbc = _merge_chunk(G, Tq, cfg["REP"], num_blocks)
-    _cmp_decode_merge[(B * Hkv, G * Tq + _ceil_div(num_blocks, nbc))](
+    fast(_cmp_decode_merge)[(B * Hkv, G * Tq + _ceil_div(num_blocks, nbc))](
         o_part, lse_part, raw, cache_seqlens, o_cmp, lse, p_slc,
         *o_cmp.stride()[:3], *lse.stride()[:2], *p_slc.stride()[:3],
         o_part.stride(0), lse_part.stride(0), num_splits,

@@ -42,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..decode.kernel import _dot_mode, _ready, _sm_count, attend_chunk, choose_num_splits, tile_config
+from ..launch import fast
 from .decode import _buffer
 
 _LOG2E = 1.4426950408889634
@@ -228,7 +229,7 @@ def nsa_decode_branches(
     lse_part = _buffer((S, B, H, Tq), q.device)
     lens = cache_seqlens.contiguous()
     q_, o_cmp = q.contiguous(), o_cmp.contiguous()
-    _branches_split[(B * Hkv, S, Tq * cfg["row_tiles"])](
+    fast(_branches_split)[(B * Hkv, S, Tq * cfg["row_tiles"])](
         q_, k_cache, v_cache, lens, block_indices, block_counts, o_part, lse_part,
         float(scale) * _LOG2E,
         *q_.stride()[:3], *k_cache.stride(), *v_cache.stride(),
@@ -240,7 +241,7 @@ def nsa_decode_branches(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     g_cmp, g_slc, g_win = (float(x) for x in gates)
-    _branches_combine[(B * H * Tq,)](
+    fast(_branches_combine)[(B * H * Tq,)](
         o_part, lse_part, o_cmp, out, s_slc, S, o_part.stride(0), lse_part.stride(0),
         g_cmp, g_slc, g_win,
         HEAD_DIM=D, S_PAD=max(2, triton.next_power_of_2(S)), num_warps=4 if S * D <= 32 * 128 else 8,
