@@ -288,6 +288,39 @@ def test_key_major_per_token_layouts_match_reference_and_query_major(layout, cau
         assert _error(f, fq) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_key_major_output_rows_are_held_in_the_input_dtype(dtype, monkeypatch):
+    """The key-major forward keeps its per-block output rows in a 16-bit input's own dtype (half
+    the bytes of fp32; the merge accumulates in fp32) and in fp32 for fp32 inputs. Each row is a
+    convex combination of value rows, so rounding it moves the merged output by at most one
+    rounding of max|v|, and the final rounding by one more of |out|: within 2^-7 max|v| (2^-8 per
+    rounding: the interpreter truncates) of the forward with fp32 rows."""
+    import longattn.kernels.block_sparse as bs
+
+    dev = _device()
+    q, k, v = rand_qkv(1, 4, 2, 40, 40, 64, dtype=dtype, device=dev, seed=21)
+    sel = _per_token_selection(1, 2, 40, 40, 16, 3, 4, True, 22, dev)
+    seen = []
+    real = bs._chunk_buffer
+
+    def spy(buf, shape, n, device, fill=None, dtype=torch.float32):
+        if buf is None:
+            seen.append((len(shape), dtype))
+        return real(buf, shape, n, device, fill, dtype)
+
+    monkeypatch.setattr(bs, "_chunk_buffer", spy)
+    assert _plan(q, k, sel).key_major
+    out, lse = block_sparse_attention(q, k, v, sel, 0.125)
+    assert sorted(seen) == [(4, torch.float32), (5, dtype)]  # the LSEs stay fp32
+    monkeypatch.setattr(bs, "partial_dtype", lambda d: torch.float32)
+    out32, lse32 = block_sparse_attention(q, k, v, sel, 0.125)
+    assert sorted(seen[2:]) == [(4, torch.float32), (5, torch.float32)]
+    assert _error(out, out32) <= 2**-7 * v.float().abs().max().item()
+    assert torch.equal(lse, lse32)  # the LSEs do not depend on the rows' dtype
+    if dtype != torch.float32:
+        assert not torch.equal(out, out32)  # the rows' rounding shows (the check above is not vacuous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_per_token_query_major_kernels_still_match(dtype, monkeypatch):
     """KEY_MAJOR_PER_TOKEN = False keeps the query-major kernels for per-token selections (one

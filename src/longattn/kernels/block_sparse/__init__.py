@@ -331,12 +331,13 @@ def _token_chunks(lists: _TokenLists, q_len: int, per_item: int):
         yield c * lists.chunk, min(q_len, (c + 1) * lists.chunk), (item_key[i0:i1], item_start[i0:i1], item_stop[i0:i1])
 
 
-def _chunk_buffer(buf: Tensor | None, shape: tuple[int, ...], n: int, device, fill: float | None = None) -> Tensor:
-    """A per-chunk buffer of ``shape`` (axis 2: tokens of the largest chunk), allocated once and
-    reused, so chunks never hold two at a time; returns its first ``n`` tokens (a view with the
-    buffer's strides), filled with ``fill`` if given."""
+def _chunk_buffer(buf: Tensor | None, shape: tuple[int, ...], n: int, device, fill: float | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """A per-chunk buffer of ``shape`` (axis 2: tokens of the largest chunk) and ``dtype``,
+    allocated once and reused, so chunks never hold two at a time; returns its first ``n`` tokens
+    (a view with the buffer's strides), filled with ``fill`` if given."""
     if buf is None:
-        buf = torch.empty(shape, device=device, dtype=torch.float32)
+        buf = torch.empty(shape, device=device, dtype=dtype)
     view = buf[:, :, :n]
     if fill is not None:
         view.fill_(fill)
@@ -360,12 +361,26 @@ def _token_launch(q: Tensor, kvn: Tensor, plan: _Plan, sel_meta, num_kv_blocks: 
     return grid1, args, tail, kw
 
 
+def partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the key-major forward's per-block output rows for inputs of ``dtype``: the input's
+    own for 16-bit inputs, fp32 for fp32. Each row is a normalised attention output over one key
+    block -- a convex combination of value rows, so within the values' range -- and is rounded
+    once more before the merge, as the final output is. On the H200 (NSA at 64k, 16 blocks per
+    token: 17 GB of fp32 rows written and read back) bf16 rows took the forward from 41.7 to 40.2
+    ms with bf16 compressed tokens and from 57.3 to 55.1 with fp32 ones; the error against the
+    fp32 reference at 4k was unchanged with fp32 tokens (3.72e-3) and 1.893e-2 against 1.891e-2
+    with bf16 ones (``benchmarks/nsa_bf16_partials.py``, 2026-12-01)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):
     """Forward of a per-token selection (``q_block = 1``), key-major: for each selected key
     block, the tokens that chose it in tiles of ``plan.BLOCK_M`` (:func:`kernel._fwd_tokens`),
     then the per-block results merged per token (:func:`kernel._merge_slots`). The per-block
-    results take ``B * H * (D + 1)`` fp32 per (token, slot); query ranges run in chunks that keep
-    them under ``KEY_MAJOR_PARTIAL_BYTES`` (one buffer, reused by every chunk). Returns ``out``,
+    results are ``B * H`` normalised output rows (``D`` values in the dtype of
+    :func:`partial_dtype`) and LSEs (fp32) per (token, slot); query ranges run in chunks that keep
+    them under ``KEY_MAJOR_PARTIAL_BYTES`` at ``B * H * (D + 1)`` fp32 per (token, slot), the
+    size the backward's dQ partials reuse (one buffer, reused by every chunk). Returns ``out``,
     ``lse`` and the transposed selection (:class:`_TokenLists`, for the backward)."""
     from .kernel import _fwd_tokens, _merge_slots
 
@@ -377,7 +392,7 @@ def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, n
     op_buf = lp_buf = None
     for t0, t1, (item_key, item_start, item_stop) in _token_chunks(lists, Tq, plan.BLOCK_M):
         n = t1 - t0
-        op_buf, op = _chunk_buffer(op_buf, (B, H, n, lists.slots, D), n, q.device)
+        op_buf, op = _chunk_buffer(op_buf, (B, H, n, lists.slots, D), n, q.device, dtype=partial_dtype(q.dtype))
         lp_buf, lp = _chunk_buffer(lp_buf, (B, H, n, lists.slots), n, q.device, fill=float("-inf"))
         if item_key.numel():
             fast(_fwd_tokens)[(item_key.numel(), grid1)](

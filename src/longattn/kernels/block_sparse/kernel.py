@@ -252,7 +252,7 @@ def _fwd_tokens(
     out, lse = finish_rows(acc, m_i, l_i)
     part = b * slpb + heads * slph + r_tok * slpt + slot
     tl.store(OP + b * sopb + heads[:, None] * soph + r_tok[:, None] * sopt + slot[:, None] * sops + dims[None, :],
-             out, mask=row_ok[:, None] & d_ok[None, :])
+             out.to(OP.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LP + part, lse, mask=row_ok)
 
 
