@@ -3,7 +3,9 @@
 ``JITFunction.run`` calls -- the current device and stream, the argument binder (binding and
 specialisation), ``compute_cache_key``, the compiled kernel's ``launch_metadata`` and its C
 launcher -- and around ``run`` itself; per kernel, the median microseconds of each piece per
-launch and the rest of ``run`` (grid, global-value check, Python glue).
+launch and the rest of ``run`` (grid, global-value check, Python glue). longattn's own launch
+path (``longattn.kernels.launch``, which skips ``JITFunction.run`` once a kernel is warm) is
+turned off here, so every launch goes through Triton's; ``host_wait.py --ab`` times the two.
 
     python3 benchmarks/launch_probe.py > $OUT/launch_probe.txt
 """
@@ -18,6 +20,7 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
 
 import longattn
+from longattn.kernels.launch import FastKernel
 
 sys.path.insert(0, "benchmarks")
 from _inputs import prefill_qkv  # noqa: E402
@@ -36,6 +39,7 @@ def timed(piece, fn):
 
 
 def main() -> None:
+    FastKernel.launch = lambda self, grid, args, kwargs: self._slow(grid, args, kwargs, "launch_probe")
     q, k, v = prefill_qkv(65536)  # the same seeded tensors the other 64k scripts time
     f = lambda: longattn.attention(q, k, v, method="topk", block_size=128, top_k=16, backend="triton")  # noqa: E731
     for _ in range(3):  # compile and load every kernel first
