@@ -1,5 +1,5 @@
 """What ``backend="auto"`` resolves to on this GPU, and its time beside every explicit backend
-(median of 5 CUDA-event-timed calls after one warm-up; ``train`` times forward + backward).
+(median of ``--reps`` (5) CUDA-event-timed calls after one warm-up; ``train`` times forward + backward).
 B = 1, H = 32, Hkv = 8, D = 128, bf16, causal; lengths and methods from the arguments (default:
 top-k, window, MoBA and NSA at 1k, 2k, 4k, 16k; NSA from 4k); the explicit Flex column for
 MoBA and NSA only up to ``--flex-max`` (compilation time; ``auto`` itself may still choose Flex
@@ -25,6 +25,8 @@ ap.add_argument("--lengths", default="1k,2k,4k,16k")
 ap.add_argument("--modes", default="infer,train")
 ap.add_argument("--flex-max", type=int, default=4096, help="longest T of the explicit Flex column for moba/nsa")
 ap.add_argument("--name", default="auto_check.json")
+ap.add_argument("--skip", default="", help="comma-separated explicit backends not to time (e.g. flex: its compile per shape)")
+ap.add_argument("--reps", type=int, default=5, help="timed calls per median")
 a = ap.parse_args()
 LENGTHS = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in a.lengths.split(",")]
 MODES = a.modes.split(",")
@@ -44,6 +46,7 @@ for name in a.methods.split(","):
             times = {}
             for be in ["auto"] + [b for b in spec.all_backends() if b != "reference"]:
                 if be == "flex" and name in ("moba", "nsa") and T > a.flex_max: continue  # compile time
+                if be in a.skip.split(","): continue
                 try:
                     with warnings.catch_warnings(record=True) as w:
                         warnings.simplefilter("always")
@@ -53,7 +56,7 @@ for name in a.methods.split(","):
                         else:
                             f = lambda be=be: longattn.attention(q, k, v, method=name, backend=be, **cfg)
                         with torch.set_grad_enabled(grad):
-                            times[be] = round(median_ms(f, 5), 3)
+                            times[be] = round(median_ms(f, a.reps), 3)
                     if any("cannot serve" in str(x.message) or "failed on this call" in str(x.message) for x in w):
                         times[be] = f"{times[be]} (fell back)"
                 except Exception as ex:

@@ -9,7 +9,7 @@ kernels while the GPU waits for them, so that host time is on its critical path.
 :func:`fast` wraps a ``@triton.jit`` kernel so that ``fast(kernel)[grid](*args, **kw)`` launches
 it like ``kernel[grid](*args, **kw)`` but, once that argument class has been launched, straight
 through the compiled kernel's C launcher. The class of a call is what Triton specialises on:
-each tensor's dtype and whether its address is a multiple of 16, each integer's type (i32, i64,
+each tensor's dtype and its address modulo 16, each integer's type (i32, i64,
 u64), whether it is 1 and whether it is a multiple of 16, the types of the other arguments, the
 constexpr and option keywords, and the device. The first call of each class goes through
 Triton's own path (which compiles if needed) and the compiled kernel it returns is kept for the
@@ -17,7 +17,8 @@ class, so a call never runs a kernel Triton would not have chosen for it.
 
 Triton's own path serves every call where this one cannot be sure to match it: under the
 interpreter, with launch hooks or pre-run hooks installed, with Triton's debug mode on, with a
-callable grid, with constexpr parameters passed positionally, or with an argument of another
+callable grid, with constexpr parameters passed positionally or leading runtime ones by
+keyword, with Triton's instrumentation mode set, or with an argument of another
 type than tensor, int, float, bool or None.
 """
 
@@ -83,6 +84,13 @@ def _triton_runtime() -> tuple:
     return _RUNTIME
 
 
+def _instrumented() -> bool:
+    """Whether Triton's instrumentation mode is set (it is part of Triton's cache key)."""
+    from triton import knobs
+
+    return bool(knobs.compilation.instrumentation_mode)
+
+
 def hooks_installed() -> bool:
     """Whether Triton has launch hooks to call (a profiler's, say): Triton 3.6 keeps them in
     chains that are empty by default, earlier versions in attributes that are None by default."""
@@ -102,7 +110,7 @@ class FastKernel:
         # positional arguments: the leading non-constexpr parameters; keywords (or defaults): the rest
         self._lead = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
         self._tail = [(p.name, p.default, p.has_default, p.is_constexpr) for p in params[self._lead:]]
-        self._tail_tensors = {p.name for p in params[self._lead:] if not p.is_constexpr}
+        self._tail_runtime = {p.name for p in params[self._lead:] if not p.is_constexpr}
         self._ok = bool(params)
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
@@ -116,7 +124,7 @@ class FastKernel:
             return
         rt, driver = _triton_runtime()
         active = driver.active
-        if hooks_installed() or rt.debug or self.fn.pre_run_hooks:
+        if hooks_installed() or rt.debug or self.fn.pre_run_hooks or _instrumented():
             self._slow(grid, args, kwargs, "launch hooks, pre-run hooks or debug mode")
             return
         values: list = []  # as the C launcher takes them, in parameter order
@@ -136,9 +144,10 @@ class FastKernel:
                     late.append(value)
                     arg_classes((value,), values)
             options = kwargs.items()
-            if self._tail_tensors:
-                options = [(k, v) for k, v in options if k not in self._tail_tensors]
-            key = (active.get_current_device(), classes, arg_classes(late), tuple(options))
+            if self._tail_runtime:
+                options = [(k, v) for k, v in options if k not in self._tail_runtime]
+            key = (active.get_current_device(), classes, arg_classes(late),
+                   tuple([(k, v.__class__, v) for k, v in options]))  # True, 1 and 1.0 are equal keys
             kernel = self.cache.get(key)
         except (TypeError, KeyError) as err:  # another type, a CPU tensor, an unhashable keyword, a missing one
             self._slow(grid, args, kwargs, f"{type(err).__name__}: {err}")

@@ -55,8 +55,8 @@ KEY_MAJOR_PER_TOKEN = True
 # / 3 stages and 17.6 at 128 x 64 / 3 stages. MoBA's 512-key blocks keep 128 x 32 at 3 stages: at
 # 128 x 64 / 2 stages its forward at 64k took 26.0 ms against about 21.
 KEY_MAJOR_ONE_STEP = 64
-# Bytes of fp32 per-block results (output row and LSE per token, head and selected block) the
-# key-major forward holds at once; longer query ranges run in chunks of tokens.
+# Budget of per-block results (output row and LSE per token, head and selected block, counted as
+# fp32; bf16 rows take about half) the key-major forward holds at once; longer query ranges run in chunks of tokens.
 KEY_MAJOR_PARTIAL_BYTES = 1 << 30
 MERGE_BLOCK_T = 32  # tokens per program of the slot merge
 
@@ -362,15 +362,16 @@ def _token_launch(q: Tensor, kvn: Tensor, plan: _Plan, sel_meta, num_kv_blocks: 
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the key-major forward's per-block output rows for inputs of ``dtype``: the input's
-    own for 16-bit inputs, fp32 for fp32. Each row is a normalised attention output over one key
-    block -- a convex combination of value rows, so within the values' range -- and is rounded
-    once more before the merge, as the final output is. On the H200 (NSA at 64k, 16 blocks per
-    token: 17 GB of fp32 rows written and read back) bf16 rows took the forward from 41.7 to 40.2
-    ms with bf16 compressed tokens and from 57.3 to 55.1 with fp32 ones; the error against the
-    fp32 reference at 4k was unchanged with fp32 tokens (3.72e-3) and 1.893e-2 against 1.891e-2
-    with bf16 ones (``benchmarks/nsa_bf16_partials.py``, 2026-12-01)."""
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """Dtype of the key-major forward's per-block output rows for inputs of ``dtype``: bf16 for
+    bf16 inputs, fp32 otherwise. Each row is a normalised attention output over one key block
+    (about a convex combination of value rows) and is rounded once more before the merge, as
+    the final output is; fp16 keeps fp32 rows, since a row of values near fp16's maximum could
+    round to inf. On the H200 (NSA at 64k, 16 blocks per token: 17 GB of fp32 rows written and
+    read back) bf16 rows took the forward from 40.5 / 39.3 to 37.6 / 37.4 ms with bf16 compressed
+    tokens and from 55.8 to 53.6 / 54.1 with fp32 ones; the error against the fp32 reference at
+    4k was unchanged with fp32 tokens (3.72e-3) and 1.893e-2 against 1.891e-2 with bf16 ones
+    (``benchmarks/nsa_bf16_partials.py``, 2026-12-01)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def _forward_key_major(q, k, v, kvn, kvi, sel_meta, plan: _Plan, scale: float, num_kv_blocks: int):

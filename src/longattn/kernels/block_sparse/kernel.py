@@ -228,7 +228,7 @@ def _fwd_tokens(
     tokens that selected it (work item ``item`` of the transposed selection), for ``P`` query heads.
     Each K/V chunk of the block is loaded once for all of them (a query-major program would load
     it once per token). Writes, per (head, token), the attention over this block alone --
-    normalised output ``OP [.., slot, :]`` (fp32) and natural-log LSE ``LP [.., slot]`` -- at the
+    normalised output ``OP [.., slot, :]`` (bf16 or fp32: ``partial_dtype``) and natural-log LSE ``LP [.., slot]`` -- at the
     block's slot in the token's selection; :func:`_merge_slots` combines the slots."""
     b, heads, kvh, kb, r_tok, slot, row_ok, q_tok, q_abs, n_chunks = _token_item_rows(
         ITEM_KEY, ITEM_START, ITEM_STOP, T_TOK, T_SLOT, sel_batch, sel_heads, num_kv_blocks, groups, batch_from_sel,
