@@ -74,27 +74,20 @@ _RUNTIME: tuple | None = None
 
 
 def _triton_runtime() -> tuple:
-    """``(triton.knobs.runtime, triton.runtime.driver.driver)``, imported once."""
+    """``(triton.knobs, triton.runtime.driver.driver)``, imported once."""
     global _RUNTIME
     if _RUNTIME is None:
         from triton import knobs
         from triton.runtime.driver import driver
 
-        _RUNTIME = (knobs.runtime, driver)
+        _RUNTIME = (knobs, driver)
     return _RUNTIME
-
-
-def _instrumented() -> bool:
-    """Whether Triton's instrumentation mode is set (it is part of Triton's cache key)."""
-    from triton import knobs
-
-    return bool(knobs.compilation.instrumentation_mode)
 
 
 def hooks_installed() -> bool:
     """Whether Triton has launch hooks to call (a profiler's, say): Triton 3.6 keeps them in
     chains that are empty by default, earlier versions in attributes that are None by default."""
-    rt = _triton_runtime()[0]
+    rt = _triton_runtime()[0].runtime
     return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
@@ -122,15 +115,16 @@ class FastKernel:
         if not self._ok or interpreting() or len(args) != self._lead or callable(grid):
             self._slow(grid, args, kwargs, "interpreter, callable grid or positional constexprs")
             return
-        rt, driver = _triton_runtime()
+        knobs, driver = _triton_runtime()
         active = driver.active
-        if hooks_installed() or rt.debug or self.fn.pre_run_hooks or _instrumented():
-            self._slow(grid, args, kwargs, "launch hooks, pre-run hooks or debug mode")
+        # Triton's instrumentation mode is part of its cache key, as debug mode is
+        if hooks_installed() or knobs.runtime.debug or self.fn.pre_run_hooks or knobs.compilation.instrumentation_mode:
+            self._slow(grid, args, kwargs, "launch hooks, pre-run hooks, debug or instrumentation mode")
             return
         values: list = []  # as the C launcher takes them, in parameter order
         try:
             classes = arg_classes(args, values)
-            late = []  # non-constexpr parameters after the first constexpr (by keyword or default)
+            late: tuple = ()  # classes of the non-constexpr parameters after the first constexpr
             for name, default, has_default, constexpr in self._tail:
                 if name in kwargs:
                     value = kwargs[name]
@@ -141,12 +135,11 @@ class FastKernel:
                 if constexpr:
                     values.append(value)
                 else:
-                    late.append(value)
-                    arg_classes((value,), values)
+                    late += arg_classes((value,), values)
             options = kwargs.items()
             if self._tail_runtime:
                 options = [(k, v) for k, v in options if k not in self._tail_runtime]
-            key = (active.get_current_device(), classes, arg_classes(late),
+            key = (active.get_current_device(), classes, late,
                    tuple([(k, v.__class__, v) for k, v in options]))  # True, 1 and 1.0 are equal keys
             kernel = self.cache.get(key)
         except (TypeError, KeyError) as err:  # another type, a CPU tensor, an unhashable keyword, a missing one
